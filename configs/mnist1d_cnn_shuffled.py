@@ -1,0 +1,13 @@
+"""MNIST-1D with every sequence permuted by one fixed shuffle: the paper's spatial-prior test.
+
+    jaxopt-lab train --config configs/mnist1d_cnn_shuffled.py --workdir runs/mnist1d_cnn_shuffled
+"""
+
+from jaxopt_lab.core.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.data.name = "mnist1d_shuffled"
+    config.model.name = "cnn1d"
+    return config

@@ -1,0 +1,13 @@
+"""MNIST-1D, the paper's logreg (Greydanus & Kobak): Adam 1e-2, batch 100, 6000 steps.
+
+    jaxopt-lab train --config configs/mnist1d_logreg.py --workdir runs/mnist1d_logreg
+"""
+
+from jaxopt_lab.core.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.data.name = "mnist1d"
+    config.model.name = "logreg"
+    return config

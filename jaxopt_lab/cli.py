@@ -1,0 +1,68 @@
+"""The `jaxopt-lab` command: parses arguments and hands a config to the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jaxopt_lab.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every user error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxopt-lab", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train one run from a config",
+                                epilog="override any config key with --config.KEY=VALUE, "
+                                       "e.g. --config.optim.lr=3e-3")
+    train.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+    train.add_argument("--workdir", required=True,
+                       help="run directory (rerunning on it resumes from its newest checkpoint)")
+    launch = commands.add_parser("launch", help="run a command in N local processes (loopback)")
+    launch.add_argument("-n", "--num-processes", type=int, required=True)
+    launch.add_argument("--devices-per-process", type=int, default=1,
+                        help="simulated CPU devices in each process")
+    launch.add_argument("rest", nargs=argparse.REMAINDER, help="-- train --config ... --workdir ...")
+    return parser
+
+
+def _train(args, overrides: list[str]) -> int:
+    from jaxopt_lab.core.config import load_config
+    from jaxopt_lab.core.loop import Preempted, train_and_evaluate
+
+    config = load_config(args.config, overrides)
+    try:
+        summary = train_and_evaluate(config, args.workdir)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        return 143
+    print(json.dumps(summary, indent=2))
+    print(f"run directory: {args.workdir} (summary.json, metrics.jsonl, tensorboard/, checkpoints/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        if not rest or args.num_processes < 1:
+            parser.error("usage: jaxopt-lab launch -n N -- train --config ... --workdir ...")
+        from jaxopt_lab.core.launch import launch
+        return launch(args.num_processes, rest, args.devices_per_process)
+    except UserError as e:
+        print(f"jaxopt-lab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

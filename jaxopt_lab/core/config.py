@@ -1,0 +1,193 @@
+"""Experiment configs: the shared schema, loading with command-line overrides, and validation.
+
+A config is a Python file whose `get_config()` returns an `ml_collections.ConfigDict`; configs build
+on `default_config()` and override only what differs. Validation runs before anything compiles, so a
+typo costs one line on the terminal rather than a traceback after a minute of JIT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from jaxopt_lab.data.sources import check_dataset_name
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.models import MODELS, model_hparams
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle", "reduce_on_plateau")
+# Technique issues register their blocks here; until then `techniques` must stay empty.
+TECHNIQUES: tuple[str, ...] = ()
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a config may set, with its default (the MNIST-1D CNN of the paper)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist1d"  # mnist1d | mnist1d_shuffled | digits | synthetic | tfds:<name>
+    c.data.batch_size = 100  # global batch, split over all devices of all processes
+    c.data.dir = ""  # "" = $JAXOPT_LAB_DATA_DIR or ~/.cache/jaxopt_lab/data
+    c.data.on_device = True  # small data sets live on the device; False streams through grain
+    c.data.workers = 0  # grain worker processes (0 = in the main process)
+    c.data.synthetic_shape = (40,)
+    c.data.synthetic_size = 4096
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.shift = 0  # 1-D signals: random shift by up to this many positions
+    c.data.augment.noise = 0.0  # std of additive Gaussian noise
+    c.data.augment.crop = 0  # images: pad by this much, then random-crop back
+    c.data.augment.flip = False  # images: random horizontal flip
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cnn1d"  # plus that model's hyperparameters, e.g. model.channels
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"
+    c.optim.lr = 1e-2
+    c.optim.weight_decay = 0.0
+    c.optim.momentum = 0.9  # sgd-family momentum; Adam's b1
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.grad_clip = 0.0  # global-norm clip; 0 = off
+    c.optim.plateau_patience = 5  # reduce_on_plateau: steps (of loss) without improvement
+    c.optim.plateau_factor = 0.5
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 6000
+    c.train.eval_every = 500
+    c.train.log_every = 100
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.steps_per_call = 0  # K steps scanned per compiled call; 0 = measure and pick
+    c.train.eval_batch_size = 1000
+    c.train.progress = True
+
+    c.techniques = ml_collections.ConfigDict()
+    return c
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    # ml_collections registers the `--config.a.b=v` override flags by scanning sys.argv.
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates.
+
+    Raises:
+      UserError: on a missing file, an unknown key, a wrong type or a disallowed value.
+    """
+    for override in overrides:
+        if not override.startswith("--config."):
+            raise UserError(f"unexpected argument {override!r}: overrides look like --config.optim.lr=3e-3")
+    argv = ["jaxopt-lab", f"--config={path}", *overrides]
+    flag_values = flags.FlagValues()
+    with _argv(argv):
+        config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True)
+        try:
+            flag_values(argv)
+            config = flag_values.config
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+            message = " ".join(str(e).replace("\\n", " ").strip("'\"").split())
+            raise UserError(f"config {path}: {message}") from None
+    validate(config)
+    return config
+
+
+def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if prefix == "model." and key != "name":
+            continue  # model hyperparameters are checked against the model registry
+        if prefix == "" and key == "techniques":
+            continue
+        if key not in schema:
+            allowed = ", ".join(sorted(schema.keys()))
+            yield f"unknown config key {name!r}; allowed here: {allowed}"
+            continue
+        value, default = config[key], schema[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                yield f"config key {name!r} must be a block of keys, got {value!r}"
+            else:
+                yield from _schema_errors(value, default, f"{name}.")
+        elif not _type_ok(value, default):
+            yield f"config key {name!r} must be {type(default).__name__}, got {value!r}"
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    with config.unlocked():
+        for key, default in schema.items():
+            if key not in config:
+                config[key] = default
+            elif isinstance(default, ml_collections.ConfigDict) and isinstance(
+                config[key], ml_collections.ConfigDict
+            ):
+                _fill_defaults(config[key], default)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every key, type and name against the schema; fills keys a config left out."""
+    schema = default_config()
+    for error in _schema_errors(config, schema, ""):
+        raise UserError(error)
+    _fill_defaults(config, schema)
+    check_dataset_name(config.data.name)
+    if config.model.name not in MODELS:
+        raise UserError(
+            f"unknown model.name {config.model.name!r}; allowed: {', '.join(sorted(MODELS))}"
+        )
+    allowed_hparams = model_hparams(config.model.name)
+    for key in config.model.keys():
+        if key != "name" and key not in allowed_hparams:
+            allowed = ", ".join(sorted(allowed_hparams)) or "none"
+            raise UserError(
+                f"unknown config key 'model.{key}' for model {config.model.name!r}; allowed: {allowed}"
+            )
+    _check_choice("optim.name", config.optim.name, OPTIMIZERS)
+    _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
+    for key in config.techniques.keys():
+        allowed = ", ".join(TECHNIQUES) or "none yet"
+        raise UserError(f"unknown technique 'techniques.{key}'; allowed: {allowed}")
+    _check_positive(config, "data.batch_size", "train.steps", "train.eval_every", "train.log_every",
+                    "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size")
+    if config.train.steps_per_call < 0:
+        raise UserError("train.steps_per_call must be >= 0 (0 picks it by measurement)")
+    if config.optim.lr <= 0:
+        raise UserError(f"optim.lr must be > 0, got {config.optim.lr}")
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_positive(config: ml_collections.ConfigDict, *names: str) -> None:
+    for name in names:
+        section, key = name.split(".")
+        if config[section][key] <= 0:
+            raise UserError(f"{name} must be > 0, got {config[section][key]}")

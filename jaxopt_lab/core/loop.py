@@ -1,0 +1,210 @@
+"""The training loop: `train_and_evaluate(config, workdir)` owns a run directory.
+
+workdir/config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json. Rerunning on the same
+workdir resumes from the newest readable checkpoint. The host syncs with the devices only at log,
+eval and checkpoint boundaries, so dispatch stays asynchronous in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxopt_lab.core.builder import build_experiment
+from jaxopt_lab.core.checkpoint import Checkpointer
+from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
+from jaxopt_lab.core.evaluate import make_evaluator
+from jaxopt_lab.core.feed import (StreamedFeed, device_sampler, make_train_fn, pick_steps_per_call,
+                                  replicate, shard_batch)
+from jaxopt_lab.core.metrics import MetricsWriter
+from jaxopt_lab.core.state import TrainState, create_train_state
+from jaxopt_lab.core.step import DATA_AXIS, make_train_step
+from jaxopt_lab.data.pipeline import make_grain_loader
+from jaxopt_lab.data.sources import load_dataset
+from jaxopt_lab.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes."""
+
+
+def _initial_state(experiment, dataset, mesh, seed: int) -> TrainState:
+    """Builds the state directly with its shardings: replicated, comm_state split over devices."""
+    sample_x = np.zeros((1, *dataset.input_shape), np.float32)
+
+    def init():
+        return create_train_state(experiment.model, sample_x, experiment.tx,
+                                  experiment.reducer.init, mesh.size, seed)
+
+    abstract = jax.eval_shape(init)
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+    shardings = shardings.replace(comm_state=jax.tree.map(
+        lambda _: NamedSharding(mesh, P(DATA_AXIS)), abstract.comm_state))
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
+    """The largest K <= 50 dividing every logging interval, so boundaries fall on call ends."""
+    interval = math.gcd(train.log_every, train.eval_every, train.checkpoint_every)
+    return max(k for k in range(1, 51) if interval % k == 0)
+
+
+def _first_nonfinite(history: list[tuple[int, dict]]) -> tuple[int, str] | None:
+    for first_step, metrics in history:
+        for key in ("loss", "param_norm"):
+            bad = np.flatnonzero(~np.isfinite(metrics[key]))
+            if bad.size:
+                return first_step + int(bad[0]) + 1, key
+    return None
+
+
+def _mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
+    keys = history[0][1].keys()
+    return {k: float(np.mean(np.concatenate([m[k] for _, m in history]))) for k in keys}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary."""
+    initialize_distributed()
+    mesh = data_mesh()
+    is_chief = jax.process_index() == 0
+    if config.data.batch_size % mesh.size:
+        raise UserError(f"data.batch_size={config.data.batch_size} must be divisible by the "
+                        f"{mesh.size} devices of the mesh")
+    os.makedirs(workdir, exist_ok=True)
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    dataset = load_dataset(config.data.name, config.data.dir or None,
+                           synthetic_shape=tuple(config.data.synthetic_shape),
+                           synthetic_size=config.data.synthetic_size, seed=config.seed)
+    num_train = len(dataset.train["label"])
+    if config.data.batch_size > num_train:
+        raise UserError(f"data.batch_size={config.data.batch_size} exceeds the {num_train} "
+                        f"training examples of {dataset.name}")
+    experiment = build_experiment(config, dataset)
+    train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh)
+    state = _initial_state(experiment, dataset, mesh, config.seed)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+
+    if config.data.on_device:
+        source = replicate(dataset.train, mesh)
+        sample = device_sampler(num_train, config.data.batch_size, config.seed, mesh)
+        streamed = None
+    else:
+        sample = None
+        streamed = StreamedFeed(make_grain_loader(
+            dataset.train, batch_size=config.data.batch_size // jax.process_count(),
+            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+            worker_count=config.data.workers), mesh)
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    restored = checkpointer.restore(state)
+    resumed_from = None
+    if restored is not None:
+        state, data_state, resumed_from = restored
+        if streamed is not None and data_state is not None:
+            streamed.set_state(data_state)
+    writer = MetricsWriter(workdir, enabled=is_chief)
+    writer.truncate_after(int(state.step))
+
+    steps_per_call = config.train.steps_per_call
+    if steps_per_call == 0:
+        first = {n: v[:config.data.batch_size] for n, v in dataset.train.items()}
+
+        def measurement_source(k):  # streamed: the first batch repeated, so no data is consumed
+            return source if sample else shard_batch(
+                {n: np.stack([v] * k) for n, v in first.items()}, mesh, leading_axes=1)
+
+        steps_per_call = pick_steps_per_call(
+            lambda k: make_train_fn(train_step, k, sample), state, measurement_source,
+            candidates=(1, _auto_steps_per_call(config.train)))
+    train_fns = {}
+
+    def run(state, k):
+        if k not in train_fns:
+            train_fns[k] = make_train_fn(train_step, k, sample)
+        return train_fns[k](state, source if sample else streamed.next(k))
+
+    evaluate = make_evaluator(experiment.model, dataset.test, config.train.eval_batch_size, mesh)
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    total = config.train.steps
+    step = int(state.step)
+    start_step, start_time = step, time.perf_counter()
+    last_eval: dict[str, float] = {}
+    history: list[tuple[int, dict]] = []
+    window_start = (step, time.perf_counter())
+    bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
+               desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while step < total:
+            k = steps_per_call if total - step >= steps_per_call else 1
+            state, metrics = run(state, k)
+            history.append((step, metrics))
+            step += k
+            bar.update(k)
+            at = {name: step % every < k or step == total for name, every in (
+                ("log", config.train.log_every), ("eval", config.train.eval_every),
+                ("ckpt", config.train.checkpoint_every))}
+            if not (any(at.values()) or stop_requested):
+                continue
+            history = [(s, jax.device_get(m)) for s, m in history]
+            bad = _first_nonfinite(history)
+            if bad is not None:
+                last = checkpointer.latest_step()
+                where = f"step {last} in {checkpointer.directory}" if last is not None else "none"
+                raise TrainingDiverged(f"{bad[1]} became non-finite at step {bad[0]}; "
+                                       f"stopped. Last good checkpoint: {where}")
+            record = _mean_metrics(history)
+            now = time.perf_counter()
+            record["steps_per_s"] = (step - window_start[0]) / (now - window_start[1])
+            window_start, history = (step, now), []
+            if at["eval"]:
+                last_eval = evaluate(state)
+                record.update(last_eval)
+            writer.write(step, record)
+            postfix = {"loss": f"{record['loss']:.4f}"}
+            if last_eval:
+                postfix["test_acc"] = f"{last_eval['test_accuracy']:.4f}"
+            bar.set_postfix(postfix)
+            if at["ckpt"] or stop_requested or step == total:
+                checkpointer.save(step, state, streamed.get_state() if streamed else None)
+            if stop_requested:
+                checkpointer.wait()
+                raise Preempted(f"SIGTERM: checkpoint saved at step {step} in "
+                                f"{checkpointer.directory}; rerun the same command to resume")
+        train_wall_s = time.perf_counter() - start_time
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpointer.close()
+        writer.close()
+
+    final = last_eval or evaluate(state)
+    summary = {
+        **final, "steps": int(state.step), "train_wall_s": train_wall_s,
+        "steps_per_s": (step - start_step) / train_wall_s if train_wall_s > 0 else 0.0,
+        "num_params": num_params, "steps_per_call": steps_per_call, "devices": mesh.size,
+        "processes": jax.process_count(), "resumed_from": resumed_from,
+        "backend": jax.default_backend(),
+    }
+    if is_chief:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

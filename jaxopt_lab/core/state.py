@@ -1,0 +1,49 @@
+"""The one TrainState pytree: whatever is in it is checkpointed, sharded and resumed; nothing else is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # the model's trainable parameters
+    opt_state: Any  # optax state (pruning masks, schedules and hyperparameters live here)
+    model_state: Any  # non-trainable model collections, e.g. {"batch_stats": ...}; {} if none
+    comm_state: Any  # gradient-communication state, leading axis = data-parallel devices
+    rng: jax.Array  # uint32 key data (raw, so checkpoints need no typed-key support)
+
+    @property
+    def key(self) -> jax.Array:
+        """The state's PRNG key as a typed key."""
+        return jax.random.wrap_key_data(self.rng)
+
+
+def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformation,
+                       comm_init, num_data_devices: int, seed: int) -> TrainState:
+    """Initializes the model, optimizer and communication state from one seed.
+
+    `comm_init(params)` gives one device's communication state; it is stacked over the
+    data-parallel devices because each device keeps its own (e.g. error-feedback residuals).
+    """
+    init_key, state_key = jax.random.split(jax.random.key(seed))
+    variables = model.init(init_key, sample_x, train=False)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    comm_state = jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_data_devices, *jnp.shape(x))), comm_init(params)
+    )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        model_state=model_state,
+        comm_state=comm_state,
+        rng=jax.random.key_data(state_key),
+    )

@@ -1,0 +1,45 @@
+"""The MNIST-1D paper's 1-D CNN (three strided convs of 25 channels, then Dense; 94 % in the paper)."""
+
+from typing import Any
+
+import jax
+from flax import linen as nn
+
+from jaxopt_lab.models.pytorch_init import pytorch_init
+
+# (kernel, stride, padding) of the paper's three Conv1d layers; a length-40 signal ends at length 5.
+_CONVS = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
+
+
+class CNN1D(nn.Module):
+    """Conv1d(k5,s2,p1) → ReLU → 2 × [Conv1d(k3,s2,p1) → ReLU] → flatten → Dense.
+
+    Greydanus & Kobak, "Scaling down deep learning with MNIST-1D" (2020 / ICML 2024): the paper's
+    `ConvBase`, with torch init, so its parameter count (5,235 for 10 classes) matches exactly.
+    Input is [B, L] (a channel axis is added) or [B, L, C].
+    """
+
+    num_classes: int
+    channels: int = 25
+    dot_general_cls: Any = None
+    conv_general_dilated_cls: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch norm
+        if x.ndim == 2:
+            x = x[..., None]
+        for kernel, stride, padding in _CONVS:
+            x = nn.Conv(
+                self.channels,
+                (kernel,),
+                strides=stride,
+                padding=padding,
+                conv_general_dilated_cls=self.conv_general_dilated_cls,
+                **pytorch_init(x.shape[-1] * kernel),
+            )(x)
+            x = nn.relu(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(
+            self.num_classes, dot_general_cls=self.dot_general_cls, **pytorch_init(x.shape[-1])
+        )(x)

@@ -1,0 +1,90 @@
+"""A small Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021).
+
+Every projection — patch embedding, q/k/v/out, MLP, head — is a Dense/DenseGeneral, so an injected
+`dot_general_cls` (e.g. AQT int8) reaches all of them. The patch embedding is a Dense on flattened
+patches instead of the usual stride-`patch_size` conv: the same linear map, but on the dot_general
+seam, so quantizing a ViT needs no conv quantizer.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxopt_lab.errors import UserError
+
+_POOLS = ("cls", "mean")
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-LayerNorm block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU."""
+
+    heads: int
+    mlp_dim: int
+    dot_general_cls: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads,
+            qkv_dot_general_cls=self.dot_general_cls,
+            out_dot_general_cls=self.dot_general_cls,
+        )(nn.LayerNorm()(x))
+        x = x + y
+        y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))
+        y = nn.Dense(x.shape[-1], dot_general_cls=self.dot_general_cls)(nn.gelu(y))
+        return x + y
+
+
+class ViT(nn.Module):
+    """Patches → Dense embedding (+ class token) + learned positions → `depth` blocks → LN → head.
+
+    `pool` is "cls" (classify the class token, as in the paper) or "mean" (average the patch tokens).
+    Input is [B, H, W] or [B, H, W, C] with H and W multiples of `patch_size`.
+    """
+
+    num_classes: int
+    patch_size: int = 2
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 128
+    pool: str = "cls"
+    dot_general_cls: Any = None
+    conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
+
+    def __post_init__(self) -> None:
+        if self.pool not in _POOLS:
+            raise UserError(f"model.pool={self.pool!r} is unknown; allowed: {', '.join(_POOLS)}")
+        if self.dim % self.heads:
+            raise UserError(
+                f"model.dim={self.dim} is not divisible by model.heads={self.heads}; "
+                "allowed: heads dividing dim"
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch norm
+        if x.ndim == 3:
+            x = x[..., None]
+        b, h, w, c = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise UserError(
+                f"model.patch_size={p} does not divide the {h}×{w} input; "
+                "allowed: a divisor of both"
+            )
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c)
+        x = nn.Dense(self.dim, dot_general_cls=self.dot_general_cls, name="embed")(x)
+        if self.pool == "cls":
+            cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, self.dim))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
+        x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
+        for _ in range(self.depth):
+            x = _EncoderBlock(self.heads, self.mlp_dim, self.dot_general_cls)(x)
+        x = nn.LayerNorm()(x)
+        x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(x)
