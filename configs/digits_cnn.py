@@ -3,7 +3,7 @@
     jaxopt-lab train --config configs/digits_cnn.py --workdir runs/digits_cnn
 """
 
-from jaxopt_lab.core.config import default_config
+from jaxopt_lab.core.config import default_config, model_config
 
 
 def get_config():
@@ -11,7 +11,7 @@ def get_config():
     config.data.name = "digits"
     config.data.batch_size = 64
     config.data.augment.crop = 1
-    config.model.name = "cnn2d"
+    config.model = model_config("cnn2d")
     config.optim.lr = 3e-3
     config.optim.schedule = "warmup_cosine"
     config.optim.warmup_steps = 100

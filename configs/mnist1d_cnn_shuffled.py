@@ -3,11 +3,11 @@
     jaxopt-lab train --config configs/mnist1d_cnn_shuffled.py --workdir runs/mnist1d_cnn_shuffled
 """
 
-from jaxopt_lab.core.config import default_config
+from jaxopt_lab.core.config import default_config, model_config
 
 
 def get_config():
     config = default_config()
     config.data.name = "mnist1d_shuffled"
-    config.model.name = "cnn1d"
+    config.model = model_config("cnn1d")
     return config

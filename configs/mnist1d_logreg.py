@@ -3,11 +3,11 @@
     jaxopt-lab train --config configs/mnist1d_logreg.py --workdir runs/mnist1d_logreg
 """
 
-from jaxopt_lab.core.config import default_config
+from jaxopt_lab.core.config import default_config, model_config
 
 
 def get_config():
     config = default_config()
     config.data.name = "mnist1d"
-    config.model.name = "logreg"
+    config.model = model_config("logreg")
     return config

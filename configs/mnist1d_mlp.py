@@ -3,11 +3,11 @@
     jaxopt-lab train --config configs/mnist1d_mlp.py --workdir runs/mnist1d_mlp
 """
 
-from jaxopt_lab.core.config import default_config
+from jaxopt_lab.core.config import default_config, model_config
 
 
 def get_config():
     config = default_config()
     config.data.name = "mnist1d"
-    config.model.name = "mlp"
+    config.model = model_config("mlp")
     return config

@@ -3,12 +3,12 @@
     jaxopt-lab train --config configs/smoke.py --workdir runs/smoke
 """
 
-from jaxopt_lab.core.config import default_config
+from jaxopt_lab.core.config import default_config, model_config
 
 
 def get_config():
     config = default_config()
-    config.model.name = "mlp"
+    config.model = model_config("mlp")
     config.train.steps = 200
     config.train.eval_every = 100
     config.train.log_every = 50

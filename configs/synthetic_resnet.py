@@ -3,7 +3,7 @@
     jaxopt-lab train --config configs/synthetic_resnet.py --workdir runs/synthetic_resnet
 """
 
-from jaxopt_lab.core.config import default_config
+from jaxopt_lab.core.config import default_config, model_config
 
 
 def get_config():
@@ -11,7 +11,7 @@ def get_config():
     config.data.name = "synthetic"
     config.data.synthetic_shape = (32, 32, 3)
     config.data.batch_size = 128
-    config.model.name = "resnet"
+    config.model = model_config("resnet")
     config.optim.name = "momentum"
     config.optim.lr = 0.1
     config.optim.schedule = "cosine"

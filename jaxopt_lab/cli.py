@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from jaxopt_lab.errors import UserError
@@ -47,6 +48,8 @@ def _train(args, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library start-up chatter (grain, orbax) would bury the lines users need; errors still show.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     try:

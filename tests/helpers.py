@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jaxopt_lab.core.config import default_config, validate
+from jaxopt_lab.core.config import default_config, model_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_config(model: str = "mlp", steps: int = 20, **train):
     """A validated config that trains `model` on MNIST-1D for a few steps."""
     config = default_config()
-    config.model.name = model
+    config.model = model_config(model)
     config.train.steps = steps
     config.train.eval_every = train.pop("eval_every", steps)
     config.train.log_every = train.pop("log_every", min(10, steps))

@@ -54,13 +54,20 @@ def test_unknown_model_hparam_names_allowed_keys(tmp_path):
         load_config(str(path))
 
 
-def test_unknown_top_level_key_and_wrong_type(tmp_path):
+@pytest.mark.parametrize("body, culprit", [
+    ("c = ConfigDict({'train': {'steps': 'many'}})", r"'train\.steps' must be int"),
+    ("c = ConfigDict({'train': {'stepz': 3}})", r"unknown config key 'train\.stepz'"),
+    ("c = ConfigDict({'optimizer': {}})", r"unknown config key 'optimizer'"),
+    ("c = default_config(); c.train.steps = 'many'", r"steps.*cannot be casted"),
+])
+def test_config_files_with_bad_keys_or_types(tmp_path, body, culprit):
     path = tmp_path / "bad.py"
-    path.write_text("from jaxopt_lab.core.config import default_config\n"
-                    "def get_config():\n    c = default_config()\n"
-                    "    c.train.steps = 'many'\n    return c\n")
-    with pytest.raises(UserError, match=r"'train\.steps' must be int"):
+    path.write_text("from ml_collections import ConfigDict\n"
+                    "from jaxopt_lab.core.config import default_config\n"
+                    f"def get_config():\n    {body}\n    return c\n")
+    with pytest.raises(UserError, match=culprit) as error:
         load_config(str(path))
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
 
 
 @pytest.mark.parametrize("args", [

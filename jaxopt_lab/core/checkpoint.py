@@ -6,15 +6,19 @@ position, so a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+from jaxopt_lab.errors import UserError
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 class Checkpointer:
@@ -37,32 +41,43 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, target_state) -> tuple[Any, dict | None, int] | None:
-        """Restores the newest readable checkpoint shaped like `target_state`.
+    def restore(self, target_state, step: int | None = None) -> tuple[Any, dict | None, int] | None:
+        """Restores the newest readable checkpoint shaped like `target_state`, or exactly `step`.
 
-        A checkpoint that fails to load (e.g. truncated by a crash or a full disk) is moved aside
-        into `<dir>_corrupt/` with a warning and the one before it is tried.
+        A newest checkpoint that fails to load (truncated by a crash, a full disk) is moved aside
+        into `<dir>_corrupt/` with a warning and the one before it is tried. A requested `step`
+        that fails to load is an error instead.
         """
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        available = sorted(self._manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in available:
+                raise UserError(f"no checkpoint at step {step} in {self.directory}; "
+                                f"available: {sorted(available)}")
             try:
-                items = {"state": ocp.args.StandardRestore(abstract)}
-                if os.path.isdir(os.path.join(self.directory, str(step), "data")):
-                    items["data"] = ocp.args.JsonRestore()
-                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+                return self._restore_step(target_state, step)
+            except Exception as e:  # noqa: BLE001 - reported to the user in one line
+                raise UserError(f"checkpoint at step {step} in {self.directory} is unreadable: "
+                                f"{_first_line(e)}") from None
+        for candidate in available:
+            try:
+                return self._restore_step(target_state, candidate)
             except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
-                self._set_aside(step, e)
-                continue
-            return restored["state"], restored.get("data"), step
+                self._set_aside(candidate, e)
         return None
+
+    def _restore_step(self, target_state, step: int) -> tuple[Any, dict | None, int]:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            items["data"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored.get("data"), step
 
     def _set_aside(self, step: int, error: Exception) -> None:
         corrupt_dir = self.directory + "_corrupt"
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        log.warning("checkpoint at step %d is unreadable (%s); moved to %s, trying the one before",
-                    step, reason, corrupt_dir)
+        reason = _first_line(error)
         print(f"warning: checkpoint at step {step} is unreadable ({reason}); "
-              f"moved to {corrupt_dir}, resuming from the one before")
+              f"moved to {corrupt_dir}, trying the one before", file=sys.stderr)
         if jax.process_index() == 0:
             os.makedirs(corrupt_dir, exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)),

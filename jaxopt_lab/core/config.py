@@ -8,6 +8,7 @@ typo costs one line on the terminal rather than a traceback after a minute of JI
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -44,8 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.augment.crop = 0  # images: pad by this much, then random-crop back
     c.data.augment.flip = False  # images: random horizontal flip
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cnn1d"  # plus that model's hyperparameters, e.g. model.channels
+    c.model = model_config("cnn1d")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"
@@ -72,6 +72,23 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def model_config(name: str, **hparams) -> ml_collections.ConfigDict:
+    """A `model` block: the name plus every hyperparameter of that model with its default.
+
+    Listing them all is what lets `--config.model.KEY=V` override any of them from the command line.
+    """
+    if name not in MODELS:
+        raise UserError(f"unknown model.name {name!r}; allowed: {', '.join(sorted(MODELS))}")
+    defaults = model_hparams(name)
+    for key in hparams:
+        if key not in defaults:
+            raise UserError(f"unknown config key 'model.{key}' for model {name!r}; "
+                            f"allowed: {', '.join(sorted(defaults)) or 'none'}")
+    block = {"name": name, **defaults, **hparams}
+    return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in block.items()})
+
+
 @contextlib.contextmanager
 def _argv(argv: list[str]) -> Iterator[None]:
     # ml_collections registers the `--config.a.b=v` override flags by scanning sys.argv.
@@ -83,25 +100,50 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates.
-
-    Raises:
-      UserError: on a missing file, an unknown key, a wrong type or a disallowed value.
-    """
-    for override in overrides:
-        if not override.startswith("--config."):
-            raise UserError(f"unexpected argument {override!r}: overrides look like --config.optim.lr=3e-3")
+def _parse(path: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     argv = ["jaxopt-lab", f"--config={path}", *overrides]
     flag_values = flags.FlagValues()
     with _argv(argv):
         config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True)
         try:
             flag_values(argv)
-            config = flag_values.config
+            return flag_values.config
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-            message = " ".join(str(e).replace("\\n", " ").strip("'\"").split())
+            text = str(e).replace("\\n", "\n").strip("'\"")
+            # An exception inside get_config() arrives as a whole traceback: keep its last line.
+            message = " ".join(text.strip().splitlines()[-1].split()) if "Traceback" in text \
+                else " ".join(text.split())
             raise UserError(f"config {path}: {message}") from None
+
+
+def _check_override_key(config: ml_collections.ConfigDict, override: str) -> None:
+    if not override.startswith("--config.") or "=" not in override:
+        raise UserError(f"unexpected argument {override!r}: overrides look like "
+                        "--config.optim.lr=3e-3")
+    path = override[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for key in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            allowed = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) \
+                else "none (not a block)"
+            raise UserError(f"unknown config key {'.'.join([*walked, key])!r} in {override}; "
+                            f"allowed here: {allowed}")
+        node, walked = node[key], [*walked, key]
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates.
+
+    Raises:
+      UserError: on a missing file, an unknown key, a wrong type or a disallowed value.
+    """
+    if not path.endswith(".py") or not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found (expected a .py file with get_config())")
+    if overrides:
+        base = _parse(path, [])
+        for override in overrides:
+            _check_override_key(base, override)
+    config = _parse(path, overrides)
     validate(config)
     return config
 
@@ -142,6 +184,8 @@ def _type_ok(value, default) -> bool:
 def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
     with config.unlocked():
         for key, default in schema.items():
+            if key == "model":
+                continue  # a model block is complete by construction (model_config)
             if key not in config:
                 config[key] = default
             elif isinstance(default, ml_collections.ConfigDict) and isinstance(
@@ -156,7 +200,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for error in _schema_errors(config, schema, ""):
         raise UserError(error)
     _fill_defaults(config, schema)
-    check_dataset_name(config.data.name)
+    try:
+        check_dataset_name(config.data.name)
+    except UserError as e:
+        raise UserError(f"data.name: {e}") from None
     if config.model.name not in MODELS:
         raise UserError(
             f"unknown model.name {config.model.name!r}; allowed: {', '.join(sorted(MODELS))}"

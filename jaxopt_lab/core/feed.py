@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core.step import DATA_AXIS
+from jaxopt_lab.data.shuffle import permuted_indices
 
 
 def replicate(arrays: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -40,15 +41,17 @@ def shard_batch(arrays: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0
 
 
 def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh) -> Callable:
-    """`sample(data, step)`: step's batch from the epoch's permutation, sharded over "data"."""
+    """`sample(data, step)`: step's batch of the epoch's seeded permutation, sharded over "data".
+
+    Each epoch visits every example once (the last partial batch of an epoch is skipped).
+    """
     steps_per_epoch = num_examples // batch_size
     sharding = NamedSharding(mesh, P(DATA_AXIS))
 
     def sample(data, step):
         epoch_key = jax.random.fold_in(jax.random.key(seed), step // steps_per_epoch)
-        order = jax.random.permutation(epoch_key, num_examples)
-        start = (step % steps_per_epoch) * batch_size
-        idx = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
+        positions = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
+        idx = permuted_indices(epoch_key, positions, num_examples)
         batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return jax.lax.with_sharding_constraint(batch, sharding)
 

@@ -16,8 +16,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxopt_lab.core.builder import build_experiment
@@ -27,8 +25,8 @@ from jaxopt_lab.core.evaluate import make_evaluator
 from jaxopt_lab.core.feed import (StreamedFeed, device_sampler, make_train_fn, pick_steps_per_call,
                                   replicate, shard_batch)
 from jaxopt_lab.core.metrics import MetricsWriter
-from jaxopt_lab.core.state import TrainState, create_train_state
-from jaxopt_lab.core.step import DATA_AXIS, make_train_step
+from jaxopt_lab.core.state import init_sharded_state
+from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.data.pipeline import make_grain_loader
 from jaxopt_lab.data.sources import load_dataset
 from jaxopt_lab.errors import UserError
@@ -40,21 +38,6 @@ class TrainingDiverged(UserError):
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes."""
-
-
-def _initial_state(experiment, dataset, mesh, seed: int) -> TrainState:
-    """Builds the state directly with its shardings: replicated, comm_state split over devices."""
-    sample_x = np.zeros((1, *dataset.input_shape), np.float32)
-
-    def init():
-        return create_train_state(experiment.model, sample_x, experiment.tx,
-                                  experiment.reducer.init, mesh.size, seed)
-
-    abstract = jax.eval_shape(init)
-    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-    shardings = shardings.replace(comm_state=jax.tree.map(
-        lambda _: NamedSharding(mesh, P(DATA_AXIS)), abstract.comm_state))
-    return jax.jit(init, out_shardings=shardings)()
 
 
 def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
@@ -99,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"training examples of {dataset.name}")
     experiment = build_experiment(config, dataset)
     train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh)
-    state = _initial_state(experiment, dataset, mesh, config.seed)
+    state = init_sharded_state(experiment, dataset.input_shape, mesh, config.seed)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
     if config.data.on_device:

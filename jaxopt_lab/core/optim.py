@@ -28,7 +28,7 @@ def _schedule_shape(name: str, steps: int, warmup: int):
     raise UserError(f"unknown optim.schedule {name!r}")
 
 
-def _base_optimizer(name: str, learning_rate, weight_decay, momentum: float):
+def _base_optimizer(name: str, learning_rate, weight_decay, momentum: float, decay: bool):
     if name == "adamw":
         return optax.adamw(learning_rate, b1=momentum, weight_decay=weight_decay)
     if name == "lamb":
@@ -42,6 +42,8 @@ def _base_optimizer(name: str, learning_rate, weight_decay, momentum: float):
     }
     if name not in base:
         raise UserError(f"unknown optim.name {name!r}")
+    if not decay:
+        return base[name]()
     # Coupled (L2-style) decay for optimizers without a decoupled variant.
     return optax.chain(optax.add_decayed_weights(weight_decay), base[name]())
 
@@ -52,7 +54,10 @@ def build_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.Gradi
 
     def make(learning_rate, weight_decay):
         schedule = lambda count: learning_rate * shape(count)  # noqa: E731
-        return _base_optimizer(optim.name, schedule, weight_decay, optim.momentum)
+        # With no decay configured the decay term is left out of the graph (it costs a pass over
+        # the parameters each step); a sweep over weight decay configures one.
+        return _base_optimizer(optim.name, schedule, weight_decay, optim.momentum,
+                               decay=optim.weight_decay > 0)
 
     parts = []
     if optim.grad_clip > 0:

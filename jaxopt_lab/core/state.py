@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @struct.dataclass
@@ -47,3 +49,19 @@ def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformat
         comm_state=comm_state,
         rng=jax.random.key_data(state_key),
     )
+
+
+def init_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh, seed: int) -> TrainState:
+    """Builds the state directly with its shardings (shapes first, then a jitted init):
+    everything replicated, comm_state split over the "data" axis."""
+    sample_x = jnp.zeros((1, *input_shape), jnp.float32)
+
+    def init():
+        return create_train_state(experiment.model, sample_x, experiment.tx,
+                                  experiment.reducer.init, mesh.size, seed)
+
+    abstract = jax.eval_shape(init)
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+    shardings = shardings.replace(comm_state=jax.tree.map(
+        lambda _: NamedSharding(mesh, P(mesh.axis_names[0])), abstract.comm_state))
+    return jax.jit(init, out_shardings=shardings)()

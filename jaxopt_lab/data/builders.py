@@ -8,22 +8,32 @@ they are used by class, never looked up by name.
 
 from __future__ import annotations
 
+import logging
 import random
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 FILE_FORMAT = "array_record"
+_log = logging.getLogger(__name__)
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A builder that downloads nothing, so it has no checksums file to find.
+    """A builder that generates its data locally: nothing to download, nothing to announce."""
 
-    TFDS locates that file from the class's module path, which for a module outside TFDS imports
-    the `importlib_resources` backport, not installed here; with no path, it skips the lookup.
-    """
-
+    # TFDS finds a builder's download checksums next to its source file, and resolving a path
+    # outside TFDS imports the `importlib_resources` backport (not installed); with nothing to
+    # download there are no checksums, and a None path skips the lookup.
     code_path = None
+
+    # TFDS prints "Downloading and preparing..." to stdout; nothing is downloaded and CLI output
+    # stays clean, so it goes to the log instead.
+    def _log_download_bytes(self) -> None:
+        _log.info("Generating %s into %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        _log.info("Generated %s into %s", self.name, self.data_dir)
 
 
 class Mnist1d(_LocalBuilder, skip_registration=True):
@@ -35,7 +45,7 @@ class Mnist1d(_LocalBuilder, skip_registration=True):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [
+    BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
         tfds.core.BuilderConfig(name="default", description="The paper's default arguments."),
         tfds.core.BuilderConfig(name="shuffled", description="Positions permuted (shuffle_seq)."),
     ]

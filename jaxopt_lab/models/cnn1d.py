@@ -15,7 +15,7 @@ class CNN1D(nn.Module):
     """Conv1d(k5,s2,p1) → ReLU → 2 × [Conv1d(k3,s2,p1) → ReLU] → flatten → Dense.
 
     Greydanus & Kobak, "Scaling down deep learning with MNIST-1D" (2020 / ICML 2024): the paper's
-    `ConvBase`, with torch init, so its parameter count (5,235 for 10 classes) matches exactly.
+    `ConvBase`, with torch init, so its parameter count (5,210 for 10 classes) matches exactly.
     Input is [B, L] (a channel axis is added) or [B, L, C].
     """
 

@@ -1,0 +1,177 @@
+"""Data sets as host numpy arrays: the one entry point the trainer, sweeps and notebooks call.
+
+The embedded data sets are built once into a local data dir by TFDS builders (array_record) and
+read back whole: they are small, and arrays in memory are what both feeds need (the on-device
+feed copies them to the devices, the grain feed gathers batches from them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxopt_lab.data import builders
+from jaxopt_lab.errors import UserError
+
+DATASET_NAMES = ("mnist1d", "mnist1d_shuffled", "digits", "synthetic")
+TFDS_PREFIX = "tfds:"
+
+# name -> (builder class, builder config); all generated offline.
+_EMBEDDED = {
+    "mnist1d": (builders.Mnist1d, "default"),
+    "mnist1d_shuffled": (builders.Mnist1d, "shuffled"),
+    "digits": (builders.Digits, None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A classification data set held in host memory."""
+
+    train: dict[str, np.ndarray]  # {"x": float32 [N, *input_shape], "label": int32 [N]}
+    test: dict[str, np.ndarray]
+    num_classes: int
+    input_shape: tuple[int, ...]  # one example's x shape
+    name: str
+
+
+def default_data_dir() -> str:
+    """Where data sets are built: $JAXOPT_LAB_DATA_DIR, else ~/.cache/jaxopt_lab/data."""
+    return os.environ.get("JAXOPT_LAB_DATA_DIR") or os.path.expanduser("~/.cache/jaxopt_lab/data")
+
+
+def check_dataset_name(name: str) -> None:
+    """Raises UserError unless `name` is a data set `load_dataset` knows (checked before any work)."""
+    if isinstance(name, str) and (name in DATASET_NAMES or (
+            name.startswith(TFDS_PREFIX) and name[len(TFDS_PREFIX):].strip())):
+        return
+    raise UserError(f"unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)} "
+                    f"or {TFDS_PREFIX}<TFDS catalog name>")
+
+
+def load_dataset(name: str, data_dir: str | None = None, *,
+                 synthetic_shape: Sequence[int] = (32,), synthetic_size: int = 1024,
+                 num_classes: int = 10, seed: int = 0) -> Dataset:
+    """Loads data set `name` into host arrays, building it into `data_dir` on first use.
+
+    Args:
+      name: one of DATASET_NAMES or "tfds:<catalog name>" (downloaded by TFDS where a network
+        exists).
+      data_dir: where TFDS data sets are built; None means `default_data_dir()`.
+      synthetic_shape, synthetic_size, num_classes, seed: only for "synthetic" (random inputs for
+        throughput work): one example's shape, the number of training examples (the test set has
+        a quarter as many), the number of label values and the seed that fixes them.
+    """
+    check_dataset_name(name)
+    if name == "synthetic":
+        return _synthetic(tuple(synthetic_shape), synthetic_size, num_classes, seed)
+    data_dir = os.path.expanduser(data_dir or default_data_dir())
+    if name.startswith(TFDS_PREFIX):
+        return _catalog(name, data_dir)
+    builder_cls, config = _EMBEDDED[name]
+    lock_name = builder_cls.name + (f"_{config}" if config else "")
+    with _build_lock(data_dir, lock_name), _quiet_progress():
+        builder = builder_cls(data_dir=data_dir, config=config, file_format=builders.FILE_FORMAT)
+        builder.download_and_prepare()
+    splits = builder.as_data_source()
+    return _from_splits(name, splits, "x", "label", builder.info.features["label"].num_classes)
+
+
+def _synthetic(shape: tuple[int, ...], size: int, num_classes: int, seed: int) -> Dataset:
+    """Gaussian inputs with uniform labels: nothing to learn, but the shapes and cost of real data."""
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise UserError(f"synthetic_shape={shape} must be a non-empty tuple of positive ints")
+    if size < 4:
+        raise UserError(f"synthetic_size={size} must be at least 4 (the test set is a quarter)")
+    if num_classes < 2:
+        raise UserError(f"num_classes={num_classes} must be at least 2")
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return {"x": rng.standard_normal((n, *shape), dtype=np.float32),
+                "label": rng.integers(0, num_classes, n).astype(np.int32)}
+
+    return Dataset(train=split(size), test=split(size // 4), num_classes=num_classes,
+                   input_shape=shape, name="synthetic")
+
+
+def _catalog(name: str, data_dir: str) -> Dataset:
+    """A TFDS catalog data set, prepared as array_record (TFDS downloads it if it must)."""
+    catalog_name = name[len(TFDS_PREFIX):].strip()
+    lock = (contextlib.nullcontext() if "://" in data_dir  # e.g. gs://: nothing to lock locally
+            else _build_lock(data_dir, catalog_name.replace("/", "_")))
+    try:
+        with lock, _quiet_progress():
+            # With an explicit data_dir, TFDS would otherwise prepare TFRecords, which have no
+            # random access.
+            splits = tfds.data_source(catalog_name, data_dir=data_dir,
+                                      builder_kwargs={"file_format": builders.FILE_FORMAT})
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"data set {name!r}: {catalog_name!r} is not in the TFDS catalog "
+                        "(https://www.tensorflow.org/datasets/catalog)") from None
+    info = next(iter(splits.values())).dataset_info
+    if "image" in info.features and "label" in info.features:
+        x_key, label_key = "image", "label"
+    elif info.supervised_keys and len(info.supervised_keys) == 2:
+        x_key, label_key = info.supervised_keys
+    else:
+        raise UserError(f"data set {name!r} has neither image/label features nor a supervised "
+                        "(input, label) pair")
+    num_classes = getattr(info.features[label_key], "num_classes", None)
+    if not num_classes:
+        raise UserError(f"data set {name!r}: its label {label_key!r} is not a class label")
+    return _from_splits(name, splits, x_key, label_key, num_classes)
+
+
+def _from_splits(name: str, splits: dict, x_key: str, label_key: str,
+                 num_classes: int) -> Dataset:
+    """Reads the train and test (else validation) splits whole into arrays."""
+    test_split = next((s for s in ("test", "validation") if s in splits), None)
+    if "train" not in splits or test_split is None:
+        raise UserError(f"data set {name!r} has splits {sorted(splits)}; need 'train' and "
+                        "'test' or 'validation'")
+    train, test = (_read(splits[s], x_key, label_key) for s in ("train", test_split))
+    return Dataset(train=train, test=test, num_classes=int(num_classes),
+                   input_shape=tuple(train["x"].shape[1:]), name=name)
+
+
+def _read(source, x_key: str, label_key: str) -> dict[str, np.ndarray]:
+    """One split as {"x": float32, "label": int32}; integer images are scaled to [0, 1]."""
+    examples = source.__getitems__(list(range(len(source))))  # one batched read, not N small ones
+    x = np.stack([e[x_key] for e in examples])
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    label = np.asarray([e[label_key] for e in examples], dtype=np.int32)
+    return {"x": x, "label": label}
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, name: str) -> Iterator[None]:
+    """Serializes building `name` across processes, so N processes started at once build it once.
+
+    TFDS writes into a temporary directory and renames it, but two concurrent builders can still
+    race on that rename; with the lock the later ones find the data ready and only read it.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hides TFDS's progress bars while building, then restores the caller's setting."""
+    was_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was_on)

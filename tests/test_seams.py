@@ -1,0 +1,228 @@
+"""Seam conformance: each seam takes a custom piece and the step really uses it.
+
+The same checks run on 1 device here and on 4 simulated devices in a subprocess
+(`test_seams_hold_on_four_devices`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import ROOT, tiny_config
+
+from jaxopt_lab.core.builder import build_experiment
+from jaxopt_lab.core.checkpoint import Checkpointer
+from jaxopt_lab.core.distributed import data_mesh
+from jaxopt_lab.core.feed import device_sampler, make_train_fn, replicate
+from jaxopt_lab.core.optim import build_optimizer
+from jaxopt_lab.core.state import create_train_state
+from jaxopt_lab.core.step import DATA_AXIS, Reducer, classification_loss, make_train_step
+from jaxopt_lab.data.sources import load_dataset
+from jaxopt_lab.models import build_model
+from jaxopt_lab.tune.population import set_hyperparams, stack_trials, unstack_trials, vmap_over_trials
+
+EXPECTED_DEVICES = int(os.environ.get("JAXOPT_LAB_EXPECT_DEVICES", "1"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("mnist1d")
+
+
+def _state(model, tx, mesh, data, reducer_init=lambda p: (), seed=0):
+    sample_x = jnp.zeros((1, *data.input_shape))
+    return create_train_state(model, sample_x, tx, reducer_init, mesh.size, seed)
+
+
+def _run(step, state, data, mesh, steps, seed=0):
+    fn = make_train_fn(step, 1, device_sampler(len(data.train["label"]), 100, seed, mesh))
+    source = replicate(data.train, mesh)
+    metrics = []
+    for _ in range(steps):
+        state, m = fn(state, source)
+        metrics.append(jax.device_get(m))
+    return state, metrics
+
+
+def _pmean():
+    from jaxopt_lab.core.step import pmean_reducer
+    return pmean_reducer()
+
+
+def test_mesh_has_the_expected_devices():
+    assert data_mesh().size == EXPECTED_DEVICES
+
+
+def test_custom_loss_wrapper_changes_what_the_step_optimizes(data):
+    """A wrapper that replaces the task loss by 0.5*|params|^2: one SGD step scales params by 1-lr."""
+    mesh = data_mesh()
+    model = build_model("mlp", 10)
+    task = classification_loss(model)
+
+    def l2_only(params, model_state, batch, rng):
+        _, aux = task(params, model_state, batch, rng)
+        return 0.5 * sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params)), aux
+
+    tx = optax.with_extra_args_support(optax.sgd(0.1))
+    state = _state(model, tx, mesh, data)
+    before = jax.device_get(state.params)
+    state, metrics = _run(make_train_step(l2_only, _pmean(), tx, mesh), state, data, mesh, 1)
+    after = jax.device_get(state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 0.9 * b, rtol=1e-5, atol=1e-7),
+                 after, before)
+    expected_loss = 0.5 * sum(np.sum(p ** 2) for p in jax.tree.leaves(before))
+    assert metrics[0]["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+
+
+class CountState(NamedTuple):
+    calls: jax.Array  # int32 scalar, per device
+    bytes_sent: jax.Array  # float32 scalar, per device
+
+
+def bf16_mean_reducer() -> Reducer:
+    """Casts gradients to bfloat16 for the all-reduce and counts calls and bytes sent."""
+
+    def init(params):
+        del params
+        return CountState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+    def reduce(grads, state):
+        low = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
+        nbytes = sum(g.size * 2 for g in jax.tree.leaves(low))
+        mean = jax.tree.map(lambda g: jax.lax.pmean(g, DATA_AXIS).astype(jnp.float32), low)
+        state = CountState(state.calls + 1, state.bytes_sent + nbytes)
+        return mean, state, {"comm_bytes": jnp.float32(nbytes)}
+
+    return Reducer(init, reduce)
+
+
+def test_custom_reducer_is_used_and_its_state_advances_and_checkpoints(data, tmp_path):
+    mesh = data_mesh()
+    model = build_model("mlp", 10)
+    tx = optax.with_extra_args_support(optax.adam(1e-2))
+    reducer = bf16_mean_reducer()
+    state = _state(model, tx, mesh, data, reducer.init)
+    state, metrics = _run(make_train_step(classification_loss(model), reducer, tx, mesh),
+                          state, data, mesh, 3)
+    num_params = sum(p.size for p in jax.tree.leaves(state.params))
+    assert metrics[-1]["comm_bytes"][0] == 2 * num_params  # bf16: half of float32's bytes
+    np.testing.assert_array_equal(state.comm_state.calls, [3] * mesh.size)
+    np.testing.assert_allclose(state.comm_state.bytes_sent, [3 * 2 * num_params] * mesh.size)
+
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+    checkpointer.save(3, state)
+    checkpointer.wait()
+    fresh = _state(model, tx, mesh, data, reducer.init)
+    restored, _, step = checkpointer.restore(fresh)
+    checkpointer.close()
+    assert step == 3
+    np.testing.assert_array_equal(restored.comm_state.calls, [3] * mesh.size)
+
+
+class MaskState(NamedTuple):
+    inner: optax.OptState
+    mask: optax.Params  # bool, like params: True = kept
+
+
+def keep_largest_half(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """A pruning-shaped wrapper: the mask is optimizer state; masked weights are held at zero."""
+
+    def init(params):
+        def half(p):
+            return jnp.abs(p) >= jnp.median(jnp.abs(p))
+
+        return MaskState(inner.init(params), jax.tree.map(half, params))
+
+    def update(updates, state, params):
+        updates, inner_state = inner.update(updates, state.inner, params)
+        updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, state.mask)
+        return updates, MaskState(inner_state, state.mask)
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_masking_optax_wrapper_keeps_masked_params_at_zero(data):
+    mesh = data_mesh()
+    model = build_model("mlp", 10)
+    tx = optax.with_extra_args_support(keep_largest_half(optax.adam(1e-2)))
+    state = _state(model, tx, mesh, data)
+    state, _ = _run(make_train_step(classification_loss(model), _pmean(), tx, mesh),
+                    state, data, mesh, 5)
+    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.opt_state.mask)):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+        assert np.any(np.asarray(p)[np.asarray(m)] != 0.0)
+
+
+class ZeroDot(nn.Module):
+    """A dot_general that returns zeros: if the step uses it, every logit is 0 and loss = ln 10."""
+
+    @nn.compact
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=preferred_element_type)
+        return jnp.zeros_like(out)
+
+
+def test_model_built_with_custom_dot_general_calls_it_in_the_step(data):
+    mesh = data_mesh()
+    model = build_model("mlp", 10, dot_general_cls=ZeroDot)
+    tx = optax.with_extra_args_support(optax.adam(1e-2))
+    state = _state(model, tx, mesh, data)
+    # Zero the biases, so a used ZeroDot makes every logit exactly 0.
+    state = state.replace(params=jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.zeros_like(p) if path[-1].key == "bias" else p, state.params))
+    _, metrics = _run(make_train_step(classification_loss(model), _pmean(), tx, mesh),
+                      state, data, mesh, 1)
+    assert metrics[0]["loss"][0] == pytest.approx(np.log(10.0), rel=1e-6)
+
+
+def test_vmapped_population_matches_trials_run_one_by_one(data):
+    """Four trials (different learning rates and seeds) as one vmapped program."""
+    mesh = data_mesh()
+    config = tiny_config("mlp")
+    experiment = build_experiment(config, data)
+    tx = build_optimizer(config.optim, steps=10)
+    step = make_train_step(experiment.loss_fn, experiment.reducer, tx, mesh)
+    lrs, seeds = [1e-3, 3e-3, 1e-2, 3e-2], [0, 1, 2, 3]
+    trials = [set_hyperparams(_state(experiment.model, tx, mesh, data, seed=s), learning_rate=lr)
+              for lr, s in zip(lrs, seeds)]
+    sample = device_sampler(len(data.train["label"]), 100, 0, mesh)
+    source = replicate(data.train, mesh)
+
+    one_by_one = []
+    for trial in trials:
+        fn = make_train_fn(step, 1, sample)
+        for _ in range(10):
+            trial, _ = fn(trial, source)
+        one_by_one.append(jax.device_get(trial.params))
+
+    population = stack_trials(trials)
+    fn = vmap_over_trials(make_train_fn(step, 1, sample))
+    for _ in range(10):
+        population, metrics = fn(population, source)
+    assert metrics["loss"].shape == (4, 1)
+    for alone, together in zip(one_by_one, unstack_trials(jax.device_get(population.params))):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                     alone, together)
+    first, last = jax.device_get(unstack_trials(population.params)[0]), one_by_one[-1]
+    assert not np.allclose(jax.tree.leaves(first)[0], jax.tree.leaves(last)[0])
+
+
+@pytest.mark.skipif(EXPECTED_DEVICES != 1, reason="this is the launcher of the 4-device run")
+def test_seams_hold_on_four_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAXOPT_LAB_EXPECT_DEVICES="4")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / __file__),
+         "-k", "not four_devices"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "6 passed" in result.stdout
