@@ -69,9 +69,10 @@ SMALL = {"resnet": {"depth": 8, "width": 4}, "vit": {"dim": 16, "depth": 1, "mlp
 
 
 @functools.cache
-def _float_params(name: str) -> dict:
-    """Default-size float parameters of model `name`, initialised once per test session."""
-    return jax.jit(build_model(name, NUM_CLASSES).init)(jax.random.key(0), _input(name))["params"]
+def _init(name: str) -> tuple[nn.Module, dict]:
+    """The test-size float model `name` and its variables, initialised once per test session."""
+    model = build_model(name, NUM_CLASSES, **SMALL.get(name, {}))
+    return model, jax.jit(model.init)(jax.random.key(0), _input(name))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -88,15 +89,14 @@ def test_default_size_logits_shape_in_train_and_eval(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_runs_in_train_and_eval(name):
-    model, x = build_model(name, NUM_CLASSES, **SMALL.get(name, {})), _input(name)
+    (model, variables), x = _init(name), _input(name)
 
     @jax.jit
-    def run(key):  # one compilation for init and both modes
-        variables = model.init(key, x)
+    def run(variables):  # one compilation for both modes
         train_logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        return variables, model.apply(variables, x), train_logits, updates
+        return model.apply(variables, x), train_logits, updates
 
-    variables, logits, train_logits, updates = run(jax.random.key(0))
+    logits, train_logits, updates = run(variables)
     for out in (logits, train_logits):
         assert out.shape == (BATCH, NUM_CLASSES)
         assert jnp.isfinite(out).all()
@@ -128,7 +128,7 @@ def test_cnn1d_has_the_papers_parameter_count():
 @pytest.mark.parametrize("name", MNIST1D_MODELS)
 def test_paper_models_use_pytorch_init(name):
     """Kernels and biases ~ U(±1/sqrt(fan_in)), not Flax's LeCun-normal kernels and zero biases."""
-    params = _float_params(name)
+    params = _init(name)[1]["params"]
     flat = traverse_util.flatten_dict(params)
     for layer in _kernel_paths(params):
         kernel, bias = flat[(*layer, "kernel")], flat[(*layer, "bias")]
@@ -170,7 +170,7 @@ def test_seams_reach_every_layer_with_a_kernel(name):
 
 def _quantized_loss_and_grads(name: str, **seams) -> tuple[jax.Array, jax.Array, dict]:
     """(quantized loss, float loss, quantized gradients) at the float model's parameters."""
-    x, params = _input(name), _float_params(name)
+    x, params = _input(name), _init(name)[1]["params"]
     float_model, model = build_model(name, NUM_CLASSES), build_model(name, NUM_CLASSES, **seams)
 
     def loss(p, m):
@@ -193,7 +193,7 @@ def test_aqt_int8_dot_general_trains(name):
         jax.random.key(0),
         _input(name),
     )
-    assert jax.tree.structure(quantized_vars) == jax.tree.structure({"params": _float_params(name)})
+    assert jax.tree.structure(quantized_vars) == jax.tree.structure(_init(name)[1])
 
     q_loss, f_loss, grads = _quantized_loss_and_grads(name, dot_general_cls=dot_general_cls)
     assert q_loss != f_loss and jnp.isclose(q_loss, f_loss, rtol=0.05)

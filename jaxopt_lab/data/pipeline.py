@@ -1,8 +1,8 @@
 """The grain feed: host arrays streamed as shuffled, sharded batches whose position checkpoints.
 
-A pipeline of per-example records spends its time in Python (measured ~120 batches/s of 100 on a
-2-core CPU, far below what a small model consumes), so each grain record here is a whole batch,
-gathered with one numpy fancy index from a seeded permutation of the epoch (thousands of batches/s).
+A pipeline of per-example records spends its time in Python, so each grain record here is a whole
+batch, gathered with one numpy fancy index from a seeded permutation of the epoch. Measured on a
+busy 2-core CPU, MNIST-1D in batches of 100: ~60 batches/s per-example, ~5,700 batches/s here.
 grain still owns what it is good at: the sampler's sharding and epochs, worker processes, and an
 iterator state (`get_state`/`set_state`) from which a resumed run sees exactly the same batches.
 
