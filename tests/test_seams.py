@@ -122,7 +122,7 @@ def test_custom_reducer_is_used_and_its_state_advances_and_checkpoints(data, tmp
     checkpointer.save(3, state)
     checkpointer.wait()
     fresh = _state(model, tx, mesh, data, reducer.init)
-    restored, _, step = checkpointer.restore(fresh)
+    restored, step = checkpointer.restore(fresh)
     checkpointer.close()
     assert step == 3
     np.testing.assert_array_equal(restored.comm_state.calls, [3] * mesh.size)
@@ -197,6 +197,7 @@ def test_vmapped_population_matches_trials_run_one_by_one(data):
               for lr, s in zip(lrs, seeds)]
     sample = device_sampler(len(data.train["label"]), 100, 0, mesh)
     source = replicate(data.train, mesh)
+    population = stack_trials(trials)  # a copy: running a trial alone donates its state
 
     one_by_one = []
     for trial in trials:
@@ -205,7 +206,6 @@ def test_vmapped_population_matches_trials_run_one_by_one(data):
             trial, _ = fn(trial, source)
         one_by_one.append(jax.device_get(trial.params))
 
-    population = stack_trials(trials)
     fn = vmap_over_trials(make_train_fn(step, 1, sample))
     for _ in range(10):
         population, metrics = fn(population, source)

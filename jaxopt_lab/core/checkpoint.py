@@ -1,24 +1,34 @@
 """Checkpoints through orbax: save every N steps and at the end, keep K, resume the newest that loads.
 
-A checkpoint holds the TrainState and, when the data come through grain, the data iterator's
-position, so a resumed run sees exactly the batches it would have seen.
+A checkpoint holds the TrainState and, when the data come through grain, each process's data
+iterator position (grain's own orbax handler, one file per process), so a resumed run sees exactly
+the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import sys
 from typing import Any
 
+import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxopt_lab.errors import UserError
+
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _leaf_signature(tree) -> collections.Counter:
+    """The multiset of (shape, dtype) of a tree's arrays: what must match to restore into it."""
+    return collections.Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
 class Checkpointer:
@@ -27,12 +37,14 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.PyGrainCheckpointHandler()},
         )
 
-    def save(self, step: int, state, data_state: dict | None = None) -> None:
+    def save(self, step: int, state, data_iterator=None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
-        if data_state is not None:
-            items["data"] = ocp.args.JsonSave(data_state)
+        if data_iterator is not None:
+            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
@@ -41,47 +53,70 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, target_state, step: int | None = None) -> tuple[Any, dict | None, int] | None:
+    def restore(self, target_state, step: int | None = None,
+                data_iterator=None) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint shaped like `target_state`, or exactly `step`.
 
         A newest checkpoint that fails to load (truncated by a crash, a full disk) is moved aside
-        into `<dir>_corrupt/` with a warning and the one before it is tried. A requested `step`
-        that fails to load is an error instead.
+        into `<dir>_corrupt/` with a warning and the one before it is tried. A checkpoint that
+        loads but does not fit `target_state` (the model or optimizer changed) is an error, as is
+        a requested `step` that fails to load. `data_iterator`, if given, is set to the saved
+        position.
         """
         available = sorted(self._manager.all_steps(), reverse=True)
-        if step is not None:
-            if step not in available:
-                raise UserError(f"no checkpoint at step {step} in {self.directory}; "
-                                f"available: {sorted(available)}")
+        if step is not None and step not in available:
+            raise UserError(f"no checkpoint at step {step} in {self.directory}; "
+                            f"available: {sorted(available)}")
+        for candidate in available if step is None else [step]:
             try:
-                return self._restore_step(target_state, step)
-            except Exception as e:  # noqa: BLE001 - reported to the user in one line
-                raise UserError(f"checkpoint at step {step} in {self.directory} is unreadable: "
-                                f"{_first_line(e)}") from None
-        for candidate in available:
+                metadata = self._manager.item_metadata(candidate)["state"]
+                saved = _leaf_signature(metadata)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a broken checkpoint
+                if step is not None:
+                    raise UserError(f"checkpoint at step {step} in {self.directory} is "
+                                    f"unreadable: {_first_line(e)}") from None
+                self._set_aside(candidate, e)
+                continue
+            if saved != _leaf_signature(target_state):
+                raise UserError(f"checkpoint at step {candidate} in {self.directory} does not fit "
+                                "this config (model or optimizer changed?); use a new --workdir")
             try:
-                return self._restore_step(target_state, candidate)
+                return self._restore_step(target_state, candidate, data_iterator), candidate
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
+                if step is not None:
+                    raise UserError(f"checkpoint at step {step} in {self.directory} is "
+                                    f"unreadable: {_first_line(e)}") from None
                 self._set_aside(candidate, e)
         return None
 
-    def _restore_step(self, target_state, step: int) -> tuple[Any, dict | None, int]:
+    def _restore_step(self, target_state, step: int, data_iterator):
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        items = {"state": ocp.args.StandardRestore(abstract)}
-        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
-            items["data"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored.get("data"), step
+        state = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        if data_iterator is None:
+            return state
+        if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            raise UserError(f"checkpoint at step {step} holds no data-iterator position, but "
+                            "data.on_device=False needs one; keep data.on_device as it was")
+        try:  # the state loaded, so a failure here is a changed data config, not corruption
+            self._manager.restore(
+                step, args=ocp.args.Composite(data=grain.PyGrainCheckpointRestore(data_iterator)))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"the data-iterator position saved at step {step} does not fit this "
+                            f"config ({_first_line(e)}); keep data.* as it was") from None
+        return state
 
     def _set_aside(self, step: int, error: Exception) -> None:
         corrupt_dir = self.directory + "_corrupt"
-        reason = _first_line(error)
-        print(f"warning: checkpoint at step {step} is unreadable ({reason}); "
+        print(f"warning: checkpoint at step {step} is unreadable ({_first_line(error)}); "
               f"moved to {corrupt_dir}, trying the one before", file=sys.stderr)
         if jax.process_index() == 0:
             os.makedirs(corrupt_dir, exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)),
                         os.path.join(corrupt_dir, str(step)))
+        multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
         self._manager.reload()
 
     def close(self) -> None:

@@ -110,17 +110,11 @@ class StreamedFeed:
     """
 
     def __init__(self, loader, mesh: Mesh):
-        self._iterator = iter(loader)
+        self.iterator = iter(loader)
         self._sharding = NamedSharding(mesh, P(None, DATA_AXIS))
 
     def next(self, k: int) -> dict[str, jax.Array]:
-        local = [next(self._iterator) for _ in range(k)]
+        local = [next(self.iterator) for _ in range(k)]
         stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
         return {key: jax.make_array_from_process_local_data(self._sharding, value)
                 for key, value in stacked.items()}
-
-    def get_state(self) -> dict:
-        return {"grain": self._iterator.get_state().decode()}
-
-    def set_state(self, state: dict) -> None:
-        self._iterator.set_state(state["grain"].encode())

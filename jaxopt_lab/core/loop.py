@@ -97,12 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             worker_count=config.data.workers), mesh)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    restored = checkpointer.restore(state)
+    restored = checkpointer.restore(state, data_iterator=streamed.iterator if streamed else None)
     resumed_from = None
     if restored is not None:
-        state, data_state, resumed_from = restored
-        if streamed is not None and data_state is not None:
-            streamed.set_state(data_state)
+        state, resumed_from = restored
     writer = MetricsWriter(workdir, enabled=is_chief)
     writer.truncate_after(int(state.step))
 
@@ -167,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 postfix["test_acc"] = f"{last_eval['test_accuracy']:.4f}"
             bar.set_postfix(postfix)
             if at["ckpt"] or stop_requested or step == total:
-                checkpointer.save(step, state, streamed.get_state() if streamed else None)
+                checkpointer.save(step, state, streamed.iterator if streamed else None)
             if stop_requested:
                 checkpointer.wait()
                 raise Preempted(f"SIGTERM: checkpoint saved at step {step} in "

@@ -63,7 +63,7 @@ def build_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.Gradi
     if optim.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip))
     parts.append(optax.inject_hyperparams(make)(
-        learning_rate=jnp.float32(optim.lr), weight_decay=jnp.float32(optim.weight_decay)))
+        learning_rate=float(optim.lr), weight_decay=float(optim.weight_decay)))
     if optim.schedule == "reduce_on_plateau":
         parts.append(optax.contrib.reduce_on_plateau(
             factor=optim.plateau_factor, patience=optim.plateau_patience))

@@ -46,5 +46,5 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         checkpointer.close()
     if restored is None:
         raise UserError(f"{workdir} holds no readable checkpoint")
-    state, _, restored_step = restored
+    state, restored_step = restored
     return Run(config, dataset, experiment, state, restored_step)
