@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxopt_lab.core.config import default_config, model_config, validate
@@ -130,8 +129,8 @@ def main() -> None:
         "Framework rate = steady-state log windows (compile excluded); ratio = framework / hand-written",
         "(1.00 = no overhead; goal ≥ 0.97).",
         "",
-        "| model | hand-written steps/s | framework K=1 steps/s | ratio K=1 / hand | "
-        "framework K=50 steps/s | K=50 / K=1 |",
+        ("| model | hand-written steps/s | framework K=1 steps/s | ratio K=1 / hand | "
+        "framework K=50 steps/s | K=50 / K=1 |"),
         "|---|---|---|---|---|---|",
         *[f"| {m} | {h:.0f} | {f:.0f} | {r:.3f} | {s:.0f} | {x:.2f}× |"
           for m, h, f, r, s, x in rows],

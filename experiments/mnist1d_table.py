@@ -63,8 +63,8 @@ def main() -> None:
     lines = [
         "# MNIST-1D: the paper's table reproduced",
         "",
-        f"Written by `experiments/mnist1d_table.py` on {machine}. Adam 1e-2, batch 100, 6000 steps; "
-        f"test accuracy, mean over {args.seeds} seeds (per-seed values in mnist1d_table.json).",
+        (f"Written by `experiments/mnist1d_table.py` on {machine}. Adam 1e-2, batch 100, 6000 steps; "
+        f"test accuracy, mean over {args.seeds} seeds (per-seed values in mnist1d_table.json)."),
         "",
         "| model | paper | jaxopt_lab (mean) | seeds | Δ (points) | within 2 points |",
         "|---|---|---|---|---|---|",

@@ -34,4 +34,4 @@ def run_cli(*args: str, devices: int = 1, env: dict | None = None, timeout: floa
     full_env = dict(os.environ, **(env or {}))
     full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+                          capture_output=True, text=True, timeout=timeout, check=False, **popen)

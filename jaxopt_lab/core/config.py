@@ -149,7 +149,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
-    for key in config.keys():
+    for key in config:
         name = f"{prefix}{key}"
         if prefix == "model." and key != "name":
             continue  # model hyperparameters are checked against the model registry
@@ -209,7 +209,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"unknown model.name {config.model.name!r}; allowed: {', '.join(sorted(MODELS))}"
         )
     allowed_hparams = model_hparams(config.model.name)
-    for key in config.model.keys():
+    for key in config.model:
         if key != "name" and key not in allowed_hparams:
             allowed = ", ".join(sorted(allowed_hparams)) or "none"
             raise UserError(
@@ -217,7 +217,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
     _check_choice("optim.name", config.optim.name, OPTIMIZERS)
     _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
-    for key in config.techniques.keys():
+    for key in config.techniques:
         allowed = ", ".join(TECHNIQUES) or "none yet"
         raise UserError(f"unknown technique 'techniques.{key}'; allowed: {allowed}")
     _check_positive(config, "data.batch_size", "train.steps", "train.eval_every", "train.log_every",

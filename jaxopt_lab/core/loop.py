@@ -22,8 +22,14 @@ from jaxopt_lab.core.builder import build_experiment
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
 from jaxopt_lab.core.evaluate import make_evaluator
-from jaxopt_lab.core.feed import (StreamedFeed, device_sampler, make_train_fn, pick_steps_per_call,
-                                  replicate, shard_batch)
+from jaxopt_lab.core.feed import (
+    StreamedFeed,
+    device_sampler,
+    make_train_fn,
+    pick_steps_per_call,
+    replicate,
+    shard_batch,
+)
 from jaxopt_lab.core.metrics import MetricsWriter
 from jaxopt_lab.core.state import init_sharded_state
 from jaxopt_lab.core.step import make_train_step

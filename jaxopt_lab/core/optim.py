@@ -7,7 +7,6 @@ them into a vmapped state, and checkpoints carry them.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -53,7 +52,7 @@ def build_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.Gradi
     shape = _schedule_shape(optim.schedule, steps, optim.warmup_steps)
 
     def make(learning_rate, weight_decay):
-        schedule = lambda count: learning_rate * shape(count)  # noqa: E731
+        schedule = lambda count: learning_rate * shape(count)
         # With no decay configured the decay term is left out of the graph (it costs a pass over
         # the parameters each step); a sweep over weight decay configures one.
         return _base_optimizer(optim.name, schedule, weight_decay, optim.momentum,
