@@ -16,6 +16,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxopt_lab.core.builder import build_experiment
@@ -43,7 +44,10 @@ class TrainingDiverged(UserError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes."""
+    """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes.
+
+    The signal is acted on at the next log boundary (train.log_every), where all processes agree.
+    """
 
 
 def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
@@ -59,6 +63,12 @@ def _first_nonfinite(history: list[tuple[int, dict]]) -> tuple[int, str] | None:
             if bad.size:
                 return first_step + int(bad[0]) + 1, key
     return None
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
@@ -138,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history: list[tuple[int, dict]] = []
     window_start = (step, time.perf_counter())
     bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
-               desc="train", unit="step", dynamic_ncols=True)
+               desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
     try:
         while step < total:
             k = steps_per_call if total - step >= steps_per_call else 1
@@ -149,8 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             at = {name: step % every < k or step == total for name, every in (
                 ("log", config.train.log_every), ("eval", config.train.eval_every),
                 ("ckpt", config.train.checkpoint_every))}
-            if not (any(at.values()) or stop_requested):
+            if not any(at.values()):
                 continue
+            stop = _any_process(bool(stop_requested))  # every process stops at the same step
             history = [(s, jax.device_get(m)) for s, m in history]
             bad = _first_nonfinite(history)
             if bad is not None:
@@ -170,9 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if last_eval:
                 postfix["test_acc"] = f"{last_eval['test_accuracy']:.4f}"
             bar.set_postfix(postfix)
-            if at["ckpt"] or stop_requested or step == total:
+            if at["ckpt"] or stop or step == total:
                 checkpointer.save(step, state, streamed.iterator if streamed else None)
-            if stop_requested:
+            if stop:
                 checkpointer.wait()
                 raise Preempted(f"SIGTERM: checkpoint saved at step {step} in "
                                 f"{checkpointer.directory}; rerun the same command to resume")
