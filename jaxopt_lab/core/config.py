@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 100  # global batch, split over all devices of all processes
     c.data.dir = ""  # "" = $JAXOPT_LAB_DATA_DIR or ~/.cache/jaxopt_lab/data
     c.data.on_device = True  # small data sets live on the device; False streams through grain
+    c.data.shuffle = True  # reshuffle every epoch; False walks the data in stored order
     c.data.workers = 0  # grain worker processes (0 = in the main process)
     c.data.synthetic_shape = (40,)
     c.data.synthetic_size = 4096

@@ -40,10 +40,12 @@ def shard_batch(arrays: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0
             for k, v in arrays.items()}
 
 
-def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh) -> Callable:
+def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh,
+                   shuffle: bool = True) -> Callable:
     """`sample(data, step)`: step's batch of the epoch's seeded permutation, sharded over "data".
 
-    Each epoch visits every example once (the last partial batch of an epoch is skipped).
+    Each epoch visits every example once (the last partial batch of an epoch is skipped);
+    `shuffle=False` visits them in stored order.
     """
     steps_per_epoch = num_examples // batch_size
     sharding = NamedSharding(mesh, P(DATA_AXIS))
@@ -51,7 +53,7 @@ def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh) ->
     def sample(data, step):
         epoch_key = jax.random.fold_in(jax.random.key(seed), step // steps_per_epoch)
         positions = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
-        idx = permuted_indices(epoch_key, positions, num_examples)
+        idx = permuted_indices(epoch_key, positions, num_examples) if shuffle else positions
         batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return jax.lax.with_sharding_constraint(batch, sharding)
 

@@ -103,14 +103,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if config.data.on_device:
         source = replicate(dataset.train, mesh)
-        sample = device_sampler(num_train, config.data.batch_size, config.seed, mesh)
+        sample = device_sampler(num_train, config.data.batch_size, config.seed, mesh,
+                                config.data.shuffle)
         streamed = None
     else:
         sample = None
         streamed = StreamedFeed(make_grain_loader(
             dataset.train, batch_size=config.data.batch_size // jax.process_count(),
             seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-            worker_count=config.data.workers), mesh)
+            worker_count=config.data.workers, shuffle=config.data.shuffle), mesh)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     restored = checkpointer.restore(state, data_iterator=streamed.iterator if streamed else None)

@@ -35,8 +35,9 @@ class _EpochBatchSource:
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-                 shard_count: int, drop_remainder: bool):
+                 shard_count: int, drop_remainder: bool, shuffle: bool = True):
         self._arrays = arrays
+        self._shuffle = shuffle
         self._num_examples = len(next(iter(arrays.values())))
         self._global_batch = batch_size * shard_count
         self._shard_count = shard_count
@@ -55,7 +56,8 @@ class _EpochBatchSource:
         shard, step = divmod(slot, self.steps_per_epoch)
         cached_epoch, order = self._cached
         if epoch != cached_epoch:
-            order = np.random.default_rng([self._seed, epoch]).permutation(self._num_examples)
+            order = (np.random.default_rng([self._seed, epoch]).permutation(self._num_examples)
+                     if self._shuffle else np.arange(self._num_examples))
             self._cached = (epoch, order)
         step_rows = order[step * self._global_batch:(step + 1) * self._global_batch]
         # Equal pieces for full steps; a short last step (drop_remainder=False) splits evenly.
@@ -67,7 +69,7 @@ class _EpochBatchSource:
         shapes = {name: array.shape for name, array in self._arrays.items()}
         return (f"EpochBatchSource(shapes={shapes}, global_batch={self._global_batch}, "
                 f"seed={self._seed}, shard_count={self._shard_count}, "
-                f"drop_remainder={self._drop_remainder})")
+                f"drop_remainder={self._drop_remainder}, shuffle={self._shuffle})")
 
 
 class _EpochKeySampler:
@@ -96,7 +98,8 @@ class _EpochKeySampler:
 
 def make_grain_loader(arrays: dict[str, np.ndarray], *, batch_size: int, seed: int,
                       shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                      worker_count: int = 0, drop_remainder: bool = True) -> grain.DataLoader:
+                      worker_count: int = 0, drop_remainder: bool = True,
+                      shuffle: bool = True) -> grain.DataLoader:
     """A grain DataLoader of this process's batches of `arrays`, reshuffled every epoch.
 
     Args:
@@ -110,6 +113,7 @@ def make_grain_loader(arrays: dict[str, np.ndarray], *, batch_size: int, seed: i
       worker_count: grain worker processes (0 = gather in this process, enough for in-memory data).
       drop_remainder: drop each epoch's last partial global batch; if False it is kept and split
         as evenly as possible over the processes.
+      shuffle: False walks the data in stored order every epoch (the MNIST-1D paper's protocol).
 
     Returns:
       A DataLoader; `iter(loader)` yields dicts of numpy arrays and has `get_state()` (bytes) and
@@ -128,7 +132,7 @@ def make_grain_loader(arrays: dict[str, np.ndarray], *, batch_size: int, seed: i
         raise UserError(f"seed={seed} must be >= 0")
     if num_epochs is not None and num_epochs < 1:
         raise UserError(f"num_epochs={num_epochs} must be None (forever) or at least 1")
-    source = _EpochBatchSource(arrays, batch_size, seed, shard_count, drop_remainder)
+    source = _EpochBatchSource(arrays, batch_size, seed, shard_count, drop_remainder, shuffle)
     if source.steps_per_epoch == 0:
         raise UserError(f"a global batch of {batch_size} x {shard_count} processes exceeds the "
                         f"{next(iter(lengths.values()))} examples")

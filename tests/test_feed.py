@@ -1,0 +1,44 @@
+"""Feeding: the on-device shuffle is a permutation per epoch, indexed by the step alone."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt_lab.core.distributed import data_mesh
+from jaxopt_lab.core.feed import device_sampler
+from jaxopt_lab.data.shuffle import permuted_indices
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 100, 1797, 4000, 4096, 4097])
+def test_permuted_indices_is_a_bijection(n):
+    indices = np.asarray(permuted_indices(jax.random.key(7), jnp.arange(n), n))
+    assert sorted(indices.tolist()) == list(range(n))
+
+
+def test_permutations_differ_by_key_and_look_shuffled():
+    a = np.asarray(permuted_indices(jax.random.key(0), jnp.arange(4000), 4000))
+    b = np.asarray(permuted_indices(jax.random.key(1), jnp.arange(4000), 4000))
+    assert (a != b).mean() > 0.99
+    assert abs(np.corrcoef(a, np.arange(4000))[0, 1]) < 0.05
+    # Random access: any block of positions agrees with the whole permutation.
+    block = np.asarray(permuted_indices(jax.random.key(0), jnp.arange(1200, 1300), 4000))
+    np.testing.assert_array_equal(block, a[1200:1300])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_device_sampler_visits_every_example_once_per_epoch(shuffle):
+    n, batch = 1000, 100
+    data = {"x": jnp.arange(n, dtype=jnp.float32)[:, None], "label": jnp.arange(n)}
+    sample = jax.jit(device_sampler(n, batch, seed=3, mesh=data_mesh(), shuffle=shuffle))
+    epoch0 = np.concatenate([np.asarray(sample(data, s)["label"]) for s in range(10)])
+    epoch1 = np.concatenate([np.asarray(sample(data, s)["label"]) for s in range(10, 20)])
+    assert sorted(epoch0.tolist()) == list(range(n)) == sorted(epoch1.tolist())
+    if shuffle:
+        assert not np.array_equal(epoch0, epoch1)  # reshuffled every epoch
+        assert not np.array_equal(epoch0, np.arange(n))
+    else:
+        np.testing.assert_array_equal(epoch0, np.arange(n))  # stored order, as in the paper
+    np.testing.assert_array_equal(sample(data, 13)["x"][:, 0], sample(data, 13)["label"])
