@@ -9,5 +9,6 @@ from jaxopt_lab.core.config import default_config, model_config
 def get_config():
     config = default_config()
     config.data.name = "mnist1d_shuffled"
+    config.data.shuffle = False  # the paper walks its (already random) data in order
     config.model = model_config("cnn1d")
     return config
