@@ -8,6 +8,7 @@ the batches it would have seen.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import sys
@@ -24,6 +25,15 @@ from jaxopt_lab.errors import UserError
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _check_finite(state) -> None:
+    """Every saved checkpoint held finite values (the loop checks before saving), so NaN/inf
+    after loading means the bytes were damaged."""
+    for leaf in jax.tree.leaves(state):
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not bool(
+                jax.numpy.isfinite(leaf).all()):
+            raise ValueError("restored values are not finite")
 
 
 def _leaf_signature(tree) -> collections.Counter:
@@ -81,7 +91,9 @@ class Checkpointer:
                 raise UserError(f"checkpoint at step {candidate} in {self.directory} does not fit "
                                 "this config (model or optimizer changed?); use a new --workdir")
             try:
-                return self._restore_step(target_state, candidate, data_iterator), candidate
+                restored = self._restore_step(target_state, candidate, data_iterator)
+                _check_finite(restored)
+                return restored, candidate
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
@@ -104,6 +116,8 @@ class Checkpointer:
             self._manager.restore(
                 step, args=ocp.args.Composite(data=grain.PyGrainCheckpointRestore(data_iterator)))
         except (ValueError, KeyError) as e:
+            if isinstance(e, json.JSONDecodeError):
+                raise  # a damaged file, not a changed config: the caller sets it aside
             raise UserError(f"the data-iterator position saved at step {step} does not fit this "
                             f"config ({_first_line(e)}); keep data.* as it was") from None
         return state
@@ -114,8 +128,10 @@ class Checkpointer:
               f"moved to {corrupt_dir}, trying the one before", file=sys.stderr)
         if jax.process_index() == 0:
             os.makedirs(corrupt_dir, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)),
-                        os.path.join(corrupt_dir, str(step)))
+            target, copy = os.path.join(corrupt_dir, str(step)), 1
+            while os.path.exists(target):  # the same step may go bad more than once
+                target, copy = os.path.join(corrupt_dir, f"{step}.{copy}"), copy + 1
+            shutil.move(os.path.join(self.directory, str(step)), target)
         multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
         self._manager.reload()
 

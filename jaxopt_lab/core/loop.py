@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             bar.set_postfix(postfix)
             if at["ckpt"] or stop or step == total:
                 checkpointer.save(step, state, streamed.iterator if streamed else None)
-            if stop:
+            if stop and step < total:
                 checkpointer.wait()
                 raise Preempted(f"SIGTERM: checkpoint saved at step {step} in "
                                 f"{checkpointer.directory}; rerun the same command to resume")

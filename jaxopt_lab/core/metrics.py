@@ -15,13 +15,20 @@ def _plain(value: Any) -> Any:
     return array.item() if array.ndim == 0 else array.tolist()
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None  # a line cut short by a crash or a full disk
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of a run's metrics.jsonl, in order."""
+    """All complete records of a run's metrics.jsonl, in order."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [r for r in map(_parse, f) if r is not None]
 
 
 class MetricsWriter:
