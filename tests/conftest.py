@@ -11,6 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+# One persistent XLA compilation cache for the whole suite, in-process and in the subprocesses the
+# tests start (they inherit the environment): most tests compile the same tiny steps, and on two
+# CPU cores compiling, not training, is what the suite spends its time on.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _data_dir(tmp_path_factory):
