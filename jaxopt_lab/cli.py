@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 
 from jaxopt_lab.errors import UserError
 
@@ -42,8 +44,12 @@ def _train(args, overrides: list[str]) -> int:
     except Preempted as e:
         print(e, file=sys.stderr)
         return 143
-    print(json.dumps(summary, indent=2))
-    print(f"run directory: {args.workdir} (summary.json, metrics.jsonl, tensorboard/, checkpoints/)")
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
+        print(f"run directory: {args.workdir} "
+              "(summary.json, metrics.jsonl, tensorboard/, checkpoints/)")
     return 0
 
 
@@ -64,7 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args.num_processes, rest, args.devices_per_process)
     except UserError as e:
         print(f"jaxopt-lab: error: {e}", file=sys.stderr)
-        return 2
+        return _exit_now_if_distributed(2)
+    except Exception:  # noqa: BLE001 - a bug: show it, then exit without hanging peers
+        traceback.print_exc()
+        return _exit_now_if_distributed(1)
+
+
+def _exit_now_if_distributed(code: int) -> int:
+    """A process that joined a multi-process run must not wait at exit for peers it failed:
+    JAX's shutdown barrier would hold it (and them) until a timeout."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

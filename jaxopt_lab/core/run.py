@@ -12,7 +12,7 @@ from jaxopt_lab.core.builder import Experiment, build_experiment
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.config import validate
 from jaxopt_lab.core.distributed import data_mesh
-from jaxopt_lab.core.state import TrainState, init_sharded_state
+from jaxopt_lab.core.state import TrainState, abstract_sharded_state
 from jaxopt_lab.data.sources import Dataset, load_dataset
 from jaxopt_lab.errors import UserError
 
@@ -38,10 +38,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
                            synthetic_shape=tuple(config.data.synthetic_shape),
                            synthetic_size=config.data.synthetic_size, seed=config.seed)
     experiment = build_experiment(config, dataset)
-    fresh = init_sharded_state(experiment, dataset.input_shape, data_mesh(), config.seed)
+    target = abstract_sharded_state(experiment, dataset.input_shape, data_mesh())
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     try:
-        restored = checkpointer.restore(fresh, step)
+        restored = checkpointer.restore(target, step)
     finally:
         checkpointer.close()
     if restored is None:

@@ -51,9 +51,7 @@ def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformat
     )
 
 
-def init_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh, seed: int) -> TrainState:
-    """Builds the state directly with its shardings (shapes first, then a jitted init):
-    everything replicated, comm_state split over the "data" axis."""
+def _init_and_shardings(experiment, input_shape: tuple[int, ...], mesh: Mesh, seed: int):
     sample_x = jnp.zeros((1, *input_shape), jnp.float32)
 
     def init():
@@ -64,4 +62,18 @@ def init_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh, see
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     shardings = shardings.replace(comm_state=jax.tree.map(
         lambda _: NamedSharding(mesh, P(mesh.axis_names[0])), abstract.comm_state))
+    return init, abstract, shardings
+
+
+def init_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh, seed: int) -> TrainState:
+    """Builds the state directly with its shardings (shapes first, then a jitted init):
+    everything replicated, comm_state split over the "data" axis."""
+    init, _, shardings = _init_and_shardings(experiment, input_shape, mesh, seed)
     return jax.jit(init, out_shardings=shardings)()
+
+
+def abstract_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+    """The state's shapes, dtypes and shardings without computing it: a restore target."""
+    _, abstract, shardings = _init_and_shardings(experiment, input_shape, mesh, seed=0)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
