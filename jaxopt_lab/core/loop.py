@@ -14,9 +14,12 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxopt_lab.core.builder import build_experiment
@@ -24,12 +27,15 @@ from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
 from jaxopt_lab.core.evaluate import make_evaluator
 from jaxopt_lab.core.feed import (
+    NO_STEP,
     StreamedFeed,
     device_sampler,
+    make_logged_train_fn,
     make_train_fn,
     pick_steps_per_call,
     replicate,
     shard_batch,
+    zero_totals,
 )
 from jaxopt_lab.core.metrics import MetricsWriter
 from jaxopt_lab.core.state import init_sharded_state
@@ -56,24 +62,10 @@ def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
     return max(k for k in range(1, 51) if interval % k == 0)
 
 
-def _first_nonfinite(history: list[tuple[int, dict]]) -> tuple[int, str] | None:
-    for first_step, metrics in history:
-        for key in ("loss", "param_norm"):
-            bad = np.flatnonzero(~np.isfinite(metrics[key]))
-            if bad.size:
-                return first_step + int(bad[0]) + 1, key
-    return None
-
-
 def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
-def _mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
-    keys = history[0][1].keys()
-    return {k: float(np.mean(np.concatenate([m[k] for _, m in history]))) for k in keys}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -121,23 +113,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricsWriter(workdir, enabled=is_chief)
     writer.truncate_after(int(state.step))
 
-    steps_per_call = config.train.steps_per_call
-    if steps_per_call == 0:
-        first = {n: v[:config.data.batch_size] for n, v in dataset.train.items()}
+    # The streamed feed's shape, for measuring and tracing: the first batch, stacked per step.
+    first = {n: v[:config.data.batch_size] for n, v in dataset.train.items()}
 
-        def measurement_source(k):  # streamed: the first batch repeated, so no data is consumed
-            return source if sample else shard_batch(
-                {n: np.stack([v] * k) for n, v in first.items()}, mesh, leading_axes=1)
+    def fixed_source(k):
+        return source if sample else shard_batch(
+            {n: np.stack([v] * k) for n, v in first.items()}, mesh, leading_axes=1)
 
-        steps_per_call = pick_steps_per_call(
-            lambda k: make_train_fn(train_step, k, sample), state, measurement_source,
-            candidates=(1, _auto_steps_per_call(config.train)))
+    steps_per_call = config.train.steps_per_call or pick_steps_per_call(
+        lambda k: make_train_fn(train_step, k, sample), state, fixed_source,
+        candidates=(1, _auto_steps_per_call(config.train)))
     train_fns = {}
 
-    def run(state, k):
+    def run(state, totals, k):
         if k not in train_fns:
-            train_fns[k] = make_train_fn(train_step, k, sample)
-        return train_fns[k](state, source if sample else streamed.next(k))
+            train_fns[k] = make_logged_train_fn(train_step, k, sample)
+        return train_fns[k](state, source if sample else streamed.next(k), totals)
+
+    # Placed like the step's outputs, so the second call does not trace again.
+    zeros = jax.device_put(zero_totals(train_step, state, fixed_source(1), sample),
+                           NamedSharding(mesh, P()))
+
+    def fresh_totals():  # the train function donates its totals: each window gets new buffers
+        return jax.tree.map(jnp.copy, zeros)
 
     evaluate = make_evaluator(experiment.model, dataset.test, config.train.eval_batch_size, mesh)
     stop_requested = []
@@ -146,15 +144,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = int(state.step)
     start_step, start_time = step, time.perf_counter()
     last_eval: dict[str, float] = {}
-    history: list[tuple[int, dict]] = []
+    totals = fresh_totals()
     window_start = (step, time.perf_counter())
     bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
                desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
     try:
         while step < total:
             k = steps_per_call if total - step >= steps_per_call else 1
-            state, metrics = run(state, k)
-            history.append((step, metrics))
+            state, totals = run(state, totals, k)
             step += k
             bar.update(k)
             at = {name: step % every < k or step == total for name, every in (
@@ -163,17 +160,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if not any(at.values()):
                 continue
             stop = _any_process(bool(stop_requested))  # every process stops at the same step
-            history = [(s, jax.device_get(m)) for s, m in history]
-            bad = _first_nonfinite(history)
-            if bad is not None:
+            window, totals = jax.device_get(totals), fresh_totals()
+            if window["first_nonfinite"] != NO_STEP:
                 last = checkpointer.latest_step()
                 where = f"step {last} in {checkpointer.directory}" if last is not None else "none"
-                raise TrainingDiverged(f"{bad[1]} became non-finite at step {bad[0]}; "
-                                       f"stopped. Last good checkpoint: {where}")
-            record = _mean_metrics(history)
+                raise TrainingDiverged(f"loss or parameters became non-finite at step "
+                                       f"{window['first_nonfinite']}; stopped. "
+                                       f"Last good checkpoint: {where}")
+            record = {k: float(v) / int(window["count"]) for k, v in window["sums"].items()}
             now = time.perf_counter()
             record["steps_per_s"] = (step - window_start[0]) / (now - window_start[1])
-            window_start, history = (step, now), []
+            window_start = (step, now)
             if at["eval"]:
                 last_eval = evaluate(state)
                 record.update(last_eval)
