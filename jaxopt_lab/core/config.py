@@ -205,9 +205,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_dataset_name(config.data.name)
     except UserError as e:
         raise UserError(f"data.name: {e}") from None
-    if config.model.name not in MODELS:
+    if "name" not in config.model or config.model.name not in MODELS:
         raise UserError(
-            f"unknown model.name {config.model.name!r}; allowed: {', '.join(sorted(MODELS))}"
+            f"unknown model.name {config.model.get('name')!r}; "
+            f"allowed: {', '.join(sorted(MODELS))}"
         )
     allowed_hparams = model_hparams(config.model.name)
     for key in config.model:

@@ -120,9 +120,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return source if sample else shard_batch(
             {n: np.stack([v] * k) for n, v in first.items()}, mesh, leading_axes=1)
 
-    steps_per_call = config.train.steps_per_call or pick_steps_per_call(
+    finished = int(state.step) >= config.train.steps  # a rerun of a finished run measures nothing
+    steps_per_call = config.train.steps_per_call or (1 if finished else pick_steps_per_call(
         lambda k: make_train_fn(train_step, k, sample), state, fixed_source,
-        candidates=(1, _auto_steps_per_call(config.train)))
+        candidates=(1, _auto_steps_per_call(config.train))))
     train_fns = {}
 
     def run(state, totals, k):
