@@ -25,19 +25,20 @@ from jaxopt_lab.core.step import DATA_AXIS
 from jaxopt_lab.data.shuffle import permuted_indices
 
 
-def replicate(arrays: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Puts host arrays (identical on every process) on every device of the mesh."""
-    sharding = NamedSharding(mesh, P())
+def _put_global(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    # Each process holds the same global arrays and supplies its devices' slices of them.
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
             for k, v in arrays.items()}
+
+
+def replicate(arrays: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Puts host arrays (identical on every process) on every device of the mesh."""
+    return _put_global(arrays, NamedSharding(mesh, P()))
 
 
 def shard_batch(arrays: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0) -> dict:
     """Splits a global host batch (identical on every process) over the mesh's data axis."""
-    spec = P(*([None] * leading_axes), DATA_AXIS)
-    sharding = NamedSharding(mesh, spec)
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-            for k, v in arrays.items()}
+    return _put_global(arrays, NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS)))
 
 
 def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh,

@@ -67,11 +67,3 @@ def build_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.Gradi
         parts.append(optax.contrib.reduce_on_plateau(
             factor=optim.plateau_factor, patience=optim.plateau_patience))
     return optax.with_extra_args_support(optax.chain(*parts))
-
-
-def injected_hyperparams(opt_state) -> dict:
-    """The injected hyperparameters (learning_rate, weight_decay) inside an optimizer state."""
-    found = optax.tree_utils.tree_get(opt_state, "hyperparams")
-    if found is None:
-        raise UserError("optimizer state holds no injected hyperparameters")
-    return found

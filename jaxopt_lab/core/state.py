@@ -21,11 +21,6 @@ class TrainState:
     comm_state: Any  # gradient-communication state, leading axis = data-parallel devices
     rng: jax.Array  # uint32 key data (raw, so checkpoints need no typed-key support)
 
-    @property
-    def key(self) -> jax.Array:
-        """The state's PRNG key as a typed key."""
-        return jax.random.wrap_key_data(self.rng)
-
 
 def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformation,
                        comm_init, num_data_devices: int, seed: int) -> TrainState:
