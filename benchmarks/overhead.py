@@ -6,6 +6,8 @@ two so machine noise hits both. Also K=1 against K=50 scanned steps per call.
     .venv/bin/python benchmarks/overhead.py [--steps 3000] [--repeats 3] [--models cnn1d mlp]
 
 Writes the table into benchmarks/RESULTS.md (replacing its "overhead" section), machine named.
+With --breakdown, instead adds the framework's parts one at a time to the hand-written step and
+writes the "overhead-breakdown" section: where the framework's time goes.
 """
 
 from __future__ import annotations
@@ -21,58 +23,120 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
+from jaxopt_lab.core.builder import build_experiment
 from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab.core.distributed import data_mesh
+from jaxopt_lab.core.feed import device_sampler, make_logged_train_fn, replicate, zero_totals
 from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
+from jaxopt_lab.core.state import init_sharded_state
+from jaxopt_lab.core.step import DATA_AXIS, make_train_step
 from jaxopt_lab.data.shuffle import permuted_indices
 from jaxopt_lab.data.sources import load_dataset
 from jaxopt_lab.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 
 
-def handwritten_steps_per_s(model_name: str, steps: int, seed: int = 0) -> float:
+# Untimed calls first: the first compiles, and the second compiles again where the outputs' placement
+# differs from the inputs' (a shard_map's NamedSharding outputs fed back in, say).
+WARMUP_CALLS = 3
+# Framework features the breakdown adds one at a time onto the hand-written step (cumulative).
+LADDER = (
+    ("hand-written jit step", ()),
+    ("+ injected lr (optax.inject_hyperparams)", ("inject",)),
+    ("+ loss and grads inside shard_map (1-device mesh, pmean)", ("inject", "shard_map")),
+    ("+ accuracy and grad-norm metrics", ("inject", "shard_map", "metrics")),
+)
+
+
+def handwritten_steps_per_s(model_name: str, steps: int, features: tuple[str, ...] = (),
+                            seed: int = 0) -> float:
     """The baseline: what a user would write by hand with jax, flax and optax.
 
     It draws its batches with the same on-device shuffle as the framework, so the two differ
-    only in the training loop around the model.
+    only in the training loop around the model. `features` adds framework parts one by one
+    (see LADDER), to find where the framework's time goes.
     """
     data = load_dataset("mnist1d")
     model = build_model(model_name, data.num_classes)
     x = jnp.asarray(data.train["x"])
     y = jnp.asarray(data.train["label"])
     params = model.init(jax.random.key(seed), x[:1])["params"]
-    tx = optax.adam(1e-2)
+    tx = (optax.inject_hyperparams(optax.adam)(learning_rate=1e-2) if "inject" in features
+          else optax.adam(1e-2))
     opt_state = tx.init(params)
     n, batch = len(y), 100
     per_epoch = n // batch
+
+    def local_loss_and_grads(params, xb, yb):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, xb)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, logits, grads
+
+    loss_and_grads = local_loss_and_grads
+    if "shard_map" in features:
+        def per_device(params, xb, yb):
+            loss, logits, grads = local_loss_and_grads(params, xb, yb)
+            return jax.lax.pmean(loss, DATA_AXIS), logits, jax.lax.pmean(grads, DATA_AXIS)
+
+        loss_and_grads = jax.shard_map(
+            per_device, mesh=jax.make_mesh((1,), (DATA_AXIS,)),
+            in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P(DATA_AXIS), P()),
+            check_vma=False)
 
     @jax.jit
     def step(params, opt_state, i):
         epoch_key = jax.random.fold_in(jax.random.key(seed), i // per_epoch)
         idx = permuted_indices(epoch_key, (i % per_epoch) * batch + jnp.arange(batch), n)
-
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x[idx])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        loss, logits, grads = loss_and_grads(params, x[idx], y[idx])
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        metrics = {"loss": loss}
+        if "metrics" in features:
+            metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y[idx])
+            metrics["grad_norm"] = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, metrics
 
-    params, opt_state, loss = step(params, opt_state, 0)  # compile
-    jax.block_until_ready(loss)
+    for i in range(WARMUP_CALLS):
+        params, opt_state, metrics = step(params, opt_state, i)
+    jax.block_until_ready(metrics)
     start = time.perf_counter()
     for i in range(1, steps + 1):
-        params, opt_state, loss = step(params, opt_state, i)
-    jax.block_until_ready(loss)
+        params, opt_state, metrics = step(params, opt_state, i)
+    jax.block_until_ready(metrics)
     return steps / (time.perf_counter() - start)
 
 
-def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> float:
-    """Steady-state rate of `train_and_evaluate`: log windows after the first (which compiles)."""
+def framework_call_steps_per_s(model_name: str, steps: int) -> float:
+    """The framework's compiled call (step, sampler, on-device metric totals) at K=1, driven by a
+    bare Python loop: the loop's own host work (logging, progress bar, boundaries) left out."""
+    config = _config(model_name, steps, steps_per_call=1)
+    dataset = load_dataset("mnist1d")
+    mesh = data_mesh()
+    experiment = build_experiment(config, dataset)
+    train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh)
+    state = init_sharded_state(experiment, dataset.input_shape, mesh, config.seed)
+    source = replicate(dataset.train, mesh)
+    sample = device_sampler(len(dataset.train["label"]), config.data.batch_size, config.seed,
+                            mesh, shuffle=True)
+    fn = make_logged_train_fn(train_step, 1, sample)
+    totals = zero_totals(train_step, state, source, sample)
+    for _ in range(WARMUP_CALLS):
+        state, totals = fn(state, source, totals)
+    jax.block_until_ready(totals)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, totals = fn(state, source, totals)
+    jax.block_until_ready(totals)
+    return steps / (time.perf_counter() - start)
+
+
+def _config(model_name: str, steps: int, steps_per_call: int):
     config = default_config()
     config.model = model_config(model_name)
     config.train.steps = steps
@@ -82,6 +146,12 @@ def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> f
     config.train.steps_per_call = steps_per_call
     config.train.progress = False
     validate(config)
+    return config
+
+
+def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> float:
+    """Steady-state rate of `train_and_evaluate`: log windows after the first (which compiles)."""
+    config = _config(model_name, steps, steps_per_call)
     with tempfile.TemporaryDirectory() as workdir:
         train_and_evaluate(config, workdir)
         windows = read_metrics(workdir)[1:]
@@ -98,52 +168,90 @@ def machine_name() -> str:
             f"{os.cpu_count()} cores, jax {jax.__version__}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["cnn1d", "mlp"])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    args = parser.parse_args()
+def breakdown_table(models: list[str], steps: int, repeats: int) -> list[str]:
+    """Each LADDER rung, then the framework's compiled call and its full loop, against the
+    hand-written step: where the framework's time goes."""
+    names = [name for name, _ in LADDER] + [
+        "framework's compiled call (make_train_step + sampler + totals), bare Python loop",
+        "framework loop (train_and_evaluate, K=1)"]
+    lines = [("| model | " + " | ".join(names) + " |"), "|---|" + "---|" * len(names)]
+    for model in models:
+        rates = [[] for _ in names]
+        for _ in range(repeats):  # interleaved, so drift hits every variant alike
+            for i, (_, features) in enumerate(LADDER):
+                rates[i].append(handwritten_steps_per_s(model, steps, features))
+            rates[-2].append(framework_call_steps_per_s(model, steps))
+            rates[-1].append(framework_steps_per_s(model, steps, 1))
+            print(model, [f"{r[-1]:.0f}" for r in rates], flush=True)
+        ratios = [statistics.median(r / h for r, h in zip(rung, rates[0])) for rung in rates]
+        lines.append(f"| {model} | {statistics.median(rates[0]):.0f} steps/s | "
+                     + " | ".join(f"{x:.3f}" for x in ratios[1:]) + " |")
+    return lines
 
+
+def overhead_table(models: list[str], steps: int, repeats: int) -> list[str]:
     rows = []
-    for model in args.models:
+    for model in models:
         rates = {"hand": [], "k1": [], "k50": []}
-        for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-            rates["hand"].append(handwritten_steps_per_s(model, args.steps))
-            rates["k1"].append(framework_steps_per_s(model, args.steps, 1))
-            rates["k50"].append(framework_steps_per_s(model, args.steps, 50))
+        for _ in range(repeats):  # interleaved, so drift hits every variant alike
+            rates["hand"].append(handwritten_steps_per_s(model, steps))
+            rates["k1"].append(framework_steps_per_s(model, steps, 1))
+            rates["k50"].append(framework_steps_per_s(model, steps, 50))
             print(model, {k: f"{v[-1]:.0f}" for k, v in rates.items()}, flush=True)
         ratios = [f / h for f, h in zip(rates["k1"], rates["hand"])]
         scan = [s / f for s, f in zip(rates["k50"], rates["k1"])]
         rows.append((model, statistics.median(rates["hand"]), statistics.median(rates["k1"]),
                      statistics.median(ratios), statistics.median(rates["k50"]),
                      statistics.median(scan)))
-
-    table = [
-        BEGIN,
-        "## Overhead: framework loop vs hand-written jit loop",
-        "",
-        f"`benchmarks/overhead.py --steps {args.steps} --repeats {args.repeats}` on {machine_name()}.",
-        "MNIST-1D, batch 100, Adam 1e-2, data on device; medians over interleaved repeats.",
-        "Framework rate = steady-state log windows (compile excluded); ratio = framework / hand-written",
-        "(1.00 = no overhead; goal ≥ 0.97).",
-        "",
+    return [
         ("| model | hand-written steps/s | framework K=1 steps/s | ratio K=1 / hand | "
-        "framework K=50 steps/s | K=50 / K=1 |"),
+         "framework K=50 steps/s | K=50 / K=1 |"),
         "|---|---|---|---|---|---|",
         *[f"| {m} | {h:.0f} | {f:.0f} | {r:.3f} | {s:.0f} | {x:.2f}× |"
           for m, h, f, r, s, x in rows],
-        END,
     ]
-    path = Path(args.out)
+
+
+def write_section(path: Path, tag: str, lines: list[str]) -> None:
+    """Replaces the `tag` section of `path` (between its begin/end markers), or appends it."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    block = "\n".join([begin, *lines, end])
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + "\n".join(table) + text[text.index(END) + len(END):]
+    if begin in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(table) + "\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
-    print("\n".join(table))
+    print(block)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["cnn1d", "mlp"])
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: add the framework's parts one at a time to the "
+                             "hand-written step (section 'overhead-breakdown')")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+
+    command = (f"`benchmarks/overhead.py{' --breakdown' if args.breakdown else ''} "
+               f"--steps {args.steps} --repeats {args.repeats}` on {machine_name()}.")
+    common = "MNIST-1D, batch 100, Adam 1e-2, data on device; medians over interleaved repeats."
+    if args.breakdown:
+        write_section(Path(args.out), "overhead-breakdown", [
+            "## Overhead breakdown: the framework's parts added one at a time", "",
+            command, common,
+            ("Each column is a steps/s ratio against the hand-written step of the first column "
+            "(1.00 = no cost); the ladder columns are cumulative."), "",
+            *breakdown_table(args.models, args.steps, args.repeats)])
+        return
+    write_section(Path(args.out), "overhead", [
+        "## Overhead: framework loop vs hand-written jit loop", "", command, common,
+        ("Framework rate = steady-state log windows (compile excluded); ratio = framework / "
+        "hand-written (1.00 = no overhead; goal ≥ 0.97)."), "",
+        *overhead_table(args.models, args.steps, args.repeats)])
 
 
 if __name__ == "__main__":

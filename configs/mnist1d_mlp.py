@@ -11,4 +11,5 @@ def get_config():
     config.data.name = "mnist1d"
     config.data.shuffle = False  # the paper walks its (already random) data in order
     config.model = model_config("mlp")
+    config.model.residual = True  # the paper's MLPBase: h + relu(W2 h) around the second layer
     return config

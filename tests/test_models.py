@@ -224,8 +224,23 @@ def test_build_model_converts_config_lists_to_tuples():
     assert build_model("mlp", NUM_CLASSES, hidden=[64, 32]).hidden == (64, 32)
 
 
+def test_residual_mlp_adds_the_skip_around_equal_width_layers():
+    """The paper's MLPBase: h = relu(W1 x); h = h + relu(W2 h); logits = W3 h."""
+    x = _input("mlp")
+    params = build_model("mlp", NUM_CLASSES).init(jax.random.key(0), x)["params"]
+    dense = [params[f"Dense_{i}"] for i in range(3)]
+    h = jax.nn.relu(x.reshape(len(x), -1) @ dense[0]["kernel"] + dense[0]["bias"])
+    h = h + jax.nn.relu(h @ dense[1]["kernel"] + dense[1]["bias"])
+    expected = h @ dense[2]["kernel"] + dense[2]["bias"]
+
+    residual = build_model("mlp", NUM_CLASSES, residual=True).apply({"params": params}, x)
+    plain = build_model("mlp", NUM_CLASSES).apply({"params": params}, x)
+    assert jnp.allclose(residual, expected, atol=1e-5)
+    assert not jnp.allclose(plain, expected, atol=1e-3)
+
+
 def test_model_hparams_lists_only_tunable_fields():
-    assert model_hparams("mlp") == {"hidden": (100, 100)}
+    assert model_hparams("mlp") == {"hidden": (100, 100), "residual": False}
     assert model_hparams("logreg") == {}
     assert model_hparams("resnet") == {"depth": 20, "width": 16}
     for name in MODELS:
@@ -245,7 +260,7 @@ def test_model_hparams_lists_only_tunable_fields():
         (
             "mlp",
             {"width": 3},
-            "model.width is not a hyperparameter of model 'mlp'; allowed: hidden",
+            "model.width is not a hyperparameter of model 'mlp'; allowed: hidden, residual",
         ),
         ("logreg", {"hidden": (3,)}, "allowed: none"),
         ("mlp", {"hidden": "100"}, r"model.hidden='100' has the wrong type"),
