@@ -1,5 +1,6 @@
-"""Reliability of the `train` command: kill -9 and SIGTERM resume exactly, a NaN/inf loss stops the
-run cleanly, a corrupt newest checkpoint is set aside and the one before is used.
+"""Reliability of the `train` command: kill -9 and SIGTERM resume exactly (SIGTERM also on two
+processes under `launch`), a NaN/inf loss stops the run cleanly, a corrupt newest checkpoint is
+set aside and the one before is used.
 
 Every run is a real `python -m jaxopt_lab.cli train` subprocess on the MNIST-1D MLP. Data order and
 the step's random key are pure functions of (seed, step), so an interrupted-and-resumed run must end
@@ -36,6 +37,7 @@ LONG_STEPS, LONG_LOG, LONG_CKPT = 600, 10, 150
 LAST_THREE = [LONG_STEPS - 2 * LONG_CKPT, LONG_STEPS - LONG_CKPT, LONG_STEPS]
 LONG = [*QUIET, f"--config.train.steps={LONG_STEPS}", f"--config.train.log_every={LONG_LOG}",
         f"--config.train.eval_every={LONG_STEPS}", f"--config.train.checkpoint_every={LONG_CKPT}"]
+TWO_PROCESSES = ("launch", "-n", "2", "--")
 STARTUP_DEADLINE_S = 120  # import + data + compile on a loaded 2-core machine
 RUN_TIMEOUT_S = 180
 
@@ -43,14 +45,14 @@ RUN_TIMEOUT_S = 180
 class _Run:
     """One `train` command running in the background; stdout and stderr go to files."""
 
-    def __init__(self, env: dict, workdir: Path, *overrides: str):
+    def __init__(self, env: dict, workdir: Path, *overrides: str, launch: tuple[str, ...] = ()):
         self.workdir = workdir
         workdir.parent.mkdir(parents=True, exist_ok=True)
         self._out, self._err = (workdir.parent / f"{workdir.name}.{s}" for s in ("out", "err"))
         env = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
         with open(self._out, "w") as out, open(self._err, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jaxopt_lab.cli", "train", "--config", CONFIG,
+                [sys.executable, "-m", "jaxopt_lab.cli", *launch, "train", "--config", CONFIG,
                  "--workdir", str(workdir), *overrides], cwd=ROOT, env=env, stdout=out, stderr=err)
 
     @property
@@ -75,9 +77,10 @@ class _Run:
         return self.workdir
 
 
-def _train(env: dict, workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_cli("train", "--config", CONFIG, "--workdir", str(workdir), *overrides, env=env,
-                   timeout=RUN_TIMEOUT_S)
+def _train(env: dict, workdir: Path, *overrides: str,
+           launch: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return run_cli(*launch, "train", "--config", CONFIG, "--workdir", str(workdir), *overrides,
+                   env=env, timeout=RUN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +213,47 @@ def test_sigterm_saves_at_the_current_step_exits_143_and_resumes(tmp_path, env, 
     assert result.returncode == 0, result.stderr
     assert _summary(workdir)["resumed_from"] == saved
     _assert_same_run(workdir, _reference(reference_run))
+
+
+@pytest.fixture
+def reference_run_two_processes(tmp_path_factory, env):
+    """The long command uninterrupted on two processes, in the background. It is compared with
+    its interrupted twin, not with the one-process run: the two part by float rounding at first
+    (~1e-7), and over 600 steps that grows to percents."""
+    run = _Run(env, tmp_path_factory.mktemp("reference2") / "run", *LONG, launch=TWO_PROCESSES)
+    yield run
+    run.stop()
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_and_resumes(
+        tmp_path, env, reference_run_two_processes):
+    """The launcher forwards SIGTERM; the two processes agree (an allgather at a log boundary) on
+    the step to stop at, save it together and exit 143; the same command then resumes."""
+    workdir, launch = tmp_path / "run", TWO_PROCESSES
+    run = _Run(env, workdir, *LONG, launch=launch)
+    try:
+        _wait_for(lambda: _checkpoint_steps(workdir), run, "a first checkpoint")
+        os.kill(run.proc.pid, signal.SIGTERM)
+        returncode = run.wait(timeout=90)
+    finally:
+        run.stop()
+    stderr = run.stderr
+    assert returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    saved = {int(s) for s in re.findall(r"SIGTERM: checkpoint saved at step (\d+)", stderr)}
+    assert len(re.findall("SIGTERM: checkpoint saved", stderr)) == 2, stderr[-3000:]
+    assert len(saved) == 1, f"the processes stopped at different steps: {saved}"
+    (saved,) = saved
+    assert saved < LONG_STEPS and saved % LONG_LOG == 0
+    assert (workdir / "checkpoints" / str(saved) / "commit_success.txt").exists()
+
+    result = _train(env, workdir, *LONG, launch=launch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _summary(workdir)["resumed_from"] == saved
+    assert _summary(workdir)["processes"] == 2
+    reference = reference_run_two_processes.finish()
+    assert _summary(reference)["resumed_from"] is None
+    _assert_same_run(workdir, reference)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, env):
