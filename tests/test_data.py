@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxopt_lab.data import augment
-from jaxopt_lab.data.pipeline import make_grain_loader, prefetch_to_device
+from jaxopt_lab.data.pipeline import make_grain_loader
 from jaxopt_lab.data.sources import (
     DATASET_NAMES,
     check_dataset_name,
@@ -197,21 +197,6 @@ def test_finite_epochs_and_the_remainder(arrays):
 def test_bad_loader_arguments(arrays, kwargs):
     with pytest.raises(UserError):
         make_grain_loader(arrays, **{"seed": 0, **kwargs})
-
-
-def test_prefetch_to_device_checkpoints_what_it_handed_out(arrays):
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    loader = make_grain_loader(arrays, batch_size=8, seed=0)
-    expected = labels(iter(loader), 8)
-    prefetched = prefetch_to_device(iter(loader), sharding, size=3)
-    got = labels(prefetched, 3)
-    assert isinstance(next(iter(prefetch_to_device(iter(loader), sharding)))["x"], jax.Array)
-    np.testing.assert_array_equal(np.stack(got), np.stack(expected[:3]))
-    state = prefetched.get_state()
-    assert prefetched.iterator.get_state() != state  # grain underneath is already batches ahead
-    resumed = prefetch_to_device(iter(loader), sharding)
-    resumed.set_state(state)
-    np.testing.assert_array_equal(np.stack(labels(resumed, 5)), np.stack(expected[3:]))
 
 
 # ------------------------------------------------------------------------------------ augmentation

@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.on_device = True  # small data sets live on the device; False streams through grain
     c.data.shuffle = True  # reshuffle every epoch; False walks the data in stored order
     c.data.workers = 0  # grain worker processes (0 = in the main process)
+    c.data.prefetch = 2  # streamed: calls' worth of batches put on the devices ahead (0 = none)
     c.data.synthetic_shape = (40,)
     c.data.synthetic_size = 4096
     c.data.augment = ml_collections.ConfigDict()
@@ -226,6 +227,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size")
     if config.train.steps_per_call < 0:
         raise UserError("train.steps_per_call must be >= 0 (0 picks it by measurement)")
+    for name in ("data.workers", "data.prefetch"):
+        section, key = name.split(".")
+        if config[section][key] < 0:
+            raise UserError(f"{name} must be >= 0, got {config[section][key]}")
     if config.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0, got {config.optim.lr}")
 

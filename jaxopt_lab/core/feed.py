@@ -4,13 +4,15 @@ Two feeds share one shape, `train_fn(state, source) -> (state, metrics[K])`:
 - on device: the data set lives on the devices and each step gathers its batch from a seeded
   per-epoch permutation, indexed by `state.step` — no host round trip, and the data position is
   part of the state, so a resumed run sees the same batches;
-- streamed: `source` is K host batches stacked on a leading axis (from the grain pipeline).
+- streamed: `source` is K batches stacked on a leading axis, from the grain pipeline, put on the
+  devices a few calls ahead (`StreamedFeed`).
 K > 1 runs the steps in `lax.scan`; whether that is faster depends on backend and model, so
 `pick_steps_per_call` measures it.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 
@@ -149,18 +151,47 @@ def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Cal
 
 
 class StreamedFeed:
-    """K host batches per call from a grain iterator, assembled into one global array.
+    """K host batches per call from a grain iterator, stacked into one global array and put on the
+    devices `prefetch` calls ahead, so the copies overlap the steps that run meanwhile.
 
-    Batches are pulled synchronously (grain's workers prefetch), so the iterator state read after
-    a pull is exactly the position to checkpoint.
+    `get_state()` is the grain position after the last call handed out, not after the last one
+    prefetched: what a checkpoint must hold for a resumed run to see exactly the batches this one
+    had not used. With `get_state`/`set_state`/`start_prefetch` the feed is what grain's orbax
+    handler saves and restores.
     """
 
-    def __init__(self, loader, mesh: Mesh):
+    def __init__(self, loader, mesh: Mesh, prefetch: int = 2):
         self.iterator = iter(loader)
         self._sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+        self._prefetch = prefetch
+        self._queue: collections.deque = collections.deque()  # (k, device batch, state after)
+        self._state = self.iterator.get_state()
 
     def next(self, k: int) -> dict[str, jax.Array]:
+        if self._queue and self._queue[0][0] != k:  # the call size changed (a run's last steps)
+            self.set_state(self._state)
+        while len(self._queue) <= self._prefetch:
+            self._queue.append((k, self._pull(k), self.iterator.get_state()))
+        _, batch, self._state = self._queue.popleft()
+        return batch
+
+    def _pull(self, k: int) -> dict[str, jax.Array]:
         local = [next(self.iterator) for _ in range(k)]
         stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
+        # Asynchronous: returns once the copy is queued.
         return {key: jax.make_array_from_process_local_data(self._sharding, value)
                 for key, value in stacked.items()}
+
+    def get_state(self) -> bytes:
+        return self._state
+
+    def set_state(self, state: bytes) -> None:
+        self._queue.clear()
+        self.iterator.set_state(state)
+        self._state = state
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; the host side starts on demand."""
+        start = getattr(self.iterator, "start_prefetch", None)
+        if start is not None:
+            start()

@@ -103,10 +103,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         streamed = StreamedFeed(make_grain_loader(
             dataset.train, batch_size=config.data.batch_size // jax.process_count(),
             seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-            worker_count=config.data.workers, shuffle=config.data.shuffle), mesh)
+            worker_count=config.data.workers, shuffle=config.data.shuffle), mesh,
+            prefetch=config.data.prefetch)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    restored = checkpointer.restore(state, data_iterator=streamed.iterator if streamed else None)
+    restored = checkpointer.restore(state, data_iterator=streamed)
     resumed_from = None
     if restored is not None:
         state, resumed_from = restored
@@ -189,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if not bool(params_finite(state.params)):  # an overflowing update, say
                     raise TrainingDiverged(f"parameters became non-finite by step {step}; stopped. "
                                            f"Last good checkpoint: {where_last_good()}")
-                checkpointer.save(step, state, streamed.iterator if streamed else None)
+                checkpointer.save(step, state, streamed)
             if stop and step < total:
                 checkpointer.wait()
                 raise Preempted(f"SIGTERM: checkpoint saved at step {step} in "

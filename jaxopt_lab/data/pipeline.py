@@ -14,13 +14,10 @@ many processes share them.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import sys
-from collections.abc import Iterator
 
 import grain.python as grain
-import jax
 import numpy as np
 
 from jaxopt_lab.errors import UserError
@@ -151,57 +148,3 @@ def make_grain_loader(arrays: dict[str, np.ndarray], *, batch_size: int, seed: i
         # would hold 500 batches in RAM.
         read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
     )
-
-
-class DevicePrefetcher:
-    """Iterator of batches already on device, `size` ahead of the consumer.
-
-    `jax.device_put` is asynchronous, so the copies of the next batches overlap the current step.
-    The state is the grain iterator's state after the last batch *handed out*, not after the last
-    one prefetched, so a checkpoint taken between steps resumes at the right batch.
-    """
-
-    def __init__(self, iterator, sharding: jax.sharding.Sharding, size: int = 2):
-        self.iterator = iterator  # the grain DataLoaderIterator underneath
-        self._sharding = sharding
-        self._size = size
-        self._queue: collections.deque = collections.deque()
-        self._state = iterator.get_state()
-
-    def __iter__(self) -> DevicePrefetcher:
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        while len(self._queue) < self._size:
-            try:
-                batch = next(self.iterator)
-            except StopIteration:
-                break
-            self._queue.append((self._put(batch), self.iterator.get_state()))
-        if not self._queue:
-            raise StopIteration
-        batch, self._state = self._queue.popleft()
-        return batch
-
-    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        if jax.process_count() == 1:
-            return jax.device_put(batch, self._sharding)
-        # Each process holds only its own rows of the global batch.
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self._sharding, x), batch)
-
-    def get_state(self) -> bytes:
-        return self._state
-
-    def set_state(self, state: bytes) -> None:
-        self._queue.clear()
-        self.iterator.set_state(state)
-        self._state = state
-
-
-def prefetch_to_device(iterator: Iterator, sharding: jax.sharding.Sharding,
-                       size: int = 2) -> DevicePrefetcher:
-    """Wraps a grain iterator so batches arrive on device with `sharding`, `size` ahead."""
-    if size < 1:
-        raise UserError(f"prefetch size={size} must be at least 1")
-    return DevicePrefetcher(iterator, sharding, size)
