@@ -32,7 +32,7 @@ from jaxopt_lab.core.feed import device_sampler, make_logged_train_fn, replicate
 from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.core.state import init_sharded_state
-from jaxopt_lab.core.step import DATA_AXIS, make_train_step
+from jaxopt_lab.core.step import DATA_AXIS, data_mean, make_train_step
 from jaxopt_lab.data.shuffle import permuted_indices
 from jaxopt_lab.data.sources import load_dataset
 from jaxopt_lab.models import build_model
@@ -47,7 +47,7 @@ WARMUP_CALLS = 3
 LADDER = (
     ("hand-written jit step", ()),
     ("+ injected lr (optax.inject_hyperparams)", ("inject",)),
-    ("+ loss and grads inside shard_map (1-device mesh, pmean)", ("inject", "shard_map")),
+    ("+ loss and grads inside shard_map (1-device mesh)", ("inject", "shard_map")),
     ("+ accuracy and grad-norm metrics", ("inject", "shard_map", "metrics")),
 )
 
@@ -83,7 +83,7 @@ def handwritten_steps_per_s(model_name: str, steps: int, features: tuple[str, ..
     if "shard_map" in features:
         def per_device(params, xb, yb):
             loss, logits, grads = local_loss_and_grads(params, xb, yb)
-            return jax.lax.pmean(loss, DATA_AXIS), logits, jax.lax.pmean(grads, DATA_AXIS)
+            return data_mean(loss), logits, data_mean(grads)
 
         loss_and_grads = jax.shard_map(
             per_device, mesh=jax.make_mesh((1,), (DATA_AXIS,)),
