@@ -150,6 +150,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     total = config.train.steps
+    intervals = (("log", config.train.log_every), ("eval", config.train.eval_every),
+                 ("ckpt", config.train.checkpoint_every))
+
+    def next_boundary(step: int) -> int:  # the first log, eval or checkpoint step after `step`
+        return min(total, *((step // every + 1) * every for _, every in intervals))
+
     step = int(state.step)
     start_step, start_time = step, time.perf_counter()
     last_eval: dict[str, float] = {}
@@ -158,16 +164,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
                desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
     try:
+        boundary = next_boundary(step)
         while step < total:
+            # The per-step path stays this short: on a small CPU, host work between dispatches
+            # slows the steps themselves, not only the loop.
             k = steps_per_call if total - step >= steps_per_call else 1
             state, totals = run(state, totals, k)
             step += k
             bar.update(k)
-            at = {name: step % every < k or step == total for name, every in (
-                ("log", config.train.log_every), ("eval", config.train.eval_every),
-                ("ckpt", config.train.checkpoint_every))}
-            if not any(at.values()):
+            if step < boundary:
                 continue
+            boundary = next_boundary(step)
+            at = {name: step % every < k or step == total for name, every in intervals}
             stop = _any_process(bool(stop_requested))  # every process stops at the same step
             window, totals = jax.device_get(totals), fresh_totals()
             if window["first_nonfinite"] != NO_STEP:
