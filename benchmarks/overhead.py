@@ -183,9 +183,9 @@ def breakdown_table(models: list[str], steps: int, repeats: int) -> list[str]:
             rates[-2].append(framework_call_steps_per_s(model, steps))
             rates[-1].append(framework_steps_per_s(model, steps, 1))
             print(model, [f"{r[-1]:.0f}" for r in rates], flush=True)
-        ratios = [statistics.median(r / h for r, h in zip(rung, rates[0])) for rung in rates]
+        ratios = [[r / h for r, h in zip(rung, rates[0])] for rung in rates[1:]]
         lines.append(f"| {model} | {statistics.median(rates[0]):.0f} steps/s | "
-                     + " | ".join(f"{x:.3f}" for x in ratios[1:]) + " |")
+                     + " | ".join(_median_and_range(x) for x in ratios) + " |")
     return lines
 
 
@@ -201,15 +201,20 @@ def overhead_table(models: list[str], steps: int, repeats: int) -> list[str]:
         ratios = [f / h for f, h in zip(rates["k1"], rates["hand"])]
         scan = [s / f for s, f in zip(rates["k50"], rates["k1"])]
         rows.append((model, statistics.median(rates["hand"]), statistics.median(rates["k1"]),
-                     statistics.median(ratios), statistics.median(rates["k50"]),
+                     _median_and_range(ratios), statistics.median(rates["k50"]),
                      statistics.median(scan)))
     return [
-        ("| model | hand-written steps/s | framework K=1 steps/s | ratio K=1 / hand | "
+        ("| model | hand-written steps/s | framework K=1 steps/s | ratio K=1 / hand (range) | "
          "framework K=50 steps/s | K=50 / K=1 |"),
         "|---|---|---|---|---|---|",
-        *[f"| {m} | {h:.0f} | {f:.0f} | {r:.3f} | {s:.0f} | {x:.2f}× |"
+        *[f"| {m} | {h:.0f} | {f:.0f} | {r} | {s:.0f} | {x:.2f}× |"
           for m, h, f, r, s, x in rows],
     ]
+
+
+def _median_and_range(values: list[float]) -> str:
+    """The median, and the lowest and highest repeat: how far one machine's noise reaches."""
+    return f"{statistics.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
 
 
 def write_section(path: Path, tag: str, lines: list[str]) -> None:
@@ -244,7 +249,8 @@ def main() -> None:
             "## Overhead breakdown: the framework's parts added one at a time", "",
             command, common,
             ("Each column is a steps/s ratio against the hand-written step of the first column "
-            "(1.00 = no cost); the ladder columns are cumulative."), "",
+             "(1.00 = no cost), median (lowest–highest) over the repeats, each repeat against "
+             "its own hand-written run; the ladder columns are cumulative."), "",
             *breakdown_table(args.models, args.steps, args.repeats)])
         return
     write_section(Path(args.out), "overhead", [
