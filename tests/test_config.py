@@ -38,6 +38,9 @@ def test_overrides_are_typed_and_applied():
     ("--config.optim.name=adamx", "optim.name"),
     ("--config.optim.schedule=linearx", "optim.schedule"),
     ("--config.train.steps=0", "train.steps"),
+    ("--config.data.prefetch=-1", "data.prefetch"),
+    ("--config.data.workers=-2", "data.workers"),
+    ("--config.model.channels=true", "model.channels"),
 ])
 def test_bad_overrides_name_the_culprit(override, culprit):
     with pytest.raises(UserError, match=culprit.replace(".", r"\.")):
