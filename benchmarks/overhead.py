@@ -123,7 +123,7 @@ def framework_call_steps_per_s(model_name: str, steps: int) -> float:
     state = init_sharded_state(experiment, dataset.input_shape, mesh, config.seed)
     source = replicate(dataset.train, mesh)
     sample = device_sampler(len(dataset.train["label"]), config.data.batch_size, config.seed,
-                            mesh, shuffle=True)
+                            mesh, config.data.shuffle)
     fn = make_logged_train_fn(train_step, 1, sample)
     totals = zero_totals(train_step, state, source, sample)
     for _ in range(WARMUP_CALLS):

@@ -191,7 +191,5 @@ class StreamedFeed:
         self._state = state
 
     def start_prefetch(self) -> None:
-        """Called by grain's checkpoint handler after a restore; the host side starts on demand."""
-        start = getattr(self.iterator, "start_prefetch", None)
-        if start is not None:
-            start()
+        """Called by grain's checkpoint handler after a restore."""
+        self.iterator.start_prefetch()

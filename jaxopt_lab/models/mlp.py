@@ -12,8 +12,7 @@ class MLP(nn.Module):
     """Flatten, `hidden` ReLU layers, then a Dense layer to the logits.
 
     With `residual`, a hidden layer as wide as its input adds its input back (`h + relu(W h)`),
-    as the paper's `MLPBase` does around its second layer; without the skip the same model lands
-    about 2 points lower on MNIST-1D (`experiments/mnist1d_table.py`).
+    as the paper's `MLPBase` does around its second layer (`configs/mnist1d_mlp.py` turns it on).
     Greydanus & Kobak, "Scaling down deep learning with MNIST-1D" (2020 / ICML 2024); torch init.
     """
 
