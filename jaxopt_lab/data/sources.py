@@ -30,15 +30,26 @@ _EMBEDDED = {
 }
 
 
+TASKS = ("classification", "regression", "language_model")
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A classification data set held in host memory."""
+    """A data set held in host memory: splits of equal-length arrays "x" and "label".
 
-    train: dict[str, np.ndarray]  # {"x": float32 [N, *input_shape], "label": int32 [N]}
+    classification: x float32 [N, ...], label int32 [N] in [0, num_classes);
+    regression: x float32 [N, ...], label float32 [N] or [N, num_classes] (the targets);
+    language_model: x int32 tokens [N, T], label int32 [N, T] (the next tokens).
+    `validation` is carved from train by `with_validation`; None until then.
+    """
+
+    train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
-    num_classes: int
+    num_classes: int  # the model's output width: classes, regression targets or vocabulary size
     input_shape: tuple[int, ...]  # one example's x shape
     name: str
+    task: str = "classification"  # one of TASKS: picks the default loss and evaluation
+    validation: dict[str, np.ndarray] | None = None
 
 
 def default_data_dir() -> str:
