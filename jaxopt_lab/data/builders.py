@@ -1,6 +1,6 @@
 """TFDS builders for the embedded, offline data sets, written once as array_record.
 
-Both data sets are generated locally (no download, no TensorFlow), so a run anywhere gets the same
+All of them are generated locally (no download, no TensorFlow), so a run anywhere gets the same
 examples; writing them through TFDS gives them the same on-disk format and random-access reader
 (`builder.as_data_source()`) as any catalog data set. The builders skip TFDS's global registry:
 they are used by class, never looked up by name.
@@ -9,11 +9,16 @@ they are used by class, never looked up by name.
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
+import platform
 import random
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from jaxopt_lab.errors import UserError
 
 FILE_FORMAT = "array_record"
 _log = logging.getLogger(__name__)
@@ -34,6 +39,20 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _log_download_done(self) -> None:
         _log.info("Generated %s into %s", self.name, self.data_dir)
+
+
+class Targets(tfds.features.Tensor):
+    """A label that is not one class id (regression targets, next tokens), with the model's output
+    width as `num_classes`, the attribute a ClassLabel has.
+
+    `sources.load_dataset` reads `features["label"].num_classes` from every embedded builder; this
+    states it for labels a ClassLabel cannot describe. Our builders always run from this code, so
+    TFDS never rebuilds the feature from its saved JSON, which does not hold `num_classes`.
+    """
+
+    def __init__(self, *, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
 
 
 class Mnist1d(_LocalBuilder, skip_registration=True):
@@ -126,3 +145,144 @@ class Digits(_LocalBuilder, skip_registration=True):
     def _generate_examples(self, xs: np.ndarray, labels: np.ndarray):
         for i, (x, label) in enumerate(zip(xs, labels)):
             yield i, {"x": x, "label": int(label)}
+
+
+class Diabetes(_LocalBuilder, skip_registration=True):
+    """scikit-learn's diabetes regression data (Efron et al. 2004): 442 patients, 10 features.
+
+    x is the 10 features as scikit-learn ships them (each column centred and scaled to unit norm);
+    the label is disease progression one year later, standardized with the train split's mean
+    151.606 and std 78.299 (ddof 0). So a mean squared error is in units of the target's
+    variance: 1.0 is what predicting the train mean scores on train. The split is a fixed 80/20
+    (seed 0): 353 train, 89 test. To report in the original units, multiply errors by std
+    (squared errors by std²); both are also in the data set's metadata.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    TEST_FRACTION = 0.2
+    SPLIT_SEED = 0
+    # The train split's target statistics, fixed here so the description can state them without
+    # loading the data; the build checks that the data still gives them.
+    TARGET_MEAN = 151.60623229461757
+    TARGET_STD = 78.29877162645866
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "x": tfds.features.Tensor(shape=(10,), dtype=np.float32),
+                "label": Targets(shape=(), dtype=np.float32, num_classes=1),
+            }),
+            supervised_keys=("x", "label"),
+            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
+            metadata=tfds.core.MetadataDict(task="regression", target_mean=self.TARGET_MEAN,
+                                            target_std=self.TARGET_STD),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # shipped with scikit-learn
+        from sklearn.datasets import load_diabetes
+        from sklearn.model_selection import train_test_split
+
+        data = load_diabetes()
+        x_train, x_test, y_train, y_test = train_test_split(
+            data.data, data.target, test_size=self.TEST_FRACTION, random_state=self.SPLIT_SEED)
+        mean, std = float(y_train.mean()), float(y_train.std())
+        if not np.allclose([mean, std], [self.TARGET_MEAN, self.TARGET_STD], rtol=1e-9):
+            raise UserError(f"diabetes: this scikit-learn's train targets have mean {mean} and "
+                            f"std {std}, not the {self.TARGET_MEAN} and {self.TARGET_STD} the "
+                            "builder documents")
+        return {
+            "train": self._generate_examples(x_train, (y_train - mean) / std),
+            "test": self._generate_examples(x_test, (y_test - mean) / std),
+        }
+
+    def _generate_examples(self, xs: np.ndarray, labels: np.ndarray):
+        for i, (x, label) in enumerate(zip(xs, labels)):
+            yield i, {"x": x.astype(np.float32), "label": np.float32(label)}
+
+
+class PythonText(_LocalBuilder, skip_registration=True):
+    """Character-level text: source files of the Python standard library, for a language model.
+
+    The text is the running interpreter's own standard library (the directory holding `os.py`), so
+    it exists offline wherever Python does; other Python versions read slightly different text
+    (the version that built a data dir is in its metadata, `python_version`). The files are the
+    fixed, sorted `MODULES` (65 single-file modules present in Python 3.11 and 3.12, about 2.3 MB
+    in 3.11); a missing one is an error. Every 10th file (the 10th, 20th, ...) is test, the rest
+    train; each split's files are concatenated in that order.
+
+    Tokens are bytes: ASCII 1..127 are themselves and every non-ASCII byte becomes 0 (NUL, which
+    Python source cannot contain), a vocabulary of 128. Each split is cut into consecutive windows:
+    x = tokens[i:i+128] and label = tokens[i+1:i+129] for i = 0, 128, 256, ..., so the inputs do
+    not overlap and every token after the first is a target exactly once; the tail shorter than
+    129 tokens is dropped. The windows are stored in text order (training shuffles them unless
+    `data.shuffle=False`).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    MODULES = (
+        "argparse", "ast", "base64", "bisect", "calendar", "cmd", "code", "codecs",
+        "configparser", "contextlib", "copy", "csv", "dataclasses", "difflib", "dis", "doctest",
+        "enum", "fileinput", "fnmatch", "fractions", "functools", "getopt", "gettext", "glob",
+        "gzip", "hashlib", "heapq", "hmac", "inspect", "ipaddress", "linecache", "mimetypes",
+        "numbers", "operator", "optparse", "os", "pickle", "platform", "pprint", "profile",
+        "pstats", "queue", "random", "reprlib", "sched", "selectors", "shlex", "shutil", "socket",
+        "ssl", "statistics", "string", "subprocess", "tempfile", "textwrap", "threading",
+        "timeit", "tokenize", "trace", "traceback", "types", "typing", "uuid", "warnings",
+        "weakref",
+    )
+    TEST_EVERY = 10
+    SEQ_LEN = 128
+    VOCAB = 128
+    UNKNOWN = 0  # the token of every non-ASCII byte
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "x": tfds.features.Tensor(shape=(self.SEQ_LEN,), dtype=np.int32),
+                "label": Targets(shape=(self.SEQ_LEN,), dtype=np.int32, num_classes=self.VOCAB),
+            }),
+            supervised_keys=("x", "label"),
+            homepage="https://docs.python.org/3/library/",
+            metadata=tfds.core.MetadataDict(task="language_model"),
+            disable_shuffling=True,  # stored in text order: window i+1 continues window i
+        )
+
+    @classmethod
+    def split_files(cls, stdlib_dir: str | None = None) -> dict[str, list[str]]:
+        """{"train": paths, "test": paths} of the standard library files, in concatenation order."""
+        stdlib_dir = stdlib_dir or os.path.dirname(os.__file__)
+        files = {"train": [], "test": []}
+        for i, module in enumerate(cls.MODULES):
+            path = os.path.join(stdlib_dir, f"{module}.py")
+            if not os.path.isfile(path):
+                raise UserError(f"python_text: the standard library file {path} is missing "
+                                f"(Python {platform.python_version()}); the data set needs all "
+                                f"{len(cls.MODULES)} files of PythonText.MODULES")
+            files["test" if i % cls.TEST_EVERY == cls.TEST_EVERY - 1 else "train"].append(path)
+        return files
+
+    @classmethod
+    def encode(cls, text: bytes) -> np.ndarray:
+        """Bytes as int32 tokens: ASCII as itself, anything else as UNKNOWN."""
+        tokens = np.frombuffer(text, np.uint8).astype(np.int32)
+        return np.where(tokens < cls.VOCAB, tokens, cls.UNKNOWN).astype(np.int32)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # read from the local interpreter's standard library
+        self.info.metadata["python_version"] = platform.python_version()
+        generators = {}
+        for split, paths in self.split_files().items():
+            text = b"".join(pathlib.Path(path).read_bytes() for path in paths)
+            generators[split] = self._generate_examples(self.encode(text))
+        return generators
+
+    def _generate_examples(self, tokens: np.ndarray):
+        n = (len(tokens) - 1) // self.SEQ_LEN
+        for i in range(n):
+            window = tokens[i * self.SEQ_LEN:(i + 1) * self.SEQ_LEN + 1]
+            yield i, {"x": window[:-1], "label": window[1:]}

@@ -1,0 +1,86 @@
+"""A small causal, decoder-only Transformer for character-level language modelling.
+
+The GPT shape (Radford et al. 2018; Vaswani et al., "Attention Is All You Need", NeurIPS 2017) with
+pre-LayerNorm blocks: token embedding + learned positions → `depth` blocks of causal multi-head
+self-attention and an MLP → LayerNorm → a Dense head to the vocabulary. Every projection (q, k, v,
+out, the MLP's two layers, the head) takes `dot_general_cls`, so an injected quantizer reaches all
+of them; the embedding is a lookup, not a matrix product, and stays float.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxopt_lab.errors import UserError
+
+
+class _DecoderBlock(nn.Module):
+    """x + causal MHSA(LN(x)), then x + MLP(LN(x)) with a GELU."""
+
+    heads: int
+    mlp_dim: int
+    dot_general_cls: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads,
+            qkv_dot_general_cls=self.dot_general_cls,
+            out_dot_general_cls=self.dot_general_cls,
+        )(nn.LayerNorm()(x), mask=mask)
+        x = x + y
+        y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))
+        y = nn.Dense(x.shape[-1], dot_general_cls=self.dot_general_cls)(nn.gelu(y))
+        return x + y
+
+
+class TransformerLM(nn.Module):
+    """Tokens [B, T] (int, T <= `max_len`) → next-token logits [B, T, num_classes].
+
+    `num_classes` is the vocabulary size (input ids and output classes alike). Position t attends
+    to positions <= t only, so the logits at t depend on tokens[:t+1] alone.
+    """
+
+    num_classes: int
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 512
+    max_len: int = 128
+    dot_general_cls: Any = None
+    conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise UserError(
+                f"model.dim={self.dim} is not divisible by model.heads={self.heads}; "
+                "allowed: heads dividing dim"
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch norm
+        if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise UserError(
+                f"model transformer_lm takes integer token ids [batch, length], not {x.dtype} "
+                f"{list(x.shape)}; allowed: a language_model data set such as python_text"
+            )
+        length = x.shape[1]
+        if length > self.max_len:
+            raise UserError(
+                f"the input has {length} tokens, more than model.max_len={self.max_len}; "
+                "allowed: a max_len at least the sequence length"
+            )
+        h = nn.Embed(self.num_classes, self.dim, name="embed")(x)
+        positions = self.param(
+            "pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, self.dim)
+        )
+        h = h + positions[:, :length]
+        mask = nn.make_causal_mask(x)  # [B, 1, T, T]: query t sees keys <= t
+        for _ in range(self.depth):
+            h = _DecoderBlock(self.heads, self.mlp_dim, self.dot_general_cls)(h, mask)
+        h = nn.LayerNorm()(h)
+        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(h)
