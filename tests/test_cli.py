@@ -225,7 +225,7 @@ def test_run_json_records_every_invocation(tmp_path, monkeypatch):
     assert set(first["versions"]) == set(PACKAGES)
     assert first["versions"]["jax"][0].isdigit() and first["versions"]["jaxopt-lab"] == "0.1.0"
     assert first["backend"] == "cpu" and first["device_count"] >= 1 and first["device_kinds"]
-    assert first["process_count"] == 1
+    assert first["process_count"] == 1 and first["cwd"] == os.getcwd()
     assert first["host"] and first["python"].startswith("3.")
     assert first["time_utc"].endswith("+00:00") and first["time_utc"] <= second["time_utc"]
     try:

@@ -110,6 +110,7 @@ def record_provenance(workdir: str) -> dict:
     devices = jax.devices()
     record = {
         "argv": list(sys.argv),
+        "cwd": os.getcwd(),  # argv's relative paths (configs/x.py) mean something only from here
         "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "python": platform.python_version(),
