@@ -28,10 +28,16 @@ from jax.sharding import PartitionSpec as P
 from jaxopt_lab.core.builder import build_experiment
 from jaxopt_lab.core.config import default_config, model_config, validate
 from jaxopt_lab.core.distributed import data_mesh
-from jaxopt_lab.core.feed import device_sampler, make_logged_train_fn, replicate, zero_totals
+from jaxopt_lab.core.feed import (
+    device_sampler,
+    make_logged_train_fn,
+    replicate,
+    sampled_step,
+    zero_totals,
+)
 from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
-from jaxopt_lab.core.state import init_sharded_state
+from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import DATA_AXIS, data_mean, make_train_step
 from jaxopt_lab.data.shuffle import permuted_indices
 from jaxopt_lab.data.sources import load_dataset
@@ -120,12 +126,13 @@ def framework_call_steps_per_s(model_name: str, steps: int) -> float:
     mesh = data_mesh()
     experiment = build_experiment(config, dataset)
     train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh)
-    state = init_sharded_state(experiment, dataset.input_shape, mesh, config.seed)
+    state = init_sharded_state(experiment, sample_input(dataset), mesh, config.seed)
     source = replicate(dataset.train, mesh)
-    sample = device_sampler(len(dataset.train["label"]), config.data.batch_size, config.seed,
-                            mesh, config.data.shuffle)
-    fn = make_logged_train_fn(train_step, 1, sample)
-    totals = zero_totals(train_step, state, source, sample)
+    sample = device_sampler(len(dataset.train["label"]), config.data.batch_size, mesh,
+                            config.data.shuffle)
+    step_fn = sampled_step(train_step, sample)
+    fn = make_logged_train_fn(step_fn, 1, streamed=False)
+    totals = zero_totals(step_fn, state, source, streamed=False)
     for _ in range(WARMUP_CALLS):
         state, totals = fn(state, source, totals)
     jax.block_until_ready(totals)
@@ -145,6 +152,7 @@ def _config(model_name: str, steps: int, steps_per_call: int):
     config.train.checkpoint_every = steps
     config.train.steps_per_call = steps_per_call
     config.train.progress = False
+    config.data.validation_fraction = 0.0  # all 4000 examples, as the hand-written loop uses
     validate(config)
     return config
 

@@ -36,7 +36,12 @@ def test_permutations_differ_by_key_and_look_shuffled():
 def test_device_sampler_visits_every_example_once_per_epoch(shuffle):
     n, batch = 1000, 100
     data = {"x": jnp.arange(n, dtype=jnp.float32)[:, None], "label": jnp.arange(n)}
-    sample = jax.jit(device_sampler(n, batch, seed=3, mesh=data_mesh(), shuffle=shuffle))
+    sampler = jax.jit(device_sampler(n, batch, mesh=data_mesh(), shuffle=shuffle))
+    data_rng = jax.random.key_data(jax.random.key(3))
+
+    def sample(data, step):
+        return sampler(data, step, data_rng)
+
     epoch0 = np.concatenate([np.asarray(sample(data, s)["label"]) for s in range(10)])
     epoch1 = np.concatenate([np.asarray(sample(data, s)["label"]) for s in range(10, 20)])
     assert sorted(epoch0.tolist()) == list(range(n)) == sorted(epoch1.tolist())

@@ -25,11 +25,12 @@ from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.feed import device_sampler, make_train_fn, replicate
 from jaxopt_lab.core.optim import build_optimizer
 from jaxopt_lab.core.state import create_train_state
-from jaxopt_lab.core.step import DATA_AXIS, Reducer, classification_loss, make_train_step
+from jaxopt_lab.core.step import DATA_AXIS, Reducer, make_train_step
+from jaxopt_lab.core.tasks import classification
 from jaxopt_lab.data.sources import load_dataset
 from jaxopt_lab.models import build_model
 from jaxopt_lab.tune.population import (
-    set_hyperparams,
+    set_values,
     stack_trials,
     unstack_trials,
     vmap_over_trials,
@@ -48,8 +49,12 @@ def _state(model, tx, mesh, data, reducer_init=lambda p: (), seed=0):
     return create_train_state(model, sample_x, tx, reducer_init, mesh.size, seed)
 
 
-def _run(step, state, data, mesh, steps, seed=0):
-    fn = make_train_fn(step, 1, device_sampler(len(data.train["label"]), 100, seed, mesh))
+def classification_loss(model):
+    return classification(model).loss_fn
+
+
+def _run(step, state, data, mesh, steps):
+    fn = make_train_fn(step, 1, device_sampler(len(data.train["label"]), 100, mesh))
     source = replicate(data.train, mesh)
     metrics = []
     for _ in range(steps):
@@ -74,7 +79,7 @@ def test_default_step_communicates_only_across_devices(data):
     model = build_model("mlp", 10)
     tx = optax.with_extra_args_support(optax.adam(1e-2))
     step = make_train_step(classification_loss(model), _pmean(), tx, mesh)
-    fn = make_train_fn(step, 1, device_sampler(len(data.train["label"]), 100, 0, mesh))
+    fn = make_train_fn(step, 1, device_sampler(len(data.train["label"]), 100, mesh))
     hlo = fn.lower(_state(model, tx, mesh, data), replicate(data.train, mesh)).compile().as_text()
     assert ("all-reduce" in hlo) == (mesh.size > 1)
 
@@ -85,8 +90,8 @@ def test_custom_loss_wrapper_changes_what_the_step_optimizes(data):
     model = build_model("mlp", 10)
     task = classification_loss(model)
 
-    def l2_only(params, model_state, batch, rng):
-        _, aux = task(params, model_state, batch, rng)
+    def l2_only(params, model_state, batch, rng, hparams):
+        _, aux = task(params, model_state, batch, rng, hparams)
         return 0.5 * sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params)), aux
 
     tx = optax.with_extra_args_support(optax.sgd(0.1))
@@ -112,7 +117,8 @@ def bf16_mean_reducer() -> Reducer:
         del params
         return CountState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
-    def reduce(grads, state):
+    def reduce(grads, state, rng, hparams):
+        del rng, hparams
         low = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
         nbytes = sum(g.size * 2 for g in jax.tree.leaves(low))
         mean = jax.tree.map(lambda g: jax.lax.pmean(g, DATA_AXIS).astype(jnp.float32), low)
@@ -210,9 +216,9 @@ def test_vmapped_population_matches_trials_run_one_by_one(data):
     tx = build_optimizer(config.optim, steps=10)
     step = make_train_step(experiment.loss_fn, experiment.reducer, tx, mesh)
     lrs, seeds = [1e-3, 3e-3, 1e-2, 3e-2], [0, 1, 2, 3]
-    trials = [set_hyperparams(_state(experiment.model, tx, mesh, data, seed=s), learning_rate=lr)
+    trials = [set_values(_state(experiment.model, tx, mesh, data, seed=s), {"optim.lr": lr})
               for lr, s in zip(lrs, seeds)]
-    sample = device_sampler(len(data.train["label"]), 100, 0, mesh)
+    sample = device_sampler(len(data.train["label"]), 100, mesh)
     source = replicate(data.train, mesh)
     population = stack_trials(trials)  # a copy: running a trial alone donates its state
 

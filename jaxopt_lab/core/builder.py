@@ -1,8 +1,14 @@
-"""The one place that reads a config's model, optim and techniques blocks and composes the seams."""
+"""The one place that reads a config's model, optim and techniques blocks and composes the seams.
+
+What a caller passes (its own Flax module, loss or evaluation) takes the place of what the config
+would build; everything not passed comes from the config.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable, Collection
 from typing import Any
 
 import flax.linen as nn
@@ -10,20 +16,28 @@ import ml_collections
 import optax
 
 from jaxopt_lab.core.optim import build_optimizer
-from jaxopt_lab.core.step import LossFn, Reducer, classification_loss, pmean_reducer
+from jaxopt_lab.core.step import Reducer, pmean_reducer
+from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset
+from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import build_model
+
+LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """The four seams, ready for `make_train_step(loss_fn, reducer, tx, mesh)`."""
+    """The four seams, ready for `make_train_step(loss_fn, reducer, tx, mesh, state_metrics)`,
+    with the evaluation that goes with the loss and the per-trial values the loss reads."""
 
     model: nn.Module
     loss_fn: LossFn
+    eval_fn: EvalFn
     reducer: Reducer
     tx: optax.GradientTransformationExtraArgs
+    hparams: dict[str, float] = dataclasses.field(default_factory=dict)
+    state_metrics: Callable[[Any], dict] | None = None
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -31,16 +45,50 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: v for k, v in config.model.items() if k != "name"}
 
 
-def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset) -> Experiment:
-    """Composes model, loss, reduction and update from a validated config.
+def check_loss_signature(loss_fn: Callable) -> None:
+    """A user's loss must take the seam's five arguments; say so before anything traces."""
+    try:
+        inspect.signature(loss_fn).bind(*LOSS_ARGS)
+    except TypeError:
+        raise UserError(f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} must take "
+                        f"({', '.join(LOSS_ARGS)}) and return (loss, aux)") from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin or C callable): let the trace tell
 
+
+def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
+                     model: nn.Module | None = None, loss_fn: LossFn | None = None,
+                     eval_fn: EvalFn | None = None, hparams: dict[str, float] | None = None,
+                     swept: Collection[str] = ()) -> Experiment:
+    """Composes model, loss, evaluation, reduction and update from a validated config.
+
+    Args:
+      config, dataset: the run's; `dataset.task` picks the default loss and evaluation.
+      model, loss_fn, eval_fn: a caller's own, used instead of the config's. A loss without an
+        eval_fn is evaluated with the data set's task on the model.
+      hparams: the per-trial values a caller's own loss reads (with the config's loss, its
+        `loss.label_smoothing`).
+      swept: the config keys a population varies (a swept optimizer value stays in the graph).
     Techniques plug in here, each at its own seam; `validate` rejects any that are not available.
     """
-    model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
+    if model is None:
+        model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
     augment = make_augment(**config.data.augment.to_dict())
+    task = make_task(dataset.task, model, augment)
+    if loss_fn is None:
+        smoothing = config.loss.label_smoothing
+        if dataset.task == "regression" and (smoothing or LABEL_SMOOTHING in swept):
+            raise UserError(f"loss.label_smoothing applies to class labels; data set "
+                            f"{dataset.name!r} is a regression task")
+        loss_fn, default_hparams = task.loss_fn, {LABEL_SMOOTHING: float(smoothing)}
+    else:
+        check_loss_signature(loss_fn)
+        default_hparams = {}
     return Experiment(
         model=model,
-        loss_fn=classification_loss(model, augment),
+        loss_fn=loss_fn,
+        eval_fn=eval_fn or task.eval_fn,
         reducer=pmean_reducer(),
-        tx=build_optimizer(config.optim, config.train.steps),
+        tx=build_optimizer(config.optim, config.train.steps, swept),
+        hparams={**default_hparams, **(hparams or {})},
     )

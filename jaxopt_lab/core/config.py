@@ -32,8 +32,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "mnist1d"  # mnist1d | mnist1d_shuffled | digits | synthetic | tfds:<name>
+    # mnist1d | mnist1d_shuffled | digits | diabetes | python_text | synthetic | tfds:<name>
+    # | an import path "package.module:function" returning a Dataset
+    c.data.name = "mnist1d"
     c.data.batch_size = 100  # global batch, split over all devices of all processes
+    c.data.validation_fraction = 0.1  # carved from train, fixed across seeds; 0 = none
+    c.data.seed = -1  # seeds the order of the training data; -1 = the run's seed
     c.data.dir = ""  # "" = $JAXOPT_LAB_DATA_DIR or ~/.cache/jaxopt_lab/data
     c.data.on_device = True  # small data sets live on the device; False streams through grain
     c.data.shuffle = True  # reshuffle every epoch; False walks the data in stored order
@@ -47,7 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.augment.crop = 0  # images: pad by this much, then random-crop back
     c.data.augment.flip = False  # images: random horizontal flip
 
-    c.model = model_config("cnn1d")
+    c.model = model_config("cnn1d")  # name: a registry name or "package.module:Class"
+
+    c.loss = ml_collections.ConfigDict()  # the data set's task picks the loss (see core/tasks.py)
+    c.loss.label_smoothing = 0.0  # classification / language model: mass spread over all classes
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"
@@ -69,6 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps_per_call = 0  # K steps scanned per compiled call; 0 = measure and pick
     c.train.eval_batch_size = 1000
     c.train.progress = True
+    c.train.measure = True  # summary.json: model_bytes, FLOPs, latency at batch 1 and 256
+
+    # A population: config keys and one value per member, trained as one vmapped program in one
+    # run directory, e.g. (("optim.lr", (1e-3, 3e-3, 1e-2)), ("seed", (0, 1, 2))). Keys: seed,
+    # data.seed, optim.lr, optim.weight_decay, optim.momentum, optim.warmup_steps,
+    # loss.label_smoothing. () = one run.
+    c.population = ()
 
     c.techniques = ml_collections.ConfigDict()
     return c
@@ -79,8 +93,6 @@ def model_config(name: str, **hparams) -> ml_collections.ConfigDict:
 
     Listing them all is what lets `--config.model.KEY=V` override any of them from the command line.
     """
-    if name not in MODELS:
-        raise UserError(f"unknown model.name {name!r}; allowed: {', '.join(sorted(MODELS))}")
     defaults = model_hparams(name)
     for key in hparams:
         if key not in defaults:
@@ -103,19 +115,57 @@ def _argv(argv: list[str]) -> Iterator[None]:
 
 
 def _parse(path: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Runs the config file and applies the overrides; whatever goes wrong in the file (the user's
+    own code: a syntax error, a failing import, an exception in get_config) is one line naming it."""
     argv = ["jaxopt-lab", f"--config={path}", *overrides]
     flag_values = flags.FlagValues()
     with _argv(argv):
         config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True)
+        # ml_collections executes every config file into the one module sys.modules["config_config"]:
+        # without a fresh one, a file lacking get_config() would run the previous file's.
+        sys.modules.pop("config_config", None)
         try:
             flag_values(argv)
-            return flag_values.config
-        except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+            config = flag_values.config
+            # ml_collections defers an OSError inside the file until the config is touched.
+            getattr(config, "lock", None)
+        except UserError as e:  # get_config() called model_config('nope'), say
+            raise UserError(f"config {path}: {e}") from None
+        except SyntaxError as e:
+            where = "" if os.path.abspath(e.filename or "") == os.path.abspath(path) \
+                else f"{e.filename}, "
+            raise UserError(f"config {path}: syntax error at {where}line {e.lineno}: "
+                            f"{e.msg}") from None
+        except AttributeError as e:
+            if e.name == "get_config":
+                raise UserError(f"config {path} defines no get_config() function") from None
+            raise _failed(path, e) from None
+        except OSError as e:  # raised inside the file (the deferred error is its cause)
+            raise _failed(path, e.__cause__ or e) from None
+        except (flags.Error, KeyError, TypeError, ValueError) as e:
             text = str(e).replace("\\n", "\n").strip("'\"")
             # An exception inside get_config() arrives as a whole traceback: keep its last line.
             message = " ".join(text.strip().splitlines()[-1].split()) if "Traceback" in text \
                 else " ".join(text.split())
             raise UserError(f"config {path}: {message}") from None
+        except Exception as e:  # noqa: BLE001 - the config file's own code failed: bad input
+            raise _failed(path, e) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        got = "None (no return statement?)" if config is None else type(config).__name__
+        raise UserError(f"config {path}: get_config() returned {got}, expected an "
+                        "ml_collections.ConfigDict (build on default_config())")
+    return config
+
+
+def _failed(path: str, error: Exception) -> UserError:
+    """'config PATH failed: TYPE: MESSAGE (line N)', N the innermost line of the file it passed."""
+    line, frame = None, error.__traceback__
+    while frame is not None:
+        if os.path.abspath(frame.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = frame.tb_lineno
+        frame = frame.tb_next
+    return UserError(f"config {path} failed: {type(error).__name__}: {' '.join(str(error).split())}"
+                     + (f" (line {line})" if line else ""))
 
 
 def _check_override_key(config: ml_collections.ConfigDict, override: str) -> None:
@@ -139,8 +189,11 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     Raises:
       UserError: on a missing file, an unknown key, a wrong type or a disallowed value.
     """
-    if not path.endswith(".py") or not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"config file {path!r} not found (expected a .py file with get_config())")
+    if not path.endswith(".py") or not os.path.isfile(path):
+        kind = "a directory" if os.path.isdir(path) else "not a .py file"
+        raise UserError(f"config file {path!r} is {kind} (expected a .py file with get_config())")
     if overrides:
         base = _parse(path, [])
         for override in overrides:
@@ -206,11 +259,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_dataset_name(config.data.name)
     except UserError as e:
         raise UserError(f"data.name: {e}") from None
-    if "name" not in config.model or config.model.name not in MODELS:
-        raise UserError(
-            f"unknown model.name {config.model.get('name')!r}; "
-            f"allowed: {', '.join(sorted(MODELS))}"
-        )
+    if "name" not in config.model or not isinstance(config.model.name, str):
+        raise UserError(f"model block needs a name; allowed: {', '.join(sorted(MODELS))} "
+                        "or an import path package.module:Class")
     allowed_hparams = model_hparams(config.model.name)
     for key in config.model:
         if key != "name" and key not in allowed_hparams:
@@ -233,6 +284,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"{name} must be >= 0, got {config[section][key]}")
     if config.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0, got {config.optim.lr}")
+    for name in ("data.validation_fraction", "loss.label_smoothing"):
+        section, key = name.split(".")
+        if not 0 <= config[section][key] < 1:
+            raise UserError(f"{name} must be in [0, 1), got {config[section][key]}")
+    _check_population(config.population)
+
+
+def _check_population(spec) -> None:
+    """The population's shape; its keys are checked against the run's per-trial values when the
+    run is built (a caller's own loss may bring hparams of its own)."""
+    sizes = set()
+    for entry in spec:
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+                or not isinstance(entry[0], str) or not isinstance(entry[1], (tuple, list))
+                or not entry[1]):
+            raise UserError(f"population entry {entry!r} must be (config key, (value, ...))")
+        sizes.add(len(entry[1]))
+    if len(sizes) > 1:
+        raise UserError(f"population value lists differ in length: {sorted(sizes)}")
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:

@@ -1,15 +1,21 @@
-"""Test-set evaluation: the whole split in fixed-size, padded, sharded batches, summed exactly."""
+"""Evaluation of a split: all of it in fixed-size, padded, sharded batches, summed exactly.
+
+The task's `eval_fn` gives per-example values; here they are masked (padding), summed over the
+split and divided by its size, and named `<split>_<metric>` ("validation_loss", "test_accuracy").
+A population is evaluated in one vmapped program, one result per member.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxopt_lab.core.feed import shard_batch
-from jaxopt_lab.core.step import make_eval_step
+from jaxopt_lab.core.tasks import EvalFn
 
 
 def padded_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -26,22 +32,39 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[
     return batches
 
 
-def make_evaluator(model, arrays: dict[str, np.ndarray], batch_size: int,
-                   mesh: Mesh) -> Callable[[object], dict[str, float]]:
-    """`evaluate(state) -> {"test_loss", "test_accuracy"}` over all of `arrays`.
+def make_eval_sums(eval_fn: EvalFn) -> Callable:
+    """`(params, model_state, batch) -> {metric: masked sum, "count": examples}`."""
+
+    def sums(params, model_state, batch):
+        mask = batch["mask"]
+        values = eval_fn(params, model_state, {k: v for k, v in batch.items() if k != "mask"})
+        out = {name: jnp.sum(value.astype(jnp.float32) * mask) for name, value in values.items()}
+        return {**out, "count": jnp.sum(mask)}
+
+    return sums
+
+
+def make_evaluator(eval_fn: EvalFn, arrays: dict[str, np.ndarray], batch_size: int, mesh: Mesh,
+                   split: str = "test", members: bool = False) -> Callable:
+    """`evaluate(state) -> {"<split>_<metric>": mean}` over all of `arrays`; with `members`,
+    `evaluate(stacked state) -> [one such dict per member]`.
 
     The batches are put on the devices once; the batch size is rounded up to a multiple of the
     device count so every device gets an equal share.
     """
     batch_size = -(-min(batch_size, len(arrays["label"])) // mesh.size) * mesh.size
     batches = [shard_batch(b, mesh) for b in padded_batches(arrays, batch_size)]
-    eval_step = jax.jit(make_eval_step(model))
+    sums = make_eval_sums(eval_fn)
+    eval_step = jax.jit(jax.vmap(sums, in_axes=(0, 0, None)) if members else sums)
 
-    def evaluate(state) -> dict[str, float]:
-        sums = [eval_step(state.params, state.model_state, b) for b in batches]
-        total = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
-        count = float(total["count"])
-        return {"test_loss": float(total["loss_sum"]) / count,
-                "test_accuracy": float(total["correct"]) / count}
+    def evaluate(state):
+        parts = [eval_step(state.params, state.model_state, b) for b in batches]
+        total = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *parts))
+        count = np.asarray(total.pop("count"))
+        means = {f"{split}_{name}": np.asarray(value) / count for name, value in total.items()}
+        if not members:
+            return {name: float(value) for name, value in means.items()}
+        return [{name: float(value[i]) for name, value in means.items()}
+                for i in range(count.shape[0])]
 
     return evaluate

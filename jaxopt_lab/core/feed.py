@@ -43,18 +43,20 @@ def shard_batch(arrays: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0
     return _put_global(arrays, NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS)))
 
 
-def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh,
+def device_sampler(num_examples: int, batch_size: int, mesh: Mesh,
                    shuffle: bool = True) -> Callable:
-    """`sample(data, step)`: step's batch of the epoch's seeded permutation, sharded over "data".
+    """`sample(data, step, data_rng)`: step's batch of the epoch's permutation, sharded over "data".
 
-    Each epoch visits every example once (the last partial batch of an epoch is skipped);
-    `shuffle=False` visits them in stored order.
+    `data_rng` (`TrainState.data_rng`, raw key data) seeds every epoch's permutation, so the data
+    order is part of the state: each member of a population can have its own. Each epoch visits
+    every example once (the last partial batch of an epoch is skipped); `shuffle=False` visits
+    them in stored order.
     """
     steps_per_epoch = num_examples // batch_size
     sharding = NamedSharding(mesh, P(DATA_AXIS))
 
-    def sample(data, step):
-        epoch_key = jax.random.fold_in(jax.random.key(seed), step // steps_per_epoch)
+    def sample(data, step, data_rng):
+        epoch_key = jax.random.fold_in(jax.random.wrap_key_data(data_rng), step // steps_per_epoch)
         positions = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
         idx = permuted_indices(epoch_key, positions, num_examples) if shuffle else positions
         batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
@@ -63,66 +65,95 @@ def device_sampler(num_examples: int, batch_size: int, seed: int, mesh: Mesh,
     return sample
 
 
-def _k_steps(train_step: Callable, steps_per_call: int, sample: Callable | None):
-    """(state, source) -> (state, metrics stacked over the K steps), not yet jitted."""
+def sampled_step(train_step: Callable, sample: Callable | None) -> Callable:
+    """`(state, source) -> (state, metrics)`: gathers the step's batch from on-device data first
+    when `sample` is given; otherwise `source` is the batch."""
+    if sample is None:
+        return train_step
+    return lambda state, data: train_step(state, sample(data, state.step, state.data_rng))
 
-    def one(state, source):
-        return train_step(state, sample(source, state.step) if sample else source)
 
-    def single(state, source):
-        batch_source = source if sample else jax.tree.map(lambda a: a[0], source)
-        state, metrics = one(state, batch_source)
-        return state, jax.tree.map(lambda m: m[None], metrics)
+def _k_steps(step_fn: Callable, steps_per_call: int, streamed: bool):
+    """(carry, source) -> (carry, metrics stacked over the K steps), not yet jitted.
 
-    def scanned(state, source):
+    A streamed source holds K batches on a leading axis, one per step; on-device data are passed
+    to every step whole.
+    """
+
+    def single(carry, source):
+        carry, metrics = step_fn(carry, jax.tree.map(lambda a: a[0], source) if streamed
+                                 else source)
+        return carry, jax.tree.map(lambda m: m[None], metrics)
+
+    def scanned(carry, source):
         def body(carry, xs):
-            return one(carry, source if sample else xs)
+            return step_fn(carry, xs if streamed else source)
 
-        return jax.lax.scan(body, state, None if sample else source, length=steps_per_call)
+        return jax.lax.scan(body, carry, source if streamed else None, length=steps_per_call)
 
     return single if steps_per_call == 1 else scanned
 
 
+def compile_k_steps(step_fn: Callable, steps_per_call: int, streamed: bool):
+    """Jit-compiles K steps of `step_fn(carry, source)` per call, donating the carry; metrics
+    come back stacked, one entry per step."""
+    return jax.jit(_k_steps(step_fn, steps_per_call, streamed), donate_argnums=0)
+
+
 def make_train_fn(train_step: Callable, steps_per_call: int, sample: Callable | None = None):
-    """Jit-compiles K steps per call; metrics come back stacked, one entry per step."""
-    return jax.jit(_k_steps(train_step, steps_per_call, sample), donate_argnums=0)
+    """K steps of `train_step` per call, on a batch `sample` gathers from on-device data or, with
+    no `sample`, on streamed batches stacked K deep."""
+    return compile_k_steps(sampled_step(train_step, sample), steps_per_call, sample is None)
 
 
 NO_STEP = np.iinfo(np.int32).max  # "no non-finite step seen"
 
 
-def make_logged_train_fn(train_step: Callable, steps_per_call: int, sample: Callable | None = None):
-    """Like `make_train_fn`, but metrics are summed into `totals` on the device.
+def make_logged_train_fn(step_fn: Callable, steps_per_call: int, streamed: bool):
+    """K steps of `step_fn(carry, source)` per call, with metrics summed into `totals` on device.
 
-    `fn(state, source, totals) -> (state, totals)`. The host then fetches one small pytree per log
+    `fn(carry, source, totals) -> (carry, totals)`. The host then fetches one small pytree per log
     window instead of one array per step and metric (which cost ~20 % of an MLP step on a CPU),
     and `totals["first_nonfinite"]` still names the exact step whose loss or gradients went
-    NaN/inf.
+    NaN/inf. For a population (`core/population.py`) every total is per member: a step's metrics
+    count only for the members still active after it, and a member's first non-finite step is
+    the one that stopped it.
     """
-    k_steps = _k_steps(train_step, steps_per_call, sample)
+    k_steps = _k_steps(step_fn, steps_per_call, streamed)
 
-    def fn(state, source, totals):
-        first_step = state.step
-        state, metrics = k_steps(state, source)
+    def fn(carry, source, totals):
+        first_step = carry.step
+        carry, metrics = k_steps(carry, source)
         steps = first_step + 1 + jnp.arange(steps_per_call)
         # NaN/inf gradients are what turn parameters NaN/inf, so this names the first bad step.
         bad = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
-        first_bad = jnp.min(jnp.where(bad, steps, NO_STEP))
-        return state, {
-            "sums": jax.tree.map(lambda t, m: t + jnp.sum(m), totals["sums"], metrics),
-            "count": totals["count"] + steps_per_call,
-            "first_nonfinite": jnp.minimum(totals["first_nonfinite"], first_bad),
-        }
+        active = metrics.pop("active", None)
+        if active is None:
+            sums = jax.tree.map(lambda t, m: t + jnp.sum(m, axis=0), totals["sums"], metrics)
+            count = totals["count"] + steps_per_call
+        else:  # [K, members]: a stopped member's metrics (its frozen state's) are not counted
+            bad = bad & metrics.pop("was_active")
+            sums = jax.tree.map(lambda t, m: t + jnp.sum(jnp.where(active, m, 0), axis=0),
+                                totals["sums"], metrics)
+            count = totals["count"] + jnp.sum(active, axis=0, dtype=jnp.int32)
+        steps = steps.reshape(steps.shape + (1,) * (bad.ndim - 1))
+        first_bad = jnp.min(jnp.where(bad, steps, NO_STEP), axis=0)
+        return carry, {"sums": sums, "count": count,
+                       "first_nonfinite": jnp.minimum(totals["first_nonfinite"], first_bad)}
 
     return jax.jit(fn, donate_argnums=(0, 2))
 
 
-def zero_totals(train_step: Callable, state, source, sample: Callable | None = None) -> dict:
+def zero_totals(step_fn: Callable, carry, source, streamed: bool) -> dict:
     """Empty `totals` for `make_logged_train_fn`, shaped by the step's metrics (`source` as for
-    one step of `make_train_fn`)."""
-    metrics = jax.eval_shape(_k_steps(train_step, 1, sample), state, source)[1]
-    return {"sums": jax.tree.map(lambda m: jnp.zeros((), m.dtype), metrics),
-            "count": jnp.zeros((), jnp.int32), "first_nonfinite": jnp.int32(NO_STEP)}
+    one call with K=1)."""
+    metrics = dict(jax.eval_shape(_k_steps(step_fn, 1, streamed), carry, source)[1])
+    per = metrics.pop("active", None)
+    metrics.pop("was_active", None)
+    shape = per.shape[1:] if per is not None else ()
+    return {"sums": jax.tree.map(lambda m: jnp.zeros(shape, m.dtype), metrics),
+            "count": jnp.zeros(shape, jnp.int32),
+            "first_nonfinite": jnp.full(shape, NO_STEP, jnp.int32)}
 
 
 def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Callable[[int], object],

@@ -1,17 +1,26 @@
 """The training loop: `train_and_evaluate(config, workdir)` owns a run directory.
 
-workdir/config.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json. Rerunning on the same
-workdir resumes from the newest readable checkpoint. The host syncs with the devices only at log,
-eval and checkpoint boundaries, so dispatch stays asynchronous in between.
+workdir/config.json, run.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json. Rerunning
+on the same workdir resumes from the newest readable checkpoint. The host syncs with the devices
+only at log, eval and checkpoint boundaries, so dispatch stays asynchronous in between.
+
+Four stages, each a function below: build (data, seams, state, feed), restore (the newest
+checkpoint), run (the steps), finish (final evaluation, measurements, summary). A population
+(`config.population`) goes through the same stages as one stacked state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,27 +31,41 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxopt_lab.core.builder import build_experiment
+from jaxopt_lab.core.builder import Experiment, build_experiment
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
 from jaxopt_lab.core.evaluate import make_evaluator
 from jaxopt_lab.core.feed import (
     NO_STEP,
     StreamedFeed,
+    compile_k_steps,
     device_sampler,
     make_logged_train_fn,
-    make_train_fn,
     pick_steps_per_call,
     replicate,
+    sampled_step,
     shard_batch,
     zero_totals,
 )
+from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.metrics import MetricsWriter
-from jaxopt_lab.core.state import init_sharded_state
+from jaxopt_lab.core.optim import check_swept
+from jaxopt_lab.core.population import (
+    member_values,
+    population_init,
+    population_step,
+    stop_members,
+)
+from jaxopt_lab.core.rundir import prepare_workdir
+from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import make_train_step
+from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.data.pipeline import make_grain_loader
-from jaxopt_lab.data.sources import load_dataset
+from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
+
+# `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping.
+MemberStopper = Callable[[int, list[dict]], Sequence[int]]
 
 
 class TrainingDiverged(UserError):
@@ -50,10 +73,15 @@ class TrainingDiverged(UserError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved and rerunning the command resumes.
+    """SIGTERM or Ctrl-C arrived; a checkpoint was saved and rerunning the command resumes.
 
     The signal is acted on at the next log boundary (train.log_every), where all processes agree.
+    `exit_code` is the shell's for the signal: 143 for SIGTERM, 130 for SIGINT.
     """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
@@ -68,72 +96,180 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary."""
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the training data's order: data.seed, or the run's seed where it is -1."""
+    return config.data.seed if config.data.seed >= 0 else config.seed
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, dataset=None) -> Dataset:
+    """The run's data: a caller's own (see `as_dataset`) or the config's, with its validation
+    split carved out."""
+    if dataset is None:
+        dataset = load_dataset(config.data.name, config.data.dir or None,
+                               synthetic_shape=tuple(config.data.synthetic_shape),
+                               synthetic_size=config.data.synthetic_size, seed=config.seed)
+    return with_validation(as_dataset(dataset), config.data.validation_fraction)
+
+
+def population_members(config: ml_collections.ConfigDict, experiment: Experiment) -> list[dict]:
+    """Each member's values from `config.population` (empty for a single run), checked against
+    what the run can vary."""
+    members = member_values(config.population, experiment.hparams)
+    keys = set(members[0]) if members else set()
+    check_swept(config.optim, keys)
+    if keys & {"data.seed", "seed"} and not config.data.on_device:
+        raise UserError("population varies the data order (seed or data.seed), which needs "
+                        "data.on_device=True: the streamed feed has one order for every member")
+    return members
+
+
+def swept_keys(config: ml_collections.ConfigDict) -> set[str]:
+    return {entry[0] for entry in config.population}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the build stage makes for the others."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Any
+    dataset: Dataset
+    experiment: Experiment
+    members: list[dict]  # one dict of values per population member; [] for a single run
+    carry: Any  # the TrainState, or a core.population.Population
+    step_fn: Callable  # (carry, source) -> (carry, metrics)
+    source: Any  # the on-device data, or None when streamed
+    streamed: StreamedFeed | None
+    evaluators: dict[str, Callable]  # split -> evaluate(state or stacked members)
+    checkpointer: Checkpointer
+    resumed_from: int | None = None
+    steps_per_call: int = 1
+    last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member
+
+    @property
+    def state(self):
+        """The TrainState, stacked over members for a population."""
+        return self.carry.members if self.members else self.carry
+
+
+def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Run:
     initialize_distributed()
     mesh = data_mesh()
-    is_chief = jax.process_index() == 0
     if config.data.batch_size % mesh.size:
         raise UserError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                         f"{mesh.size} devices of the mesh")
-    os.makedirs(workdir, exist_ok=True)
-    if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-    dataset = load_dataset(config.data.name, config.data.dir or None,
-                           synthetic_shape=tuple(config.data.synthetic_shape),
-                           synthetic_size=config.data.synthetic_size, seed=config.seed)
+    prepare_workdir(workdir, config, is_chief=jax.process_index() == 0)
+    dataset = prepare_dataset(config, dataset)
     num_train = len(dataset.train["label"])
     if config.data.batch_size > num_train:
         raise UserError(f"data.batch_size={config.data.batch_size} exceeds the {num_train} "
                         f"training examples of {dataset.name}")
-    experiment = build_experiment(config, dataset)
-    train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh)
-    state = init_sharded_state(experiment, dataset.input_shape, mesh, config.seed)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    experiment = build_experiment(config, dataset, model=model, loss_fn=loss_fn, eval_fn=eval_fn,
+                                  hparams=hparams, swept=swept_keys(config))
+    members = population_members(config, experiment)
+    train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh,
+                                 experiment.state_metrics)
+    sample_x = sample_input(dataset)
+    configured_data_seed = config.data.seed if config.data.seed >= 0 else None
+    if members:
+        init, shardings = population_init(experiment, sample_x, mesh, members, seed=config.seed,
+                                          data_seed=configured_data_seed)
+        carry = jax.jit(init, out_shardings=shardings)()
+    else:
+        carry = init_sharded_state(experiment, sample_x, mesh, config.seed, configured_data_seed)
 
     if config.data.on_device:
-        source = replicate(dataset.train, mesh)
-        sample = device_sampler(num_train, config.data.batch_size, config.seed, mesh,
-                                config.data.shuffle)
-        streamed = None
+        source, streamed = replicate(dataset.train, mesh), None
+        sample = device_sampler(num_train, config.data.batch_size, mesh, config.data.shuffle)
     else:
-        sample = None
+        source, sample = None, None
         streamed = StreamedFeed(make_grain_loader(
             dataset.train, batch_size=config.data.batch_size // jax.process_count(),
-            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-            worker_count=config.data.workers, shuffle=config.data.shuffle), mesh,
-            prefetch=config.data.prefetch)
+            seed=data_seed(config), shard_index=jax.process_index(),
+            shard_count=jax.process_count(), worker_count=config.data.workers,
+            shuffle=config.data.shuffle), mesh, prefetch=config.data.prefetch)
+    step_fn = sampled_step(train_step, sample)
+    if members:
+        step_fn = population_step(step_fn)
 
+    splits = {"validation": dataset.validation, "test": dataset.test}
+    evaluators = {split: make_evaluator(experiment.eval_fn, arrays, config.train.eval_batch_size,
+                                        mesh, split, members=bool(members))
+                  for split, arrays in splits.items() if arrays is not None}
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    restored = checkpointer.restore(state, data_iterator=streamed)
-    resumed_from = None
+    return _Run(config, workdir, mesh, dataset, experiment, members, carry, step_fn, source,
+                streamed, evaluators, checkpointer)
+
+
+def _restore(run: _Run) -> None:
+    restored = run.checkpointer.restore(run.carry, data_iterator=run.streamed)
     if restored is not None:
-        state, resumed_from = restored
-    writer = MetricsWriter(workdir, enabled=is_chief)
-    writer.truncate_after(int(state.step))
+        run.carry, run.resumed_from = restored
+
+
+class _Signals:
+    """SIGTERM and SIGINT (Ctrl-C) ask for a checkpoint at the next log boundary; a second Ctrl-C
+    stops at once. Handlers are installed only from the main thread (Python's rule)."""
+
+    EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self, announce: bool):
+        self.received: list[int] = []
+        self._announce = announce
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.EXIT_CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+        if self._announce and signum == signal.SIGINT:
+            print("\ninterrupted: saving a checkpoint at the next log boundary "
+                  "(Ctrl-C again stops at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
+    """The steps from the restored one to train.steps; returns their wall time and number."""
+    config, mesh, checkpointer = run.config, run.mesh, run.checkpointer
+    is_chief = jax.process_index() == 0
+    streamed = run.streamed is not None
+    population = bool(run.members)
+    writer = MetricsWriter(run.workdir, enabled=is_chief,
+                           members=len(run.members) if population else None)
+    writer.truncate_after(int(run.carry.step))
+    total = config.train.steps
 
     # The streamed feed's shape, for measuring and tracing: the first batch, stacked per step.
-    first = {n: v[:config.data.batch_size] for n, v in dataset.train.items()}
+    first = {n: v[:config.data.batch_size] for n, v in run.dataset.train.items()}
 
     def fixed_source(k):
-        return source if sample else shard_batch(
-            {n: np.stack([v] * k) for n, v in first.items()}, mesh, leading_axes=1)
+        return shard_batch({n: np.stack([v] * k) for n, v in first.items()}, mesh,
+                           leading_axes=1) if streamed else run.source
 
-    finished = int(state.step) >= config.train.steps  # a rerun of a finished run measures nothing
+    finished = int(run.carry.step) >= total  # a rerun of a finished run measures nothing
     steps_per_call = config.train.steps_per_call or (1 if finished else pick_steps_per_call(
-        lambda k: make_train_fn(train_step, k, sample), state, fixed_source,
+        lambda k: compile_k_steps(run.step_fn, k, streamed), run.carry, fixed_source,
         candidates=(1, _auto_steps_per_call(config.train))))
+    run.steps_per_call = steps_per_call
     train_fns = {}
 
-    def run(state, totals, k):
+    def call(carry, totals, k):
         if k not in train_fns:
-            train_fns[k] = make_logged_train_fn(train_step, k, sample)
-        return train_fns[k](state, source if sample else streamed.next(k), totals)
+            train_fns[k] = make_logged_train_fn(run.step_fn, k, streamed)
+        return train_fns[k](carry, run.streamed.next(k) if streamed else run.source, totals)
 
     # Placed like the step's outputs, so the second call does not trace again.
-    zeros = jax.device_put(zero_totals(train_step, state, fixed_source(1), sample),
+    zeros = jax.device_put(zero_totals(run.step_fn, run.carry, fixed_source(1), streamed),
                            NamedSharding(mesh, P()))
 
     def fresh_totals():  # the train function donates its totals: each window gets new buffers
@@ -146,79 +282,192 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last = checkpointer.latest_step()
         return f"step {last} in {checkpointer.directory}" if last is not None else "none"
 
-    evaluate = make_evaluator(experiment.model, dataset.test, config.train.eval_batch_size, mesh)
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    total = config.train.steps
     intervals = (("log", config.train.log_every), ("eval", config.train.eval_every),
                  ("ckpt", config.train.checkpoint_every))
 
     def next_boundary(step: int) -> int:  # the first log, eval or checkpoint step after `step`
         return min(total, *((step // every + 1) * every for _, every in intervals))
 
-    step = int(state.step)
+    step = int(run.carry.step)
     start_step, start_time = step, time.perf_counter()
-    last_eval: dict[str, float] = {}
+    run.last_eval = []
     totals = fresh_totals()
     window_start = (step, time.perf_counter())
     bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
                desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
     try:
-        boundary = next_boundary(step)
-        while step < total:
-            # The per-step path stays this short: on a small CPU, host work between dispatches
-            # slows the steps themselves, not only the loop.
-            k = steps_per_call if total - step >= steps_per_call else 1
-            state, totals = run(state, totals, k)
-            step += k
-            bar.update(k)
-            if step < boundary:
-                continue
+        with _Signals(announce=is_chief) as signals:
             boundary = next_boundary(step)
-            at = {name: step % every < k or step == total for name, every in intervals}
-            stop = _any_process(bool(stop_requested))  # every process stops at the same step
-            window, totals = jax.device_get(totals), fresh_totals()
-            if window["first_nonfinite"] != NO_STEP:
-                raise TrainingDiverged(f"loss or gradients became non-finite at step "
-                                       f"{window['first_nonfinite']}; stopped. "
-                                       f"Last good checkpoint: {where_last_good()}")
-            record = {k: float(v) / int(window["count"]) for k, v in window["sums"].items()}
-            now = time.perf_counter()
-            record["steps_per_s"] = (step - window_start[0]) / (now - window_start[1])
-            window_start = (step, now)
-            if at["eval"]:
-                last_eval = evaluate(state)
-                record.update(last_eval)
-            writer.write(step, record)
-            postfix = {"loss": f"{record['loss']:.4f}"}
-            if last_eval:
-                postfix["test_acc"] = f"{last_eval['test_accuracy']:.4f}"
-            bar.set_postfix(postfix)
-            if at["ckpt"] or stop or step == total:
-                if not bool(params_finite(state.params)):  # an overflowing update, say
-                    raise TrainingDiverged(f"parameters became non-finite by step {step}; stopped. "
-                                           f"Last good checkpoint: {where_last_good()}")
-                checkpointer.save(step, state, streamed)
-            if stop and step < total:
-                checkpointer.wait()
-                raise Preempted(f"SIGTERM: checkpoint saved at step {step} in "
-                                f"{checkpointer.directory}; rerun the same command to resume")
-        train_wall_s = time.perf_counter() - start_time
+            while step < total:
+                # The per-step path stays this short: on a small CPU, host work between
+                # dispatches slows the steps themselves, not only the loop.
+                k = steps_per_call if total - step >= steps_per_call else 1
+                run.carry, totals = call(run.carry, totals, k)
+                step += k
+                bar.update(k)
+                if step < boundary:
+                    continue
+                boundary = next_boundary(step)
+                at = {name: step % every < k or step == total for name, every in intervals}
+                stop = _any_process(bool(signals.received))  # all processes stop at one step
+                window, totals = jax.device_get(totals), fresh_totals()
+                now = time.perf_counter()
+                rate = (step - window_start[0]) / (now - window_start[1])
+                window_start = (step, now)
+                records = (_population_records(run, window, step, where_last_good())
+                           if population else [_single_record(window, where_last_good())])
+                if at["eval"]:
+                    run.last_eval = _evaluate(run)
+                    if population and stopper is not None:
+                        run.carry = stop_members(run.carry, stopper(step, run.last_eval))
+                for member, record in enumerate(records):
+                    if record is None:
+                        continue
+                    record["steps_per_s"] = rate
+                    if at["eval"]:
+                        record.update(run.last_eval[member])
+                    writer.write(step, record, member=member if population else None)
+                bar.set_postfix(_postfix(records, run.last_eval))
+                if at["ckpt"] or stop or step == total:
+                    if not bool(params_finite(run.state.params)):  # an overflowing update, say
+                        raise TrainingDiverged(f"parameters became non-finite by step {step}; "
+                                               f"stopped. Last good checkpoint: "
+                                               f"{where_last_good()}")
+                    checkpointer.save(step, run.carry, run.streamed)
+                if stop and step < total:
+                    checkpointer.wait()
+                    signum = signals.received[0]
+                    raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step "
+                                    f"{step} in {checkpointer.directory}; rerun the same command "
+                                    "to resume", _Signals.EXIT_CODES[signum])
+        return time.perf_counter() - start_time, step - start_step
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.close()
         writer.close()
 
-    final = last_eval or evaluate(state)
+
+def _single_record(window: dict, last_good: str) -> dict:
+    if window["first_nonfinite"] != NO_STEP:
+        raise TrainingDiverged(f"loss or gradients became non-finite at step "
+                               f"{window['first_nonfinite']}; stopped. Last good checkpoint: "
+                               f"{last_good}")
+    return {k: float(v) / int(window["count"]) for k, v in window["sums"].items()}
+
+
+def _population_records(run: _Run, window: dict, step: int, last_good: str) -> list[dict | None]:
+    """One record per member (None for a member stopped for the whole window); a member that
+    diverged is reported once and stays stopped at its last good state."""
+    active = np.asarray(jax.device_get(run.carry.active))
+    for member, bad_step in enumerate(window["first_nonfinite"]):
+        if bad_step != NO_STEP:
+            print(f"population member {member} {run.members[member]}: loss or gradients became "
+                  f"non-finite at step {bad_step}; it stays at its last good state, the others "
+                  "go on", file=sys.stderr)
+    if not active.any():
+        raise TrainingDiverged(f"every member of the population has stopped by step {step}. "
+                               f"Last good checkpoint: {last_good}")
+    records = []
+    for member, count in enumerate(window["count"]):
+        if count == 0:
+            records.append(None)
+            continue
+        record = {k: float(v[member]) / int(count) for k, v in window["sums"].items()}
+        records.append({**record, "active": bool(active[member])})
+    return records
+
+
+def _evaluate(run: _Run) -> list[dict]:
+    """Every split's metrics, one dict per member (one in all for a single run)."""
+    results = {split: evaluate(run.state) for split, evaluate in run.evaluators.items()}
+    if not run.members:
+        return [{k: v for split in results.values() for k, v in split.items()}]
+    return [{k: v for split in results.values() for k, v in split[m].items()}
+            for m in range(len(run.members))]
+
+
+def _postfix(records: list[dict | None], evaluations: list[dict]) -> dict:
+    """The progress bar's: the first member's loss and its main evaluation metric."""
+    first = next((r for r in records if r is not None), None)
+    postfix = {"loss": f"{first['loss']:.4f}"} if first else {}
+    if evaluations:
+        split = "validation" if any(k.startswith("validation_") for k in evaluations[0]) else "test"
+        for name in ("accuracy", "bits_per_char", "mse", "loss"):
+            if f"{split}_{name}" in evaluations[0]:
+                postfix[f"{split[:3]}_{name}"] = f"{evaluations[0][f'{split}_{name}']:.4f}"
+                break
+    return postfix
+
+
+def _measurements(run: _Run) -> dict:
+    """model_bytes, FLOPs per example and latency of one model (a population's members share
+    shapes) on this process's first device; host copies, so no collective is involved."""
+    state = jax.tree.map(lambda a: a[0], run.state) if run.members else run.state
+    variables = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
+                             {"params": state.params, **state.model_state})
+    return measure_model(run.experiment.model, variables, sample_input(run.dataset))
+
+
+def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
+    evaluations = run.last_eval or _evaluate(run)
+    num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
+                     for x in jax.tree.leaves(run.state.params))
     summary = {
-        **final, "steps": int(state.step), "train_wall_s": train_wall_s,
-        "steps_per_s": (step - start_step) / train_wall_s if train_wall_s > 0 else 0.0,
-        "num_params": num_params, "steps_per_call": steps_per_call, "devices": mesh.size,
-        "processes": jax.process_count(), "resumed_from": resumed_from,
-        "backend": jax.default_backend(),
+        "steps": int(run.carry.step), "train_wall_s": train_wall_s,
+        "steps_per_s": steps_run / train_wall_s if train_wall_s > 0 else 0.0,
+        "num_params": num_params, "steps_per_call": run.steps_per_call, "devices": run.mesh.size,
+        "processes": jax.process_count(), "resumed_from": run.resumed_from,
+        "backend": jax.default_backend(), "task": run.dataset.task,
     }
+    is_chief = jax.process_index() == 0
+    if run.config.train.measure and is_chief:
+        summary.update(_measurements(run))
+    if run.members:
+        active = np.asarray(jax.device_get(run.carry.active))
+        summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i]}
+                              for i, values in enumerate(run.members)]
+        summary["best_member"] = _best_member(summary["members"])
+    else:
+        summary = {**evaluations[0], **summary}
     if is_chief:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _best_member(members: list[dict]) -> int | None:
+    """The member with the lowest validation loss: selection is on validation, never on test."""
+    losses = [m.get("validation_loss", math.nan) for m in members]
+    if all(math.isnan(x) for x in losses):
+        return None
+    return int(np.nanargmin(losses))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model=None,
+                       dataset=None, loss_fn: LossFn | None = None, eval_fn: EvalFn | None = None,
+                       hparams: dict[str, float] | None = None,
+                       stop_members: MemberStopper | None = None) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
+
+    Args:
+      config: a validated config (`core/config.py`).
+      workdir: the run directory.
+      model: a Flax linen module of your own, called as `model.apply(variables, x, train=...)`
+        (a module without a `train` argument is called without it); default: `config.model`.
+      dataset: a `data.sources.Dataset`, or a mapping of split names to TFDS/grain data sources
+        (`as_dataset`); default: `config.data`.
+      loss_fn: `loss_fn(params, model_state, batch, rng, hparams) -> (loss, aux)`, aux holding
+        at least {"metrics": {...}, "model_state": ...}; default: the data set's task.
+      eval_fn: `eval_fn(params, model_state, batch) -> {metric: per-example values}`; default:
+        the data set's task's evaluation.
+      hparams: per-trial scalars your loss reads from its `hparams` argument (a population may
+        vary them by name).
+      stop_members: for a population, called at every evaluation with (step, per-member
+        metrics); the members it returns are stopped.
+    Pass the same objects again to resume.
+    """
+    run = _build(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
+                 eval_fn=eval_fn, hparams=hparams)
+    _restore(run)
+    train_wall_s, steps_run = _train(run, stop_members)
+    return _finish(run, train_wall_s, steps_run)

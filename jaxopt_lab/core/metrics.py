@@ -32,12 +32,23 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class MetricsWriter:
-    """Appends metrics; only the process that owns logging (process 0) writes anything."""
+    """Appends metrics; only the process that owns logging (process 0) writes anything.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    A population's records carry a "member" index, and each member gets its own TensorBoard
+    run (tensorboard/member_<i>), so TensorBoard overlays their curves.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, members: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        directory = os.path.join(workdir, "tensorboard")
+        if not enabled:
+            self._tb = []
+        elif members is None:
+            self._tb = [SummaryWriter(directory)]
+        else:
+            self._tb = [SummaryWriter(os.path.join(directory, f"member_{i}"))
+                        for i in range(members)]
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step`: a resumed run rewrites the steps it lost, so no duplicates."""
@@ -47,16 +58,19 @@ class MetricsWriter:
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
+    def write(self, step: int, metrics: dict[str, Any], member: int | None = None) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        tag = {} if member is None else {"member": member}
+        record = {"step": int(step), **tag, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(key, value, step)
+        board = self._tb[member or 0]
+        for key, value in metrics.items():
+            value = _plain(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                board.add_scalar(key, value, step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for board in self._tb:
+            board.close()

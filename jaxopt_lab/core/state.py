@@ -6,31 +6,39 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxopt_lab.core.tasks import train_kwargs
 
 
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # the model's trainable parameters
-    opt_state: Any  # optax state (pruning masks, schedules and hyperparameters live here)
+    opt_state: Any  # optax state (pruning masks, schedules and injected hyperparameters live here)
     model_state: Any  # non-trainable model collections, e.g. {"batch_stats": ...}; {} if none
     comm_state: Any  # gradient-communication state, leading axis = data-parallel devices
     rng: jax.Array  # uint32 key data (raw, so checkpoints need no typed-key support)
+    data_rng: jax.Array  # uint32 key data: seeds each epoch's order of the on-device data
+    hparams: dict[str, jax.Array]  # float32 scalars passed to the loss and the reducer
 
 
 def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformation,
-                       comm_init, num_data_devices: int, seed: int) -> TrainState:
+                       comm_init, num_data_devices: int, seed: int, *,
+                       hparams: dict[str, float] | None = None,
+                       data_seed: int | None = None) -> TrainState:
     """Initializes the model, optimizer and communication state from one seed.
 
     `comm_init(params)` gives one device's communication state; it is stacked over the
     data-parallel devices because each device keeps its own (e.g. error-feedback residuals).
+    `data_seed` (default `seed`) orders the data; `hparams` are the loss's and reducer's values.
     """
     init_key, state_key = jax.random.split(jax.random.key(seed))
-    variables = model.init(init_key, sample_x, train=False)
+    variables = model.init(init_key, sample_x, **train_kwargs(model, False))
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     comm_state = jax.tree.map(
@@ -43,32 +51,44 @@ def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformat
         model_state=model_state,
         comm_state=comm_state,
         rng=jax.random.key_data(state_key),
+        data_rng=jax.random.key_data(jax.random.key(seed if data_seed is None else data_seed)),
+        hparams={k: jnp.float32(v) for k, v in (hparams or {}).items()},
     )
 
 
-def _init_and_shardings(experiment, input_shape: tuple[int, ...], mesh: Mesh, seed: int):
-    sample_x = jnp.zeros((1, *input_shape), jnp.float32)
+def sample_input(dataset) -> np.ndarray:
+    """A batch of one zero example shaped and typed like the data set's inputs: what init traces."""
+    return np.zeros((1, *dataset.input_shape), dataset.train["x"].dtype)
 
+
+def _init_and_shardings(experiment, sample_x, mesh: Mesh, seed: int, data_seed: int | None):
     def init():
         return create_train_state(experiment.model, sample_x, experiment.tx,
-                                  experiment.reducer.init, mesh.size, seed)
+                                  experiment.reducer.init, mesh.size, seed,
+                                  hparams=experiment.hparams, data_seed=data_seed)
 
     abstract = jax.eval_shape(init)
+    return init, abstract, state_shardings(abstract, mesh)
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh, leading_axes: int = 0) -> TrainState:
+    """Everything replicated, comm_state split over the "data" axis after `leading_axes` (1 for a
+    population's stacked state)."""
+    lead = [None] * leading_axes
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-    shardings = shardings.replace(comm_state=jax.tree.map(
-        lambda _: NamedSharding(mesh, P(mesh.axis_names[0])), abstract.comm_state))
-    return init, abstract, shardings
+    return shardings.replace(comm_state=jax.tree.map(
+        lambda _: NamedSharding(mesh, P(*lead, mesh.axis_names[0])), abstract.comm_state))
 
 
-def init_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh, seed: int) -> TrainState:
-    """Builds the state directly with its shardings (shapes first, then a jitted init):
-    everything replicated, comm_state split over the "data" axis."""
-    init, _, shardings = _init_and_shardings(experiment, input_shape, mesh, seed)
+def init_sharded_state(experiment, sample_x, mesh: Mesh, seed: int,
+                       data_seed: int | None = None) -> TrainState:
+    """Builds the state directly with its shardings (shapes first, then a jitted init)."""
+    init, _, shardings = _init_and_shardings(experiment, sample_x, mesh, seed, data_seed)
     return jax.jit(init, out_shardings=shardings)()
 
 
-def abstract_sharded_state(experiment, input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+def abstract_sharded_state(experiment, sample_x, mesh: Mesh) -> TrainState:
     """The state's shapes, dtypes and shardings without computing it: a restore target."""
-    _, abstract, shardings = _init_and_shardings(experiment, input_shape, mesh, seed=0)
+    _, abstract, shardings = _init_and_shardings(experiment, sample_x, mesh, 0, None)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)

@@ -1,13 +1,17 @@
 """One pure training step, `(state, batch) -> (state, metrics)`, built from the four seams.
 
-    loss_fn(params, model_state, batch, rng) -> (loss, aux)      loss seam
-    reducer.reduce(grads, comm_state) -> (grads, comm_state, stats)  communication seam
-    tx: optax GradientTransformation(ExtraArgs)                   update seam
-    the model is whatever `loss_fn` closes over                   model seam
+    loss_fn(params, model_state, batch, rng, hparams) -> (loss, aux)          loss seam
+    reducer.reduce(grads, comm_state, rng, hparams) -> (grads, comm_state, stats)
+                                                                            communication seam
+    tx: optax GradientTransformation(ExtraArgs)                             update seam
+    the model is whatever `loss_fn` closes over                             model seam
 
 `aux` is a dict with "metrics" (scalars to log) and "model_state" (updated non-trainable
-collections). The per-device part (loss, gradient, reduction) runs inside `jax.shard_map` over the
-mesh's "data" axis, so a reducer sees exactly its own device's gradients and its own state.
+collections); see `core/tasks.py` for the rest. `hparams` is `TrainState.hparams`, the per-trial
+scalars of the loss and the reducer. The per-device part (loss, gradient, reduction) runs inside
+`jax.shard_map` over the mesh's "data" axis, so a reducer sees exactly its own device's gradients,
+its own state and its own key. `state_metrics(state)`, where given, adds scalars computed from the
+new state (a technique's sparsity from its masks, say) to the step's metrics.
 """
 
 from __future__ import annotations
@@ -22,22 +26,23 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core.state import TrainState
+from jaxopt_lab.core.tasks import LossFn
 
 DATA_AXIS = "data"
-
-LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
+_REDUCER_STREAM = 1  # the reducer's key is the loss's folded with this: independent streams
 
 
 class Reducer(NamedTuple):
     """A gradient-communication strategy as an (init, reduce) pair of pure functions.
 
     init(params) -> one device's comm state.
-    reduce(grads, comm_state) -> (mean grads, comm state, stats); runs per device, may use
-    collectives over DATA_AXIS; stats are scalars (e.g. bytes sent) logged with the metrics.
+    reduce(grads, comm_state, rng, hparams) -> (mean grads, comm state, stats); runs per device
+    with a key of its own (per step and device), may use collectives over DATA_AXIS; stats are
+    scalars (e.g. bytes sent) logged with the metrics.
     """
 
     init: Callable[[Any], Any]
-    reduce: Callable[[Any, Any], tuple[Any, Any, dict]]
+    reduce: Callable[[Any, Any, jax.Array, dict], tuple[Any, Any, dict]]
 
 
 def data_mean(tree):
@@ -51,7 +56,8 @@ def data_mean(tree):
 def pmean_reducer() -> Reducer:
     """The default: an exact all-reduce mean of float32 gradients."""
 
-    def reduce(grads, comm_state):
+    def reduce(grads, comm_state, rng, hparams):
+        del rng, hparams
         nbytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
         stats = {"comm_bytes": jnp.float32(nbytes)}
         return data_mean(grads), comm_state, stats
@@ -59,38 +65,21 @@ def pmean_reducer() -> Reducer:
     return Reducer(init=lambda params: (), reduce=reduce)
 
 
-def classification_loss(model, augment: Callable | None = None) -> LossFn:
-    """Softmax cross-entropy of `model` on {"x", "label"} batches, with on-device augmentation."""
-
-    def loss_fn(params, model_state, batch, rng):
-        aug_key, dropout_key = jax.random.split(rng)
-        x = batch["x"] if augment is None else augment(aug_key, batch["x"])
-        mutable = list(model_state.keys())
-        logits, new_model_state = model.apply(
-            {"params": params, **model_state}, x, train=True, mutable=mutable,
-            rngs={"dropout": dropout_key})
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        loss = jnp.mean(losses)
-        return loss, {"metrics": {"accuracy": accuracy}, "model_state": new_model_state,
-                      "logits": logits}
-
-    return loss_fn
-
-
 def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransformationExtraArgs,
-                    mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    mesh: Mesh, state_metrics: Callable[[TrainState], dict] | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Composes the seams into a pure step; jit, scan and vmap it from outside."""
 
-    def per_device(params, model_state, comm_state, rng, step, batch):
-        # The key is derived here, inside the per-device region, so a loss that never uses it
-        # (no dropout, no augmentation) lets XLA drop the derivation entirely.
+    def per_device(params, model_state, comm_state, rng, hparams, step, batch):
+        # The keys are derived here, inside the per-device region, so a loss or reducer that never
+        # uses its key (no dropout, no augmentation) lets XLA drop the derivation entirely.
         rng = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
         rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, model_state, batch, rng)
+            params, model_state, batch, rng, hparams)
         local_comm = jax.tree.map(lambda x: x[0], comm_state)
-        grads, local_comm, comm_stats = reducer.reduce(grads, local_comm)
+        grads, local_comm, comm_stats = reducer.reduce(
+            grads, local_comm, jax.random.fold_in(rng, _REDUCER_STREAM), hparams)
         comm_state = jax.tree.map(lambda x: x[None], local_comm)
         metrics = data_mean({"loss": loss, **aux["metrics"], **comm_stats})
         model_state = data_mean(aux["model_state"])
@@ -98,13 +87,14 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
 
     sharded = jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(P(), P(), P(DATA_AXIS), P(), P(), P(DATA_AXIS)),
+        in_specs=(P(), P(), P(DATA_AXIS), P(), P(), P(), P(DATA_AXIS)),
         out_specs=(P(), P(), P(DATA_AXIS), P()),
         check_vma=False)  # gradients stay per device: the reducer does the communicating
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         grads, model_state, comm_state, metrics = sharded(
-            state.params, state.model_state, state.comm_state, state.rng, state.step, batch)
+            state.params, state.model_state, state.comm_state, state.rng, state.hparams,
+            state.step, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
         # One norm per step: on small models each extra reduction over the parameters costs
@@ -112,20 +102,8 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state, comm_state=comm_state)
+        if state_metrics is not None:
+            metrics.update(state_metrics(new_state))
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(model) -> Callable[[Any, Any, dict], dict]:
-    """Summed loss and correct count over a (possibly padded) batch; `mask` marks real examples."""
-
-    def eval_step(params, model_state, batch):
-        logits = model.apply({"params": params, **model_state}, batch["x"], train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        correct = jnp.argmax(logits, -1) == batch["label"]
-        mask = batch["mask"]
-        return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-                "count": jnp.sum(mask)}
-
-    return eval_step

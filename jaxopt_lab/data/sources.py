@@ -10,23 +10,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+import requests
 import tensorflow_datasets as tfds
 
 from jaxopt_lab.data import builders
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.importpath import is_import_path, load_object
 
-DATASET_NAMES = ("mnist1d", "mnist1d_shuffled", "digits", "synthetic")
+DATASET_NAMES = ("mnist1d", "mnist1d_shuffled", "digits", "diabetes", "python_text", "synthetic")
 TFDS_PREFIX = "tfds:"
+VALIDATION_SEED = 0  # fixes which training examples are held out for validation
 
 # name -> (builder class, builder config); all generated offline.
 _EMBEDDED = {
     "mnist1d": (builders.Mnist1d, "default"),
     "mnist1d_shuffled": (builders.Mnist1d, "shuffled"),
     "digits": (builders.Digits, None),
+    "diabetes": (builders.Diabetes, None),  # regression
+    "python_text": (builders.PythonText, None),  # language model
 }
 
 
@@ -59,11 +65,11 @@ def default_data_dir() -> str:
 
 def check_dataset_name(name: str) -> None:
     """Raises UserError unless `name` is a data set `load_dataset` knows (checked before any work)."""
-    if isinstance(name, str) and (name in DATASET_NAMES or (
+    if isinstance(name, str) and (name in DATASET_NAMES or is_import_path(name) or (
             name.startswith(TFDS_PREFIX) and name[len(TFDS_PREFIX):].strip())):
         return
-    raise UserError(f"unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)} "
-                    f"or {TFDS_PREFIX}<TFDS catalog name>")
+    raise UserError(f"unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)}, "
+                    f"{TFDS_PREFIX}<TFDS catalog name> or an import path package.module:function")
 
 
 def load_dataset(name: str, data_dir: str | None = None, *,
@@ -72,14 +78,17 @@ def load_dataset(name: str, data_dir: str | None = None, *,
     """Loads data set `name` into host arrays, building it into `data_dir` on first use.
 
     Args:
-      name: one of DATASET_NAMES or "tfds:<catalog name>" (downloaded by TFDS where a network
-        exists).
+      name: one of DATASET_NAMES, "tfds:<catalog name>" (downloaded by TFDS where a network
+        exists), or an import path "package.module:function" to a user's function that takes no
+        arguments and returns a `Dataset` (or what `as_dataset` accepts).
       data_dir: where TFDS data sets are built; None means `default_data_dir()`.
       synthetic_shape, synthetic_size, num_classes, seed: only for "synthetic" (random inputs for
         throughput work): one example's shape, the number of training examples (the test set has
         a quarter as many), the number of label values and the seed that fixes them.
     """
     check_dataset_name(name)
+    if is_import_path(name):
+        return as_dataset(load_object(name, "data.name")(), name)
     if name == "synthetic":
         return _synthetic(tuple(synthetic_shape), synthetic_size, num_classes, seed)
     data_dir = os.path.expanduser(data_dir or default_data_dir())
@@ -120,12 +129,21 @@ def _catalog(name: str, data_dir: str) -> Dataset:
     try:
         with lock, _quiet_progress():
             # With an explicit data_dir, TFDS would otherwise prepare TFRecords, which have no
-            # random access.
-            splits = tfds.data_source(catalog_name, data_dir=data_dir,
-                                      builder_kwargs={"file_format": builders.FILE_FORMAT})
+            # random access. A name TFDS has no code for is read from the files prepared in
+            # data_dir (e.g. copied from another machine): `tfds.builder` looks there first.
+            builder = tfds.builder(catalog_name, data_dir=data_dir,
+                                   file_format=builders.FILE_FORMAT)
+            if not builder.is_prepared():
+                _check_can_prepare(name, builder, data_dir)
+                builder.download_and_prepare()
+            splits = builder.as_data_source()
     except tfds.core.registered.DatasetNotFoundError:
-        raise UserError(f"data set {name!r}: {catalog_name!r} is not in the TFDS catalog "
-                        "(https://www.tensorflow.org/datasets/catalog)") from None
+        raise UserError(f"data set {name!r}: {catalog_name!r} is neither in the TFDS catalog "
+                        f"(https://www.tensorflow.org/datasets/catalog) nor prepared in "
+                        f"{data_dir}") from None
+    except (requests.RequestException, tfds.download.DownloadError) as e:
+        raise UserError(f"data set {name!r} is not prepared in {data_dir} and its download "
+                        f"failed: {_one_line(e)}") from None
     info = next(iter(splits.values())).dataset_info
     if "image" in info.features and "label" in info.features:
         x_key, label_key = "image", "label"
@@ -140,24 +158,70 @@ def _catalog(name: str, data_dir: str) -> Dataset:
     return _from_splits(name, splits, x_key, label_key, num_classes)
 
 
+def _check_can_prepare(name: str, builder, data_dir: str) -> None:
+    """Fails in seconds, with one line, where TFDS would fail only after a long wait or a download.
+
+    TFDS retries an unreachable download host 10 times with exponential backoff (about 3.5
+    minutes when the name does not even resolve; with no timeout, far longer where packets are
+    dropped), so each host of the builder's known URLs is tried once here, with a timeout.
+    Preparing a catalog data set also needs TensorFlow (TFDS encodes images and reads the
+    downloads with it), which our install leaves out: better said before the download than after.
+    """
+    roots = sorted({"/".join(url.split("/", 3)[:3]) for url in builder.url_infos or ()
+                    if url.startswith(("http://", "https://"))})  # scheme://host
+    for root in roots:
+        try:
+            requests.head(root, timeout=10)  # any HTTP answer, even an error, means reachable
+        except requests.ConnectionError as e:  # unresolved, refused, proxy, TLS, connect timeout
+            raise UserError(f"data set {name!r} is not prepared in {data_dir} and cannot be "
+                            f"downloaded: {root} is unreachable ({_one_line(e)}); prepare it on "
+                            "a machine with a network and copy it into that data dir") from None
+    if importlib.util.find_spec("tensorflow") is None:
+        raise UserError(f"data set {name!r} is not prepared in {data_dir}, and preparing it needs "
+                        "TensorFlow, the [tfds] extra: pip install -c constraints.txt -e '.[tfds]'")
+
+
+def _one_line(error: Exception) -> str:
+    """The innermost reason of a download error (requests nests urllib3's two deep), one line."""
+    inner = error.args[0] if error.args and isinstance(error.args[0], Exception) else error
+    reason = getattr(inner, "reason", None) or inner
+    return f"{type(reason).__name__}: {reason}".replace("\n", " ")
+
+
 def _from_splits(name: str, splits: dict, x_key: str, label_key: str,
                  num_classes: int) -> Dataset:
-    """Reads the train and test (else validation) splits whole into arrays."""
+    """Reads the train and test (else validation) splits whole into arrays.
+
+    The task is the data set's `metadata["task"]` where its builder states one (ours do), else
+    classification.
+    """
     test_split = next((s for s in ("test", "validation") if s in splits), None)
     if "train" not in splits or test_split is None:
         raise UserError(f"data set {name!r} has splits {sorted(splits)}; need 'train' and "
                         "'test' or 'validation'")
-    train, test = (_read(splits[s], x_key, label_key) for s in ("train", test_split))
+    metadata = getattr(getattr(splits["train"], "dataset_info", None), "metadata", None)
+    task = metadata.get("task", "classification") if isinstance(metadata, dict) else "classification"
+    if task not in TASKS:
+        raise UserError(f"data set {name!r} has task {task!r}; allowed: {', '.join(TASKS)}")
+    train, test = (_read(splits[s], x_key, label_key, task) for s in ("train", test_split))
     return Dataset(train=train, test=test, num_classes=int(num_classes),
-                   input_shape=tuple(train["x"].shape[1:]), name=name)
+                   input_shape=tuple(train["x"].shape[1:]), name=name, task=task)
 
 
-def _read(source, x_key: str, label_key: str) -> dict[str, np.ndarray]:
-    """One split as {"x": float32, "label": int32}; integer images are scaled to [0, 1]."""
+def _read(source, x_key: str, label_key: str, task: str) -> dict[str, np.ndarray]:
+    """One split in the dtypes of `task` (see `Dataset`); integer images are scaled to [0, 1].
+
+    classification: x float32, label int32; regression: x float32, label float32;
+    language_model: x and label int32 tokens.
+    """
     examples = source.__getitems__(list(range(len(source))))  # one batched read, not N small ones
     x = np.stack([e[x_key] for e in examples])
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    label = np.asarray([e[label_key] for e in examples], dtype=np.int32)
+    if task == "language_model":
+        x = x.astype(np.int32)
+    else:
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    label_dtype = np.float32 if task == "regression" else np.int32
+    label = np.asarray([e[label_key] for e in examples], dtype=label_dtype)
     return {"x": x, "label": label}
 
 
@@ -186,3 +250,45 @@ def _quiet_progress() -> Iterator[None]:
         yield
     finally:
         tfds.display_progress_bar(was_on)
+
+
+def as_dataset(data, name: str = "custom") -> Dataset:
+    """A `Dataset` from what a user brings: a Dataset, or a mapping of split names to
+    random-access sources of {"x"/"image", "label"} records — what `tfds.data_source(...)` returns,
+    or grain data sources — read whole into host arrays (class labels: num_classes from the TFDS
+    features where known, else the largest label + 1)."""
+    if isinstance(data, Dataset):
+        return data
+    if not isinstance(data, Mapping) or "train" not in data:
+        raise UserError(f"data set {name!r} must be a jaxopt_lab Dataset or a mapping of split "
+                        f"names ('train', 'test') to data sources; got {type(data).__name__}")
+    first = data["train"][0]
+    x_key = next((k for k in ("x", "image") if k in first), None)
+    if x_key is None or "label" not in first:
+        raise UserError(f"data set {name!r}: records need 'x' (or 'image') and 'label'; "
+                        f"got keys {sorted(first)}")
+    info = getattr(data["train"], "dataset_info", None)
+    num_classes = getattr(info.features["label"], "num_classes", None) if info else None
+    if not num_classes:
+        num_classes = 1 + max(int(np.max(data["train"][i]["label"]))
+                              for i in range(len(data["train"])))
+    return _from_splits(name, data, x_key, "label", num_classes)
+
+
+def with_validation(dataset: Dataset, fraction: float) -> Dataset:
+    """`dataset` with a validation split carved from train: the same examples on every run and
+    every machine (a permutation with a fixed seed, independent of the training seed), so runs
+    with different seeds select on one validation set. A data set that has one keeps it."""
+    if dataset.validation is not None or fraction <= 0:
+        return dataset
+    n = len(dataset.train["label"])
+    held_out = int(round(fraction * n))
+    if not 0 < held_out < n:
+        raise UserError(f"data.validation_fraction={fraction} leaves {n - held_out} of {n} "
+                        f"examples of {dataset.name!r} for training and {held_out} for validation")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
+    # Stored order is kept within each part (a paper's unshuffled protocol still walks it).
+    validation, train = np.sort(order[:held_out]), np.sort(order[held_out:])
+    return dataclasses.replace(
+        dataset, train={k: v[train] for k, v in dataset.train.items()},
+        validation={k: v[validation] for k, v in dataset.train.items()})

@@ -15,11 +15,13 @@ from typing import Any
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.importpath import is_import_path, load_object
 from jaxopt_lab.models.cnn1d import CNN1D
 from jaxopt_lab.models.cnn2d import CNN2D
 from jaxopt_lab.models.logreg import LogReg
 from jaxopt_lab.models.mlp import MLP
 from jaxopt_lab.models.resnet import ResNet
+from jaxopt_lab.models.transformer_lm import TransformerLM
 from jaxopt_lab.models.vit import ViT
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "MODELS",
     "LogReg",
     "ResNet",
+    "TransformerLM",
     "ViT",
     "build_model",
     "model_hparams",
@@ -41,6 +44,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "cnn2d": CNN2D,
     "resnet": ResNet,
     "vit": ViT,
+    "transformer_lm": TransformerLM,
 }
 
 # Dataclass fields that are not tunable: the task's output size, the seams, and Flax's own.
@@ -50,8 +54,25 @@ _NOT_HPARAMS = frozenset(
 
 
 def _model_cls(name: str) -> type[nn.Module]:
+    """A registry name, or an import path "package.module:Class" to a user's own linen module
+    (a dataclass taking `num_classes`, hyperparameters with defaults, and optionally the seams)."""
+    if is_import_path(name):
+        cls = load_object(name, "model.name")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise UserError(f"model.name={name!r} is not a flax.linen Module class")
+        if "num_classes" not in {f.name for f in dataclasses.fields(cls)}:
+            raise UserError(f"model.name={name!r}: the module has no `num_classes` field "
+                            "(the registry's convention: the output width is num_classes)")
+        required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in
+                    _NOT_HPARAMS and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        if required:
+            raise UserError(f"model.name={name!r}: fields {required} have no default; every "
+                            "hyperparameter needs one (configs override them by key)")
+        return cls
     if name not in MODELS:
-        raise UserError(f"model.name={name!r} is unknown; allowed: {', '.join(MODELS)}")
+        raise UserError(f"model.name={name!r} is unknown; allowed: {', '.join(MODELS)} "
+                        "or an import path package.module:Class")
     return MODELS[name]
 
 
@@ -111,9 +132,12 @@ def build_model(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes={num_classes!r} is invalid; allowed: a positive integer")
     hparams = {k: _coerce(name, k, v, allowed[k]) for k, v in hparams.items()}
-    return MODELS[name](
-        num_classes=num_classes,
-        dot_general_cls=dot_general_cls,
-        conv_general_dilated_cls=conv_general_dilated_cls,
-        **hparams,
-    )
+    cls = _model_cls(name)
+    seams = {"dot_general_cls": dot_general_cls,
+             "conv_general_dilated_cls": conv_general_dilated_cls}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for seam, value in seams.items():
+        if value is not None and seam not in fields:
+            raise UserError(f"model {name!r} has no {seam} seam to inject into")
+    return cls(num_classes=num_classes, **{k: v for k, v in seams.items() if k in fields},
+               **hparams)

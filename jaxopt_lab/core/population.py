@@ -1,0 +1,166 @@
+"""A population of trials as one XLA program: stacked TrainStates, one vmapped step.
+
+Members differ only in values, not shapes: a seed (initialisation and data order), the data seed,
+injected optimizer values (`core/optim.py::INJECTED`) and `TrainState.hparams`. Every such value
+is addressed by its config key ("optim.lr", "data.seed", "loss.label_smoothing") and lives in
+the state, so one compiled step trains every member with its own values, and the checkpoint holds
+them. A member is stopped by masking: its state stops changing while the others go on (a member
+whose loss or gradients turn non-finite stops itself at its last good state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxopt_lab.core.optim import INJECTED
+from jaxopt_lab.core.state import TrainState, create_train_state, state_shardings
+from jaxopt_lab.errors import UserError
+
+STATE_KEYS = ("seed", "data.seed")  # set when a member's state is made, not afterwards
+
+
+@struct.dataclass
+class Population:
+    step: jax.Array  # int32 scalar: steps the population has run (a stopped member's stop)
+    members: TrainState  # every leaf stacked on a leading member axis
+    active: jax.Array  # bool [members]: False once a member is stopped
+
+
+def stack_trials(states: Sequence[TrainState]) -> TrainState:
+    """Stacks per-trial states along a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_trials(population: TrainState) -> list[TrainState]:
+    """The inverse of `stack_trials`."""
+    size = jax.tree.leaves(population)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], population) for i in range(size)]
+
+
+def allowed_keys(hparams: Iterable[str]) -> list[str]:
+    """The keys a population may vary, given the state's hparams."""
+    return [*STATE_KEYS, *INJECTED, *sorted(hparams)]
+
+
+def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str]) -> list[dict[str, Any]]:
+    """One {key: value} per member from a config's `population`: ((key, (v0, v1, ...)), ...).
+
+    Raises:
+      UserError: on a key that is not a per-trial value, or value lists of different lengths.
+    """
+    allowed = allowed_keys(hparams)
+    columns = {}
+    for entry in spec:
+        if len(entry) != 2 or isinstance(entry[1], (str, bytes)) or not len(entry[1]):
+            raise UserError(f"population entry {entry!r} must be (config key, (value, ...))")
+        key, values = entry
+        if key not in allowed:
+            raise UserError(f"population key {key!r} is not a per-trial value; allowed: "
+                            f"{', '.join(allowed)}")
+        columns[key] = list(values)
+    sizes = {key: len(values) for key, values in columns.items()}
+    if len(set(sizes.values())) > 1:
+        raise UserError(f"population value lists differ in length: {sizes}")
+    size = next(iter(sizes.values()), 0)
+    return [{key: values[i] for key, values in columns.items()} for i in range(size)]
+
+
+def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
+    """`state` with per-trial values set by config key, for one state or a stacked population
+    (then each value is one per member, e.g. {"optim.lr": [1e-3, 3e-3]}).
+
+    Raises:
+      UserError: for "seed" (it shapes the initialisation: make each member with its own) and
+        for keys that are not per-trial values.
+    """
+    injected, hparams = {}, dict(state.hparams)
+    for key, value in values.items():
+        if key in INJECTED:
+            injected[INJECTED[key]] = value
+        elif key in hparams:
+            hparams[key] = jnp.asarray(value, jnp.float32).reshape(hparams[key].shape)
+        elif key == "data.seed":
+            seeds = np.asarray(value, np.uint32).reshape(-1)
+            keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+            state = state.replace(data_rng=keys.reshape(state.data_rng.shape))
+        else:
+            raise UserError(f"{key!r} cannot be set on a made state; per-trial values: "
+                            f"{', '.join(k for k in allowed_keys(hparams) if k != 'seed')}")
+
+    def replace(path, leaf):
+        names = [getattr(p, "key", None) for p in path]
+        if len(names) >= 2 and names[-2] == "hyperparams" and names[-1] in injected:
+            return jnp.asarray(injected[names[-1]], leaf.dtype).reshape(leaf.shape)
+        return leaf
+
+    opt_state = jax.tree_util.tree_map_with_path(replace, state.opt_state)
+    return state.replace(opt_state=opt_state, hparams=hparams)
+
+
+def make_population(states: Sequence[TrainState]) -> Population:
+    """Every member active, at step 0 of the population (members start where their states are)."""
+    return Population(step=jnp.zeros((), jnp.int32), members=stack_trials(states),
+                      active=jnp.ones((len(states),), bool))
+
+
+def stop_members(population: Population, indices: Iterable[int]) -> Population:
+    """Masks the given members: their states stop changing from the next step on."""
+    stopped = np.zeros(population.active.shape, bool)
+    stopped[list(indices)] = True
+    return population.replace(active=population.active & ~jnp.asarray(stopped))
+
+
+def population_step(step_fn: Callable) -> Callable:
+    """`(population, source) -> (population, metrics per member)` from a one-trial
+    `step_fn(state, source)`; the source (data or a batch) is shared by all members.
+
+    A member's update is kept only while it is active and its loss and gradient norm are finite;
+    metrics gain "active" (after the step) and "was_active" (before) for the logged train fn.
+    """
+
+    def member(state, active, source):
+        new, metrics = step_fn(state, source)
+        ok = active & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        return state, ok, {**metrics, "active": ok, "was_active": active}
+
+    def step(population: Population, source):
+        members, active, metrics = jax.vmap(member, in_axes=(0, 0, None))(
+            population.members, population.active, source)
+        return Population(population.step + 1, members, active), metrics
+
+    return step
+
+
+def population_init(experiment, sample_x, mesh, members: Sequence[Mapping[str, Any]], *,
+                    seed: int, data_seed: int | None
+                    ) -> tuple[Callable[[], Population], Population]:
+    """`(init, shardings)`: a jittable function making the population (each member with its own
+    seed and data seed where given, then its other values) and where each part goes.
+
+    A member's data order follows its data seed, else `data_seed`, else its own seed."""
+
+    def init() -> Population:
+        states = []
+        for values in members:
+            state = create_train_state(
+                experiment.model, sample_x, experiment.tx, experiment.reducer.init, mesh.size,
+                values.get("seed", seed), hparams=experiment.hparams,
+                data_seed=values.get("data.seed", data_seed))
+            states.append(set_values(state, {k: v for k, v in values.items()
+                                             if k not in STATE_KEYS}))
+        return make_population(states)
+
+    abstract = jax.eval_shape(init)
+    replicated = NamedSharding(mesh, P())
+    shardings = Population(step=replicated, members=state_shardings(abstract.members, mesh, 1),
+                           active=replicated)
+    return init, shardings
