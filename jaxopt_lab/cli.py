@@ -47,9 +47,9 @@ def _train(args, overrides: list[str]) -> int:
 
     try:
         summary = train_and_evaluate(config, args.workdir)
-    except Preempted as e:
+    except Preempted as e:  # SIGTERM or Ctrl-C: a checkpoint was saved
         print(e, file=sys.stderr)
-        return 143
+        return e.exit_code
     import jax
 
     if jax.process_index() == 0:
@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"jaxopt-lab: error: {e}", file=sys.stderr)
         return _exit_now_if_distributed(2)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("\njaxopt-lab: interrupted; steps since the last checkpoint are lost",
+              file=sys.stderr)
+        return _exit_now_if_distributed(130)
     except Exception:  # noqa: BLE001 - a bug: show it, then exit without hanging peers
         traceback.print_exc()
         return _exit_now_if_distributed(1)

@@ -184,21 +184,23 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, en
     _assert_same_run(workdir, _reference(reference_run))
 
 
-def test_sigterm_saves_at_the_current_step_exits_143_and_resumes(tmp_path, env, reference_run):
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_saves_at_the_current_step_exits_and_resumes(
+        tmp_path, env, reference_run, signum, exit_code):
     workdir = tmp_path / "run"
     run = _Run(env, workdir, *LONG)
     try:
-        # A checkpoint on disk means the training loop (and its SIGTERM handler) is running.
+        # A checkpoint on disk means the training loop (and its signal handlers) is running.
         _wait_for(lambda: _checkpoint_steps(workdir), run, "a first checkpoint")
         first_seen = max(_checkpoint_steps(workdir))
-        os.kill(run.proc.pid, signal.SIGTERM)
+        os.kill(run.proc.pid, signum)
         returncode = run.wait(timeout=60)
     finally:
         run.stop()
     stderr = run.stderr
-    assert returncode == 143, stderr
+    assert returncode == exit_code, stderr
     assert "Traceback" not in stderr, stderr
-    match = re.search(r"SIGTERM: checkpoint saved at step (\d+)", stderr)
+    match = re.search(rf"{signum.name}: checkpoint saved at step (\d+)", stderr)
     assert match, stderr
     saved = int(match.group(1))
     # The signal came after the loop had passed `first_seen`; it is acted on at the next log
@@ -254,6 +256,27 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_and_resumes(
     reference = reference_run_two_processes.finish()
     assert _summary(reference)["resumed_from"] is None
     _assert_same_run(workdir, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, env):
+    """The first Ctrl-C asks for a checkpoint at the next log boundary (far away here); the second
+    stops at once: exit 130, one line, no checkpoint."""
+    workdir = tmp_path / "run"
+    run = _Run(env, workdir, "--config.train.progress=True", "--config.train.steps=1000000",
+               "--config.train.log_every=500000", "--config.train.eval_every=1000000",
+               "--config.train.checkpoint_every=500000")
+    try:
+        _wait_for(lambda: "train:" in run.stderr, run, "the progress bar (the loop started)")
+        os.kill(run.proc.pid, signal.SIGINT)
+        _wait_for(lambda: "saving a checkpoint at the next log boundary" in run.stderr, run,
+                  "the first Ctrl-C's message", deadline_s=30)
+        os.kill(run.proc.pid, signal.SIGINT)
+        returncode = run.wait(timeout=60)
+    finally:
+        run.stop()
+    assert returncode == 130, run.stderr
+    assert "Traceback" not in run.stderr and "jaxopt-lab: interrupted" in run.stderr, run.stderr
+    assert not _checkpoint_steps(workdir)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, env):

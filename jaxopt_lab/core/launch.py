@@ -45,7 +45,10 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int = 1) ->
                                   NUM_PROCESSES_ENV: str(num_processes),
                                   PROCESS_ID_ENV: str(rank)})
         env["XLA_FLAGS"] = _with_device_count(env.get("XLA_FLAGS", ""), devices_per_process)
-        children.append(subprocess.Popen([sys.executable, "-m", "jaxopt_lab.cli", *argv], env=env))
+        # Each child in its own process group: a Ctrl-C in the terminal reaches the launcher
+        # alone, which passes it on once (a child seeing it twice would stop without saving).
+        children.append(subprocess.Popen([sys.executable, "-m", "jaxopt_lab.cli", *argv], env=env,
+                                         process_group=0))
 
     def stop_all(signum=signal.SIGTERM, grace_s: float = 10.0):
         for child in children:
@@ -59,7 +62,13 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int = 1) ->
                 child.kill()
                 child.wait()
 
+    def forward(signum, _frame):  # the children save at their next log boundary and exit
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: stop_all(signum, 60.0))
+    previous_int = signal.signal(signal.SIGINT, forward)
     try:
         while True:
             codes = [child.poll() for child in children]
@@ -72,3 +81,4 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int = 1) ->
             time.sleep(0.1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

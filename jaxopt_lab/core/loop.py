@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -212,7 +212,7 @@ class _Signals:
     """SIGTERM and SIGINT (Ctrl-C) ask for a checkpoint at the next log boundary; a second Ctrl-C
     stops at once. Handlers are installed only from the main thread (Python's rule)."""
 
-    EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+    EXIT_CODES: ClassVar[dict[int, int]] = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
     def __init__(self, announce: bool):
         self.received: list[int] = []
@@ -293,10 +293,10 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     run.last_eval = []
     totals = fresh_totals()
     window_start = (step, time.perf_counter())
-    bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
-               desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
-    try:
-        with _Signals(announce=is_chief) as signals:
+    with _Signals(announce=is_chief) as signals:
+        bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+        try:
             boundary = next_boundary(step)
             while step < total:
                 # The per-step path stays this short: on a small CPU, host work between
@@ -340,11 +340,11 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                     raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step "
                                     f"{step} in {checkpointer.directory}; rerun the same command "
                                     "to resume", _Signals.EXIT_CODES[signum])
-        return time.perf_counter() - start_time, step - start_step
-    finally:
-        bar.close()
-        checkpointer.close()
-        writer.close()
+            return time.perf_counter() - start_time, step - start_step
+        finally:
+            bar.close()
+            checkpointer.close()
+            writer.close()
 
 
 def _single_record(window: dict, last_good: str) -> dict:

@@ -95,13 +95,19 @@ def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
             raise UserError(f"{key!r} cannot be set on a made state; per-trial values: "
                             f"{', '.join(k for k in allowed_keys(hparams) if k != 'seed')}")
 
+    found = set()
+
     def replace(path, leaf):
-        names = [getattr(p, "key", None) for p in path]
+        names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
         if len(names) >= 2 and names[-2] == "hyperparams" and names[-1] in injected:
+            found.add(names[-1])
             return jnp.asarray(injected[names[-1]], leaf.dtype).reshape(leaf.shape)
         return leaf
 
     opt_state = jax.tree_util.tree_map_with_path(replace, state.opt_state)
+    if set(injected) - found:  # an optimizer of the caller's own, without injected values
+        raise UserError(f"the optimizer state has no injected hyperparameter(s) "
+                        f"{sorted(set(injected) - found)} (optax.inject_hyperparams)")
     return state.replace(opt_state=opt_state, hparams=hparams)
 
 

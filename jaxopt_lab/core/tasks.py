@@ -32,7 +32,7 @@ EvalFn = Callable[[Any, Any, dict], dict[str, jax.Array]]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 LABEL_SMOOTHING = "loss.label_smoothing"  # the hparams key (a config path, as all hparams keys are)
-_EVAL_KEY = jax.random.key(0)  # evaluation is deterministic; AQT still asks for a "params" stream
+EVAL_SEED = 0  # evaluation is deterministic; AQT still asks for a "params" stream
 
 
 class Task(NamedTuple):
@@ -51,7 +51,7 @@ def apply_model(model, params, model_state, x, rng: jax.Array | None, *, train: 
     time. `capture` are regular expressions over module paths ("Dense_0", "block_1/.*"); the
     matching modules' outputs come back by path.
     """
-    rng = _EVAL_KEY if rng is None else rng
+    rng = jax.random.key(EVAL_SEED) if rng is None else rng
     dropout_key, noise_key = jax.random.split(rng)
     mutable = list(model_state.keys()) if train else []
     if capture:

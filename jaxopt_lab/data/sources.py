@@ -87,7 +87,7 @@ def load_dataset(name: str, data_dir: str | None = None, *,
         a quarter as many), the number of label values and the seed that fixes them.
     """
     check_dataset_name(name)
-    if is_import_path(name):
+    if is_import_path(name) and not name.startswith(TFDS_PREFIX):
         return as_dataset(load_object(name, "data.name")(), name)
     if name == "synthetic":
         return _synthetic(tuple(synthetic_shape), synthetic_size, num_classes, seed)
@@ -282,7 +282,7 @@ def with_validation(dataset: Dataset, fraction: float) -> Dataset:
     if dataset.validation is not None or fraction <= 0:
         return dataset
     n = len(dataset.train["label"])
-    held_out = int(round(fraction * n))
+    held_out = round(fraction * n)
     if not 0 < held_out < n:
         raise UserError(f"data.validation_fraction={fraction} leaves {n - held_out} of {n} "
                         f"examples of {dataset.name!r} for training and {held_out} for validation")
