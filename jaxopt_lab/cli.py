@@ -43,7 +43,8 @@ def _train(args, overrides: list[str]) -> int:
     from jaxopt_lab.core.config import load_config
 
     config = load_config(args.config, overrides)  # before importing the loop: a typo costs 1 s
-    from jaxopt_lab.core.loop import Preempted, train_and_evaluate
+    from jaxopt_lab.core.interrupt import Preempted
+    from jaxopt_lab.core.loop import train_and_evaluate
 
     try:
         summary = train_and_evaluate(config, args.workdir)

@@ -15,11 +15,12 @@ import flax.linen as nn
 import ml_collections
 import optax
 
-from jaxopt_lab.core.optim import build_optimizer
+from jaxopt_lab.core.optim import build_optimizer, check_swept
+from jaxopt_lab.core.population import member_values
 from jaxopt_lab.core.step import Reducer, pmean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
-from jaxopt_lab.data.sources import Dataset
+from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import build_model
 
@@ -92,3 +93,34 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         tx=build_optimizer(config.optim, config.train.steps, swept),
         hparams={**default_hparams, **(hparams or {})},
     )
+
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the training data's order: data.seed, or the run's seed where it is -1."""
+    return config.data.seed if config.data.seed >= 0 else config.seed
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, dataset=None) -> Dataset:
+    """The run's data: a caller's own (see `as_dataset`) or the config's, with its validation
+    split carved out."""
+    if dataset is None:
+        dataset = load_dataset(config.data.name, config.data.dir or None,
+                               synthetic_shape=tuple(config.data.synthetic_shape),
+                               synthetic_size=config.data.synthetic_size, seed=config.seed)
+    return with_validation(as_dataset(dataset), config.data.validation_fraction)
+
+
+def population_members(config: ml_collections.ConfigDict, experiment: Experiment) -> list[dict]:
+    """Each member's values from `config.population` (empty for a single run), checked against
+    what the run can vary."""
+    members = member_values(config.population, experiment.hparams)
+    keys = set(members[0]) if members else set()
+    check_swept(config.optim, keys)
+    if keys & {"data.seed", "seed"} and not config.data.on_device:
+        raise UserError("population varies the data order (seed or data.seed), which needs "
+                        "data.on_device=True: the streamed feed has one order for every member")
+    return members
+
+
+def swept_keys(config: ml_collections.ConfigDict) -> set[str]:
+    return {entry[0] for entry in config.population}

@@ -7,6 +7,7 @@ typo costs one line on the terminal rather than a traceback after a minute of JI
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import sys
@@ -194,13 +195,41 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if not path.endswith(".py") or not os.path.isfile(path):
         kind = "a directory" if os.path.isdir(path) else "not a .py file"
         raise UserError(f"config file {path!r} is {kind} (expected a .py file with get_config())")
+    model_name, model_overrides = _new_model(overrides)
+    if model_name is not None:  # the model block is rebuilt for the new model below
+        overrides = [o for o in overrides if o not in model_overrides]
     if overrides:
         base = _parse(path, [])
         for override in overrides:
             _check_override_key(base, override)
     config = _parse(path, overrides)
+    if model_name is not None:
+        hparams = {}
+        for override in model_overrides:
+            key, _, value = override[len("--config.model."):].partition("=")
+            if key != "name":
+                hparams[key] = _literal(value)
+        with config.unlocked():
+            config.model = model_config(model_name, **hparams)
     validate(config)
     return config
+
+
+def _new_model(overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--config.model.name=X` swaps the model: (X, every --config.model.* override), so the
+    other model keys are X's hyperparameters, not the config file's model's."""
+    model_overrides = [o for o in overrides if o.startswith("--config.model.") and "=" in o]
+    names = [o.partition("=")[2] for o in model_overrides
+             if o.partition("=")[0] == "--config.model.name"]
+    return (names[-1], model_overrides) if names else (None, [])
+
+
+def _literal(text: str):
+    """A command-line value as Python reads it (3, 0.5, (64, 64), True), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _schema_errors(config, schema, prefix: str) -> Iterator[str]:

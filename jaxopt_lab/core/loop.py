@@ -17,10 +17,9 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxopt_lab.core.builder import Experiment, build_experiment
+from jaxopt_lab.core.builder import (
+    Experiment,
+    build_experiment,
+    data_seed,
+    population_members,
+    prepare_dataset,
+    swept_keys,
+)
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
 from jaxopt_lab.core.evaluate import make_evaluator
@@ -47,11 +53,10 @@ from jaxopt_lab.core.feed import (
     shard_batch,
     zero_totals,
 )
+from jaxopt_lab.core.interrupt import Preempted, StopSignals
 from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.metrics import MetricsWriter
-from jaxopt_lab.core.optim import check_swept
 from jaxopt_lab.core.population import (
-    member_values,
     population_init,
     population_step,
     stop_members,
@@ -61,7 +66,7 @@ from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.data.pipeline import make_grain_loader
-from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
+from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.errors import UserError
 
 # `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping.
@@ -70,18 +75,6 @@ MemberStopper = Callable[[int, list[dict]], Sequence[int]]
 
 class TrainingDiverged(UserError):
     """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
-
-
-class Preempted(Exception):
-    """SIGTERM or Ctrl-C arrived; a checkpoint was saved and rerunning the command resumes.
-
-    The signal is acted on at the next log boundary (train.log_every), where all processes agree.
-    `exit_code` is the shell's for the signal: 143 for SIGTERM, 130 for SIGINT.
-    """
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
@@ -94,37 +87,6 @@ def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
-def data_seed(config: ml_collections.ConfigDict) -> int:
-    """The seed of the training data's order: data.seed, or the run's seed where it is -1."""
-    return config.data.seed if config.data.seed >= 0 else config.seed
-
-
-def prepare_dataset(config: ml_collections.ConfigDict, dataset=None) -> Dataset:
-    """The run's data: a caller's own (see `as_dataset`) or the config's, with its validation
-    split carved out."""
-    if dataset is None:
-        dataset = load_dataset(config.data.name, config.data.dir or None,
-                               synthetic_shape=tuple(config.data.synthetic_shape),
-                               synthetic_size=config.data.synthetic_size, seed=config.seed)
-    return with_validation(as_dataset(dataset), config.data.validation_fraction)
-
-
-def population_members(config: ml_collections.ConfigDict, experiment: Experiment) -> list[dict]:
-    """Each member's values from `config.population` (empty for a single run), checked against
-    what the run can vary."""
-    members = member_values(config.population, experiment.hparams)
-    keys = set(members[0]) if members else set()
-    check_swept(config.optim, keys)
-    if keys & {"data.seed", "seed"} and not config.data.on_device:
-        raise UserError("population varies the data order (seed or data.seed), which needs "
-                        "data.on_device=True: the streamed feed has one order for every member")
-    return members
-
-
-def swept_keys(config: ml_collections.ConfigDict) -> set[str]:
-    return {entry[0] for entry in config.population}
 
 
 @dataclasses.dataclass
@@ -208,36 +170,6 @@ def _restore(run: _Run) -> None:
         run.carry, run.resumed_from = restored
 
 
-class _Signals:
-    """SIGTERM and SIGINT (Ctrl-C) ask for a checkpoint at the next log boundary; a second Ctrl-C
-    stops at once. Handlers are installed only from the main thread (Python's rule)."""
-
-    EXIT_CODES: ClassVar[dict[int, int]] = {signal.SIGTERM: 143, signal.SIGINT: 130}
-
-    def __init__(self, announce: bool):
-        self.received: list[int] = []
-        self._announce = announce
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.EXIT_CODES:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and signal.SIGINT in self.received:
-            raise KeyboardInterrupt
-        self.received.append(signum)
-        if self._announce and signum == signal.SIGINT:
-            print("\ninterrupted: saving a checkpoint at the next log boundary "
-                  "(Ctrl-C again stops at once)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     """The steps from the restored one to train.steps; returns their wall time and number."""
     config, mesh, checkpointer = run.config, run.mesh, run.checkpointer
@@ -293,7 +225,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     run.last_eval = []
     totals = fresh_totals()
     window_start = (step, time.perf_counter())
-    with _Signals(announce=is_chief) as signals:
+    with StopSignals(announce=is_chief) as signals:
         bar = tqdm(total=total, initial=step, disable=not (is_chief and config.train.progress),
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
         try:
@@ -339,7 +271,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                     signum = signals.received[0]
                     raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step "
                                     f"{step} in {checkpointer.directory}; rerun the same command "
-                                    "to resume", _Signals.EXIT_CODES[signum])
+                                    "to resume", StopSignals.EXIT_CODES[signum])
             return time.perf_counter() - start_time, step - start_step
         finally:
             bar.close()

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_lab.core.tasks import apply_model
+
 
 def model_bytes(tree: Any) -> int:
     """Bytes of every array leaf of `tree`, as a deployable form stores them (no file metadata).
@@ -201,12 +203,16 @@ def measure_model(
 
     `variables` are all its collections ({"params": ..., "batch_stats": ...}); `sample_x` is one
     input, [1, *input_shape], in the model's input dtype. The model runs in inference mode with a
-    "params" rng, which AQT layers draw at apply time (other models ignore it). Each batch size b
+    "params" rng, which AQT layers draw at apply time (other models ignore it), exactly as the
+    task's evaluation calls it (`core/tasks.py::apply_model`). Each batch size b
     gives a `latency_ms_batch{b}` key.
     """
 
     def apply(variables: Any, x: jax.Array) -> jax.Array:
-        return model.apply(variables, x, train=False, rngs={"params": jax.random.key(0)})
+        outputs, _, _ = apply_model(model, variables["params"],
+                                    {k: v for k, v in variables.items() if k != "params"}, x,
+                                    None, train=False)
+        return outputs
 
     result: dict[str, float | int] = {
         "model_bytes": model_bytes(variables),

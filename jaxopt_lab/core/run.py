@@ -9,12 +9,17 @@ import os
 import jax
 import ml_collections
 
-from jaxopt_lab.core.builder import Experiment, build_experiment
+from jaxopt_lab.core.builder import (
+    Experiment,
+    build_experiment,
+    population_members,
+    prepare_dataset,
+    swept_keys,
+)
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.config import validate
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.evaluate import make_evaluator
-from jaxopt_lab.core.loop import population_members, prepare_dataset, swept_keys
 from jaxopt_lab.core.population import population_init
 from jaxopt_lab.core.state import TrainState, abstract_sharded_state, sample_input
 from jaxopt_lab.data.sources import Dataset

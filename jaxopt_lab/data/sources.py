@@ -214,7 +214,10 @@ def _read(source, x_key: str, label_key: str, task: str) -> dict[str, np.ndarray
     classification: x float32, label int32; regression: x float32, label float32;
     language_model: x and label int32 tokens.
     """
-    examples = source.__getitems__(list(range(len(source))))  # one batched read, not N small ones
+    indices = list(range(len(source)))
+    # One batched read where the source offers it (TFDS, grain), not N small ones.
+    examples = (source.__getitems__(indices) if hasattr(source, "__getitems__")
+                else [source[i] for i in indices])
     x = np.stack([e[x_key] for e in examples])
     if task == "language_model":
         x = x.astype(np.int32)
