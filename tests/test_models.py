@@ -20,10 +20,20 @@ BATCH = 4
 MNIST1D_MODELS = ("logreg", "mlp", "cnn1d")
 
 
+SEQUENCE = 16  # tokens per example for the language model
+
+
 def _input(name: str) -> jax.Array:
-    """An MNIST-1D-shaped batch [B, 40] or a digits-shaped batch [B, 8, 8, 1]."""
+    """An MNIST-1D-shaped batch [B, 40], a digits-shaped batch [B, 8, 8, 1], or tokens [B, T]."""
+    if name == "transformer_lm":
+        return jax.random.randint(jax.random.key(1), (BATCH, SEQUENCE), 0, NUM_CLASSES)
     shape = (BATCH, 40) if name in MNIST1D_MODELS else (BATCH, 8, 8, 1)
     return jax.random.normal(jax.random.key(1), shape)
+
+
+def _logits_shape(name: str) -> tuple[int, ...]:
+    """One row of logits per example; the language model has one per token."""
+    return (BATCH, SEQUENCE, NUM_CLASSES) if name == "transformer_lm" else (BATCH, NUM_CLASSES)
 
 
 def _kernel_paths(params) -> set[tuple[str, ...]]:
@@ -64,7 +74,8 @@ def _aqt_int8() -> aqt_config.DotGeneral:
 
 # Smaller variants for the tests that compile: XLA:CPU takes seconds to compile a ResNet-20 or a
 # ViT; their default sizes are still checked, through jax.eval_shape, which compiles nothing.
-SMALL = {"resnet": {"depth": 8, "width": 4}, "vit": {"dim": 16, "depth": 1, "mlp_dim": 32}}
+SMALL = {"resnet": {"depth": 8, "width": 4}, "vit": {"dim": 16, "depth": 1, "mlp_dim": 32},
+         "transformer_lm": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}}
 
 
 @functools.cache
@@ -85,7 +96,7 @@ def test_default_size_logits_shape_in_train_and_eval(name):
         logits, _ = jax.eval_shape(
             functools.partial(model.apply, train=train, mutable=["batch_stats"]), variables, x
         )
-        assert logits.shape == (BATCH, NUM_CLASSES)
+        assert logits.shape == _logits_shape(name)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -99,7 +110,7 @@ def test_runs_in_train_and_eval(name):
 
     logits, train_logits, updates = run(variables)
     for out in (logits, train_logits):
-        assert out.shape == (BATCH, NUM_CLASSES)
+        assert out.shape == _logits_shape(name)
         assert jnp.isfinite(out).all()
     if name == "resnet":  # training updates the running statistics; eval uses them
         assert not jnp.allclose(
@@ -163,6 +174,7 @@ def test_seams_reach_every_layer_with_a_kernel(name):
         "cnn2d": 1,
         "resnet": 1,
         "vit": 1 + 2 * (4 + 2) + 1,  # embed, depth × (q, k, v, out, 2 MLP), head
+        "transformer_lm": 2 * (4 + 2) + 1,  # depth × (q, k, v, out, 2 MLP), head
     }
     assert len(dot_calls) == expected_dense[name]
     if name == "cnn1d":

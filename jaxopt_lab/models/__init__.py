@@ -3,7 +3,8 @@
 Each model is a linen dataclass with `num_classes`, its tunable hyperparameters (with defaults) and
 two seams, `dot_general_cls` (passed to every Dense/DenseGeneral) and `conv_general_dilated_cls`
 (passed to every Conv); with both None a model is plain Flax. `__call__(x, train=False)` returns
-logits [B, num_classes]; BatchNorm statistics, where a model has them, are in `batch_stats`.
+logits [B, num_classes] ([B, T, num_classes] for the language model); BatchNorm statistics, where
+a model has them, are in `batch_stats`.
 
 The registry is this explicit dict, so what exists is readable here and importing a module
 registers nothing.
