@@ -24,7 +24,7 @@ from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.feed import device_sampler, make_train_fn, replicate
 from jaxopt_lab.core.optim import build_optimizer
-from jaxopt_lab.core.state import create_train_state
+from jaxopt_lab.core.state import TrainState, create_train_state
 from jaxopt_lab.core.step import DATA_AXIS, Reducer, make_train_step
 from jaxopt_lab.core.tasks import classification
 from jaxopt_lab.data.sources import load_dataset
@@ -238,6 +238,122 @@ def test_vmapped_population_matches_trials_run_one_by_one(data):
                      alone, together)
     first, last = jax.device_get(unstack_trials(population.params)[0]), one_by_one[-1]
     assert not np.allclose(jax.tree.leaves(first)[0], jax.tree.leaves(last)[0])
+
+
+class KeyState(NamedTuple):
+    key_data: jax.Array  # uint32 [2]: the key this device's reducer got last step
+
+
+def key_recording_reducer() -> Reducer:
+    """Records its key and passes hparams["scale"] out as a stat: both hooks reach the reducer."""
+
+    def init(params):
+        del params
+        return KeyState(jnp.zeros((2,), jnp.uint32))
+
+    def reduce(grads, state, rng, hparams):
+        del state
+        return jax.lax.pmean(grads, DATA_AXIS), KeyState(jax.random.key_data(rng)), {
+            "scale": hparams["scale"]}
+
+    return Reducer(init, reduce)
+
+
+def test_reducer_gets_a_key_per_step_and_device_and_the_hparams(data):
+    mesh = data_mesh()
+    model = build_model("mlp", 10)
+    tx = optax.with_extra_args_support(optax.sgd(0.1))
+    reducer = key_recording_reducer()
+    step = make_train_step(classification_loss(model), reducer, tx, mesh)
+    sample_x = jnp.zeros((1, *data.input_shape))
+    state = create_train_state(model, sample_x, tx, reducer.init, mesh.size, 0,
+                               hparams={"scale": 0.25})
+    state, first = _run(step, state, data, mesh, 1)
+    keys_1 = np.asarray(state.comm_state.key_data)
+    state, _ = _run(step, state, data, mesh, 1)
+    keys_2 = np.asarray(state.comm_state.key_data)
+    assert first[0]["scale"][0] == 0.25
+    assert len({k.tobytes() for k in keys_1}) == mesh.size  # one key per device
+    assert not (keys_1 == keys_2).all(axis=1).any()  # a new key every step
+
+
+def test_loss_aux_carries_augmented_inputs_and_requested_intermediates(data):
+    from jaxopt_lab.data.augment import make_augment
+
+    model = build_model("mlp", 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
+    batch = {"x": jnp.asarray(data.train["x"][:8]), "label": jnp.asarray(data.train["label"][:8])}
+    task = classification(model, make_augment(noise=0.5), capture=("Dense_0", "Dense_2"))
+    _, aux = task.loss_fn(params, {}, batch, jax.random.key(1), {})
+    assert not np.allclose(aux["inputs"], batch["x"])  # the augmented inputs, not the batch's
+    # What the teacher of a distillation would compute from them is what the student saw.
+    np.testing.assert_allclose(model.apply({"params": params}, aux["inputs"]), aux["logits"],
+                               rtol=1e-6)
+    assert set(aux["intermediates"]) == {"Dense_0", "Dense_2"}
+    assert aux["intermediates"]["Dense_0"].shape == (8, 100)
+    np.testing.assert_allclose(aux["intermediates"]["Dense_2"], aux["logits"], rtol=1e-6)
+    _, plain = classification(model).loss_fn(params, {}, batch, jax.random.key(1), {})
+    np.testing.assert_array_equal(plain["inputs"], batch["x"])
+    assert "intermediates" not in plain
+
+
+class NoisyDense(nn.Module):
+    """Draws from the "params" stream at apply time, as AQT's stochastic rounding does."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        noise = jax.random.normal(self.make_rng("params"), x.shape) if train else 0.0
+        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1) + noise)
+
+
+def test_model_apply_gets_the_params_stream_and_state_metrics_reach_the_step(data):
+    mesh = data_mesh()
+    model = NoisyDense(10)
+    tx = optax.with_extra_args_support(optax.sgd(0.1))
+
+    def kernel_norm(state):
+        return {"kernel_norm": optax.global_norm(state.params["Dense_0"]["kernel"])}
+
+    step = make_train_step(classification_loss(model), _pmean(), tx, mesh, kernel_norm)
+    state = _state(model, tx, mesh, data)
+    state, metrics = _run(step, state, data, mesh, 2)
+    assert metrics[0]["loss"][0] != metrics[1]["loss"][0]
+    expected = np.linalg.norm(np.asarray(state.params["Dense_0"]["kernel"]))
+    assert metrics[1]["kernel_norm"][0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop",
+                                  "lamb"])
+def test_every_optimizer_takes_its_values_from_the_state(name):
+    """lr, weight decay, momentum and warmup are injected: set per state, they change the update
+    (momentum only where the optimizer has one)."""
+    config = tiny_config("mlp")
+    config.optim.name = name
+    config.optim.schedule = "warmup_cosine"
+    config.optim.warmup_steps = 2
+    tx = build_optimizer(config.optim, steps=10, swept=("optim.weight_decay",))
+    params = {"w": jnp.ones((3,))}
+    gradients = [{"w": jnp.asarray(g)} for g in ([0.1, -0.2, 0.3], [-0.3, 0.1, 0.2], [1., 2., 3.])]
+
+    @jax.jit
+    def three_updates(opt_state):  # different gradients: Adam's momentum shows only then; three,
+        # as the warmup's first learning rate is 0
+        for grads in gradients:
+            updates, opt_state = tx.update(grads, opt_state, params, value=jnp.float32(1.0))
+        return updates
+
+    base = TrainState(step=0, params=params, opt_state=tx.init(params), model_state={},
+                      comm_state=(), rng=0, data_rng=0, hparams={})
+    reference = three_updates(base.opt_state)["w"]
+    for key, value in (("optim.lr", 0.5), ("optim.weight_decay", 0.3), ("optim.warmup_steps", 7.0),
+                       ("optim.momentum", 0.1)):
+        changed = three_updates(set_values(base, {key: value}).opt_state)["w"]
+        if key == "optim.momentum" and name == "sgd":
+            np.testing.assert_array_equal(changed, reference)
+        else:
+            assert not np.allclose(changed, reference), key
 
 
 @pytest.mark.skipif(EXPECTED_DEVICES != 1, reason="this is the launcher of the 4-device run")
