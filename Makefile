@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version.split()[0]'
@@ -20,6 +20,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10 tests
 
 lint: install
 	$(BIN)/ruff check jaxopt_lab tests experiments benchmarks configs

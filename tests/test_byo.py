@@ -147,9 +147,12 @@ def test_own_model_data_and_loss_train_from_python_and_resume(package, tmp_path)
     # The same objects again, with more steps: it resumes from the checkpoint at 200.
     longer = train_and_evaluate(config(400), str(tmp_path), **objects)
     assert longer["resumed_from"] == 200 and longer["steps"] == 400
+    # config.json names the module that was trained, so the run can be rebuilt from it.
+    recorded = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert recorded == {"name": "byo_ext.nets:Net", "width": 32}
     # A different model on the same run directory: one line, not a restore of the wrong shapes.
     wider = Net(num_classes=4, width=64)
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match="holds a run of model 'byo_ext.nets:Net' \\(width=32\\)"):
         train_and_evaluate(config(600), str(tmp_path), **{**objects, "model": wider,
                                                           "loss_fn": make_loss(wider)})
 

@@ -43,6 +43,7 @@ CASES = {
     "optim.warmup_steps": ((2, 10), {"schedule": "warmup_cosine"}),
     "optim.weight_decay": ((0.0, 0.5), {}),  # the config's decay is 0: it must stay in the graph
     "data.seed": ((1, 2), {}),
+    "seed": ((1, 2), {}),  # initialisation and data order
     "loss.label_smoothing": ((0.0, 0.3), {}),
 }
 
@@ -72,6 +73,7 @@ def test_population_member_equals_the_member_run_alone(tmp_path, key):
 def test_population_writes_one_run_directory_with_metrics_per_member(tmp_path):
     config = _with(_config("optim.lr"), "population",
                    (("optim.lr", (1e-3, 1e-2, 3e-2)), ("seed", (0, 1, 2))))
+    config.train.steps_per_call = 3  # scanned: the population's steps in lax.scan
     summary = train_and_evaluate(config, str(tmp_path))
     records = read_metrics(str(tmp_path))
     assert sorted({(r["step"], r["member"]) for r in records}) == [
@@ -87,6 +89,21 @@ def test_population_writes_one_run_directory_with_metrics_per_member(tmp_path):
     reloaded = evaluate_run(load_run(str(tmp_path)), "validation")["members"]
     for got, want in zip(reloaded, summary["members"], strict=True):
         assert got["validation_loss"] == pytest.approx(want["validation_loss"], rel=1e-6)
+
+
+def test_population_on_the_streamed_feed_equals_its_members_alone(tmp_path):
+    """The grain feed hands every member the same batch; lr values still make the difference."""
+    base = _config("optim.lr")
+    base.data.on_device = False
+    together = train_and_evaluate(_with(base, "population", (("optim.lr", (1e-3, 1e-2)),)),
+                                  str(tmp_path / "population"))
+    for i, lr in enumerate((1e-3, 1e-2)):
+        alone = train_and_evaluate(_with(base, "optim.lr", lr), str(tmp_path / f"alone{i}"))
+        assert together["members"][i]["validation_loss"] == pytest.approx(
+            alone["validation_loss"], rel=2e-4)
+    with pytest.raises(UserError, match="needs data.on_device=True"):
+        train_and_evaluate(_with(base, "population", (("data.seed", (1, 2)),)),
+                           str(tmp_path / "bad"))
 
 
 def test_a_diverging_member_stops_at_its_last_good_state_and_the_others_go_on(tmp_path, capfd):

@@ -22,7 +22,7 @@ from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models import build_model
+from jaxopt_lab.models import NOT_HPARAMS, build_model
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
@@ -44,6 +44,24 @@ class Experiment:
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The model hyperparameters a config sets (everything in `model` but its name)."""
     return {k: v for k, v in config.model.items() if k != "name"}
+
+
+def with_model_recorded(config: ml_collections.ConfigDict,
+                        model: nn.Module) -> ml_collections.ConfigDict:
+    """`config` with its model block describing a caller's own module: its import path and
+    hyperparameters, so config.json names what was trained and `load_run` / `jaxopt-lab eval` can
+    rebuild it where that path imports."""
+    cls = type(model)
+    block = {"name": f"{cls.__module__}:{cls.__qualname__}"}
+    for field in dataclasses.fields(model):
+        value = getattr(model, field.name)
+        if field.init and field.name not in NOT_HPARAMS and isinstance(
+                value, (bool, int, float, str, tuple, list)):
+            block[field.name] = tuple(value) if isinstance(value, list) else value
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(block)
+    return config
 
 
 def check_loss_signature(loss_fn: Callable) -> None:

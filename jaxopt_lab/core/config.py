@@ -278,8 +278,12 @@ def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.Con
                 _fill_defaults(config[key], default)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every key, type and name against the schema; fills keys a config left out."""
+def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> None:
+    """Checks every key, type and name against the schema; fills keys a config left out.
+
+    `check_model=False` leaves the model block unchecked, for a run rebuilt around a module the
+    caller passes (its recorded import path may not import here, e.g. a notebook's class).
+    """
     schema = default_config()
     for error in _schema_errors(config, schema, ""):
         raise UserError(error)
@@ -291,8 +295,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "name" not in config.model or not isinstance(config.model.name, str):
         raise UserError(f"model block needs a name; allowed: {', '.join(sorted(MODELS))} "
                         "or an import path package.module:Class")
-    allowed_hparams = model_hparams(config.model.name)
-    for key in config.model:
+    allowed_hparams = model_hparams(config.model.name) if check_model else {}
+    for key in config.model if check_model else ():
         if key != "name" and key not in allowed_hparams:
             allowed = ", ".join(sorted(allowed_hparams)) or "none"
             raise UserError(

@@ -37,6 +37,7 @@ from jaxopt_lab.core.builder import (
     population_members,
     prepare_dataset,
     swept_keys,
+    with_model_recorded,
 )
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
@@ -121,6 +122,8 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Ru
     if config.data.batch_size % mesh.size:
         raise UserError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                         f"{mesh.size} devices of the mesh")
+    if model is not None:
+        config = with_model_recorded(config, model)
     prepare_workdir(workdir, config, is_chief=jax.process_index() == 0)
     dataset = prepare_dataset(config, dataset)
     num_train = len(dataset.train["label"])

@@ -47,7 +47,7 @@ def load_run(workdir: str, step: int | None = None, **objects) -> Run:
         raise UserError(f"{workdir} holds no config.json: not a jaxopt-lab run directory")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    validate(config)
+    validate(config, check_model="model" not in objects)
     dataset = prepare_dataset(config, objects.pop("dataset", None))
     experiment = build_experiment(config, dataset, swept=swept_keys(config), **objects)
     members = population_members(config, experiment)

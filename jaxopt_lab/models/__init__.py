@@ -30,6 +30,7 @@ __all__ = [
     "CNN2D",
     "MLP",
     "MODELS",
+    "NOT_HPARAMS",
     "LogReg",
     "ResNet",
     "TransformerLM",
@@ -49,7 +50,7 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 # Dataclass fields that are not tunable: the task's output size, the seams, and Flax's own.
-_NOT_HPARAMS = frozenset(
+NOT_HPARAMS = frozenset(
     {"num_classes", "dot_general_cls", "conv_general_dilated_cls", "parent", "name"}
 )
 
@@ -65,7 +66,7 @@ def _model_cls(name: str) -> type[nn.Module]:
             raise UserError(f"model.name={name!r}: the module has no `num_classes` field "
                             "(the registry's convention: the output width is num_classes)")
         required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in
-                    _NOT_HPARAMS and f.default is dataclasses.MISSING
+                    NOT_HPARAMS and f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING]
         if required:
             raise UserError(f"model.name={name!r}: fields {required} have no default; every "
@@ -86,7 +87,7 @@ def model_hparams(name: str) -> dict[str, Any]:
     return {
         f.name: f.default
         for f in dataclasses.fields(_model_cls(name))
-        if f.init and f.name not in _NOT_HPARAMS
+        if f.init and f.name not in NOT_HPARAMS
     }
 
 
