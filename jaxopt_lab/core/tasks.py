@@ -120,8 +120,9 @@ def _smoothed_cross_entropy(logits, labels, hparams):
     return (1.0 - e) * ce + e * uniform
 
 
-def classification(model, augment: Augment | None = None, capture: Sequence[str] = ()) -> Task:
-    """Softmax cross-entropy on {"x", "label": int [B]}; accuracy."""
+def _cross_entropy_loss(model, augment: Augment | None, capture: Sequence[str]) -> LossFn:
+    """Mean (label-smoothed) softmax cross-entropy and accuracy over every labelled position: one
+    per example for classes, one per token for a language model."""
 
     def loss_fn(params, model_state, batch, rng, hparams):
         logits, aux = _forward(model, augment, capture, params, model_state, batch, rng)
@@ -129,12 +130,18 @@ def classification(model, augment: Augment | None = None, capture: Sequence[str]
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return loss, {**aux, "metrics": {"accuracy": accuracy}}
 
+    return loss_fn
+
+
+def classification(model, augment: Augment | None = None, capture: Sequence[str] = ()) -> Task:
+    """Softmax cross-entropy on {"x", "label": int [B]}; accuracy."""
+
     def eval_fn(params, model_state, batch):
         logits, _, _ = apply_model(model, params, model_state, batch["x"], None, train=False)
         return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
                 "accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)}
 
-    return Task(loss_fn, eval_fn)
+    return Task(_cross_entropy_loss(model, augment, capture), eval_fn)
 
 
 def _squared_error(outputs, labels):
@@ -164,12 +171,6 @@ def language_model(model, augment: Augment | None = None,
     """Next-token cross-entropy on {"x": int [B, T], "label": int [B, T]}, in nats; bits per
     token (here, per character: 1 / ln 2 nats) and next-token accuracy."""
 
-    def loss_fn(params, model_state, batch, rng, hparams):
-        logits, aux = _forward(model, augment, capture, params, model_state, batch, rng)
-        loss = jnp.mean(_smoothed_cross_entropy(logits, batch["label"], hparams))
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return loss, {**aux, "metrics": {"accuracy": accuracy}}
-
     def eval_fn(params, model_state, batch):
         logits, _, _ = apply_model(model, params, model_state, batch["x"], None, train=False)
         nats = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
@@ -177,7 +178,7 @@ def language_model(model, augment: Augment | None = None,
         correct = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), -1)
         return {"loss": nats, "bits_per_char": nats / math.log(2.0), "accuracy": correct}
 
-    return Task(loss_fn, eval_fn)
+    return Task(_cross_entropy_loss(model, augment, capture), eval_fn)
 
 
 TASKS: dict[str, Callable[..., Task]] = {

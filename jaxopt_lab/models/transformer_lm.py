@@ -14,26 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
-
-
-class _DecoderBlock(nn.Module):
-    """x + causal MHSA(LN(x)), then x + MLP(LN(x)) with a GELU."""
-
-    heads: int
-    mlp_dim: int
-    dot_general_cls: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.heads,
-            qkv_dot_general_cls=self.dot_general_cls,
-            out_dot_general_cls=self.dot_general_cls,
-        )(nn.LayerNorm()(x), mask=mask)
-        x = x + y
-        y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))
-        y = nn.Dense(x.shape[-1], dot_general_cls=self.dot_general_cls)(nn.gelu(y))
-        return x + y
+from jaxopt_lab.models.transformer_block import TransformerBlock, check_heads
 
 
 class TransformerLM(nn.Module):
@@ -53,11 +34,7 @@ class TransformerLM(nn.Module):
     conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
 
     def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise UserError(
-                f"model.dim={self.dim} is not divisible by model.heads={self.heads}; "
-                "allowed: heads dividing dim"
-            )
+        check_heads(self.dim, self.heads)
         super().__post_init__()
 
     @nn.compact
@@ -81,6 +58,6 @@ class TransformerLM(nn.Module):
         h = h + positions[:, :length]
         mask = nn.make_causal_mask(x)  # [B, 1, T, T]: query t sees keys <= t
         for _ in range(self.depth):
-            h = _DecoderBlock(self.heads, self.mlp_dim, self.dot_general_cls)(h, mask)
+            h = TransformerBlock(self.heads, self.mlp_dim, self.dot_general_cls)(h, mask)
         h = nn.LayerNorm()(h)
         return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(h)

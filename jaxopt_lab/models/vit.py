@@ -13,28 +13,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.transformer_block import TransformerBlock, check_heads
 
 _POOLS = ("cls", "mean")
-
-
-class _EncoderBlock(nn.Module):
-    """Pre-LayerNorm block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU."""
-
-    heads: int
-    mlp_dim: int
-    dot_general_cls: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.heads,
-            qkv_dot_general_cls=self.dot_general_cls,
-            out_dot_general_cls=self.dot_general_cls,
-        )(nn.LayerNorm()(x))
-        x = x + y
-        y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))
-        y = nn.Dense(x.shape[-1], dot_general_cls=self.dot_general_cls)(nn.gelu(y))
-        return x + y
 
 
 class ViT(nn.Module):
@@ -57,11 +38,7 @@ class ViT(nn.Module):
     def __post_init__(self) -> None:
         if self.pool not in _POOLS:
             raise UserError(f"model.pool={self.pool!r} is unknown; allowed: {', '.join(_POOLS)}")
-        if self.dim % self.heads:
-            raise UserError(
-                f"model.dim={self.dim} is not divisible by model.heads={self.heads}; "
-                "allowed: heads dividing dim"
-            )
+        check_heads(self.dim, self.heads)
         super().__post_init__()
 
     @nn.compact
@@ -84,7 +61,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
         for _ in range(self.depth):
-            x = _EncoderBlock(self.heads, self.mlp_dim, self.dot_general_cls)(x)
+            x = TransformerBlock(self.heads, self.mlp_dim, self.dot_general_cls)(x)
         x = nn.LayerNorm()(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(x)

@@ -1,0 +1,39 @@
+"""The pre-LayerNorm Transformer block both Transformers here use (ViT's encoder, the LM's decoder).
+
+x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU (Xiong et al. 2020 on pre-LN). Every projection —
+q, k, v, out and the MLP's two layers — takes `dot_general_cls`, the quantization seam.
+"""
+
+from typing import Any
+
+import jax
+from flax import linen as nn
+
+from jaxopt_lab.errors import UserError
+
+
+def check_heads(dim: int, heads: int) -> None:
+    """Attention splits the width over the heads: say so when a config's do not divide."""
+    if dim % heads:
+        raise UserError(f"model.dim={dim} is not divisible by model.heads={heads}; "
+                        "allowed: heads dividing dim")
+
+
+class TransformerBlock(nn.Module):
+    """One block; `mask` ([B, 1, T, T], True = may attend) makes it causal, None attends to all."""
+
+    heads: int
+    mlp_dim: int
+    dot_general_cls: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads,
+            qkv_dot_general_cls=self.dot_general_cls,
+            out_dot_general_cls=self.dot_general_cls,
+        )(nn.LayerNorm()(x), mask=mask)
+        x = x + y
+        y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))
+        y = nn.Dense(x.shape[-1], dot_general_cls=self.dot_general_cls)(nn.gelu(y))
+        return x + y
