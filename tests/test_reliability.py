@@ -184,6 +184,37 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, en
     _assert_same_run(workdir, _reference(reference_run))
 
 
+POPULATION = [*LONG, '--config.population=(("optim.lr", (3e-3, 1e-2)), ("seed", (0, 1)))']
+
+
+def test_a_population_killed_and_rerun_resumes_and_matches_an_uninterrupted_one(tmp_path, env):
+    reference = _Run(env, tmp_path / "reference", *POPULATION)
+    workdir = tmp_path / "run"
+    run = _Run(env, workdir, *POPULATION)
+    try:
+        _wait_for(lambda: _checkpoint_steps(workdir) and _metric_steps(workdir)
+                  and max(_metric_steps(workdir)) > max(_checkpoint_steps(workdir)),
+                  run, "a checkpoint followed by a log record")
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        run.stop()
+    assert not (workdir / "summary.json").exists(), "the run finished before it was killed"
+    result = _train(env, workdir, *POPULATION)
+    assert result.returncode == 0, result.stderr
+    got, want = _summary(workdir), _summary(reference.finish())
+    assert got["resumed_from"] is not None and got["resumed_from"] % LONG_CKPT == 0
+    for mine, theirs in zip(got["members"], want["members"], strict=True):
+        assert mine["values"] == theirs["values"]
+        for key in ("validation_loss", "test_loss", "test_accuracy"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
+    records, expected = read_metrics(str(workdir)), read_metrics(str(tmp_path / "reference"))
+    assert [(r["step"], r["member"]) for r in records] == [
+        (r["step"], r["member"]) for r in expected]
+    for record, theirs in zip(records, expected, strict=True):
+        assert record["loss"] == pytest.approx(theirs["loss"], rel=1e-6), record["step"]
+
+
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_or_ctrl_c_saves_at_the_current_step_exits_and_resumes(
         tmp_path, env, reference_run, signum, exit_code):
