@@ -32,6 +32,8 @@ from helpers import ROOT
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.core.run import load_run
 
+pytestmark = pytest.mark.slow  # real subprocesses: make test-fast leaves them out
+
 STEPS = 20
 TRAIN = ("train", "--config", "configs/smoke.py", f"--config.train.steps={STEPS}",
          "--config.train.eval_every=20", "--config.train.log_every=10",

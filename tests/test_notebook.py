@@ -31,6 +31,7 @@ def test_notebook_is_committed_without_outputs(name):
     assert all(not cell.get("outputs") and cell.get("execution_count") is None for cell in code)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_notebook_executes(monkeypatch, name):
     env, patterns = CASES[name]

@@ -29,6 +29,8 @@ from helpers import ROOT, run_cli
 
 from jaxopt_lab.core.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # real subprocesses: make test-fast leaves them out
+
 CONFIG = "configs/smoke.py"  # the MNIST-1D MLP, one step per compiled call (steps_per_call=1)
 QUIET = ["--config.train.progress=False"]
 # Long enough (600 steps, a few seconds) to be caught mid-way by a signal; checkpoints every 150

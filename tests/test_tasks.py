@@ -25,7 +25,7 @@ TINY_LM = ["--config.model.dim=32", "--config.model.depth=1", "--config.model.he
 
 @pytest.mark.parametrize("config_file, extra, metric", [
     ("configs/diabetes_mlp.py", [], "mse"),
-    ("configs/python_text_lm.py", TINY_LM, "bits_per_char"),
+    pytest.param("configs/python_text_lm.py", TINY_LM, "bits_per_char", marks=pytest.mark.slow),
 ])
 def test_task_config_trains_checkpoints_and_resumes(tmp_path, config_file, extra, metric):
     config = load_config(config_file, [*TINY, *extra])
