@@ -99,7 +99,10 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         if dataset.task == "regression" and (smoothing or LABEL_SMOOTHING in swept):
             raise UserError(f"loss.label_smoothing applies to class labels; data set "
                             f"{dataset.name!r} is a regression task")
-        loss_fn, default_hparams = task.loss_fn, {LABEL_SMOOTHING: float(smoothing)}
+        loss_fn = task.loss_fn
+        # Like a zero weight decay, zero smoothing stays out of the graph unless it is swept.
+        default_hparams = ({LABEL_SMOOTHING: float(smoothing)}
+                           if smoothing or LABEL_SMOOTHING in swept else {})
     else:
         check_loss_signature(loss_fn)
         default_hparams = {}
