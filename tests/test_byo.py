@@ -216,6 +216,11 @@ def test_import_paths_from_the_cli_with_a_package_outside_this_one(package, tmp_
     assert summary["num_params"] == 8 * 16 + 16 + 16 * 4 + 4
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"] == {"name": "byo_ext.nets:Net", "width": 16}
+    evaluated = run_cli("eval", "--workdir", str(tmp_path / "run"), "--split", "test",
+                        env={"PYTHONPATH": str(package)})
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_accuracy"] == \
+        pytest.approx(summary["test_accuracy"], abs=1e-6)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -4,10 +4,12 @@ get one line."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import run_cli, tiny_config
 
 from jaxopt_lab.core.config import validate
 from jaxopt_lab.core.loop import train_and_evaluate
@@ -89,6 +91,11 @@ def test_population_writes_one_run_directory_with_metrics_per_member(tmp_path):
     reloaded = evaluate_run(load_run(str(tmp_path)), "validation")["members"]
     for got, want in zip(reloaded, summary["members"], strict=True):
         assert got["validation_loss"] == pytest.approx(want["validation_loss"], rel=1e-6)
+    printed = run_cli("eval", "--workdir", str(tmp_path), "--split", "test")
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    members = json.loads(printed.stdout.strip().splitlines()[-1])["members"]
+    assert [m["test_loss"] for m in members] == pytest.approx(
+        [m["test_loss"] for m in summary["members"]], rel=1e-6)
 
 
 def test_population_on_the_streamed_feed_equals_its_members_alone(tmp_path):
