@@ -1,9 +1,8 @@
 """The command's edges: a bad config file or workdir ends in one line and exit 2, never a traceback;
 every run directory records its invocations in run.json; `eval` re-measures a run's checkpoint.
 
-The config and workdir checks run in process (milliseconds). The subprocess tests at the end need
-the loop to call `prepare_workdir` and core/run.py to have `evaluate_run`; until then they skip,
-saying which is missing.
+The config and workdir checks run in process (milliseconds); the subprocess tests at the end go
+through the command.
 """
 
 from __future__ import annotations
@@ -261,14 +260,8 @@ def test_unreadable_run_json_is_set_aside(tmp_path, capsys):
     assert len(json.loads((tmp_path / "run.json").read_text())["invocations"]) == 1
 
 
-# --- through the command: need the loop to call prepare_workdir, and evaluate_run ---------------
+# --- through the command -----------------------------------------------------------------------
 
-_LOOP_WIRED = "prepare_workdir" in (ROOT / "jaxopt_lab/core/loop.py").read_text()
-_EVAL_READY = "def evaluate_run" in (ROOT / "jaxopt_lab/core/run.py").read_text()
-needs_loop = pytest.mark.skipif(not _LOOP_WIRED, reason="core/loop.py does not call "
-                                                        "rundir.prepare_workdir yet")
-needs_eval = pytest.mark.skipif(not (_LOOP_WIRED and _EVAL_READY),
-                                reason="core/run.py has no evaluate_run yet")
 TINY = ["--config.train.progress=False", "--config.train.steps=20",
         "--config.train.checkpoint_every=10", "--config.train.eval_every=20",
         "--config.train.log_every=10", "--config.data.validation_fraction=0"]
@@ -289,26 +282,22 @@ def tiny_run(tmp_path_factory) -> Path:
     return workdir
 
 
-@needs_loop
 def test_cli_workdir_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("")
     line = _one_line(_train(tmp_path / "afile"))
     assert line.endswith(f"--workdir {tmp_path / 'afile'} is a file, not a directory")
 
 
-@needs_loop
 def test_cli_workdir_under_a_file(tmp_path):
     (tmp_path / "afile").write_text("")
     line = _one_line(_train(tmp_path / "afile" / "run"))
     assert line.endswith(f"cannot be created: {tmp_path / 'afile'} is a file")
 
 
-@needs_loop
 def test_cli_workdir_not_writable(tmp_path):
     assert "is not writable" in _one_line(_train(_unwritable(tmp_path)))
 
 
-@needs_loop
 def test_cli_workdir_holding_another_models_run(tmp_path, tiny_run):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
@@ -318,7 +307,6 @@ def test_cli_workdir_holding_another_models_run(tmp_path, tiny_run):
     assert (workdir / "config.json").read_text() == (tiny_run / "config.json").read_text()
 
 
-@needs_loop
 def test_cli_resume_with_more_steps_appends_to_run_json(tmp_path, tiny_run):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
@@ -330,7 +318,6 @@ def test_cli_resume_with_more_steps_appends_to_run_json(tmp_path, tiny_run):
         first["argv"]
 
 
-@needs_eval
 def test_eval_matches_the_summary_and_step_picks_an_older_checkpoint(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     newest = run_cli("eval", "--workdir", str(tiny_run), timeout=300)
@@ -347,7 +334,6 @@ def test_eval_matches_the_summary_and_step_picks_an_older_checkpoint(tiny_run):
     assert older_metrics["test_loss"] != pytest.approx(metrics["test_loss"], rel=1e-6)
 
 
-@needs_eval
 def test_eval_bad_inputs(tmp_path, tiny_run):
     assert "is not a directory: no run there" in _one_line(
         run_cli("eval", "--workdir", str(tmp_path / "missing"), timeout=120))
@@ -363,3 +349,19 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     assert line.endswith("the run has no 'validation' split; it has: test")
     assert "invalid choice" in _one_line(run_cli("eval", "--workdir", str(tiny_run), "--split",
                                                  "train", timeout=120))
+
+
+def test_a_config_the_checkpoint_refuses_leaves_config_json_alone(tmp_path):
+    """adam -> sgd keeps model and data, so the workdir checks pass, but the optimizer state no
+    longer fits: the restore refuses, and config.json still describes the checkpoints."""
+    from jaxopt_lab.core.loop import train_and_evaluate
+    from jaxopt_lab.errors import UserError
+
+    config = tiny_config(steps=10, measure=False)
+    train_and_evaluate(config, str(tmp_path))
+    changed = tiny_config(steps=20, measure=False)
+    changed.optim.name = "sgd"
+    with pytest.raises(UserError, match="does not fit"):
+        train_and_evaluate(changed, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["name"] == "adam"
+    assert len(json.loads((tmp_path / "run.json").read_text())["invocations"]) == 1

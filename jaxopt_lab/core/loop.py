@@ -62,7 +62,7 @@ from jaxopt_lab.core.population import (
     population_step,
     stop_members,
 )
-from jaxopt_lab.core.rundir import prepare_workdir
+from jaxopt_lab.core.rundir import check_workdir, record_run
 from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.core.tasks import EvalFn, LossFn
@@ -124,7 +124,7 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Ru
                         f"{mesh.size} devices of the mesh")
     if model is not None:
         config = with_model_recorded(config, model)
-    prepare_workdir(workdir, config, is_chief=jax.process_index() == 0)
+    check_workdir(workdir, config)
     dataset = prepare_dataset(config, dataset)
     num_train = len(dataset.train["label"])
     if config.data.batch_size > num_train:
@@ -168,9 +168,12 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Ru
 
 
 def _restore(run: _Run) -> None:
+    """The newest checkpoint that loads; then config.json and run.json record this invocation."""
     restored = run.checkpointer.restore(run.carry, data_iterator=run.streamed)
     if restored is not None:
         run.carry, run.resumed_from = restored
+    if jax.process_index() == 0:
+        record_run(run.workdir, run.config)
 
 
 def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:

@@ -38,11 +38,22 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, is_chief
       UserError: the path is a file, cannot be created or is not writable, or it holds a run of
         another model or data set. Other changed keys (lr, steps) are how a run is extended.
     """
+    check_workdir(workdir, config)
+    if is_chief:
+        record_run(workdir, config)
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """The checks of `prepare_workdir`, writing nothing (see there)."""
     _ensure_writable_dir(workdir)
     _check_same_run(workdir, config)
-    if is_chief:
-        _write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-        record_provenance(workdir)
+
+
+def record_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json and appends this invocation to run.json. The loop calls it once the
+    checkpoint has restored, so a config the checkpoint refuses leaves the saved one alone."""
+    _write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    record_provenance(workdir)
 
 
 def _ensure_writable_dir(workdir: str) -> None:
