@@ -77,6 +77,29 @@ def text_baselines() -> dict:
             "unigram byte frequencies": float(-np.mean(log2p[data.test["label"].ravel()]))}
 
 
+def plot(results: dict, curves: dict, path: Path) -> None:
+    """Seed 0's validation and test curves per task, the baselines as labelled dashed lines."""
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(10, 3.5))
+    for ax, (task, (_, metric)) in zip(axes, TASKS.items()):
+        records = curves[task]
+        for split in ("validation", "test"):
+            ax.plot([r["step"] for r in records], [r[f"{split}_{metric}"] for r in records],
+                    "o-", label=split)
+        for (name, value), style in zip(results[task]["baselines"].items(), ("--", ":")):
+            ax.axhline(value, ls=style, lw=1, color="gray", label=f"{name} (test)")
+        ax.set_title(f"{task} (seed 0)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _curves(workdir: Path) -> dict:
+    return {task: [r for r in read_metrics(str(workdir / f"{task}_seed0"))
+                   if f"validation_{metric}" in r] for task, (_, metric) in TASKS.items()}
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -89,10 +112,16 @@ def main() -> None:
     parser.add_argument("--lm-seeds", type=int, default=1, help="seeds for the language model")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "tasks_table"))
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw tasks.png from tasks.json and the runs under --workdir")
     args = parser.parse_args()
+    if args.plot_only:
+        results = json.loads((Path(args.out) / "tasks.json").read_text())
+        plot(results, _curves(Path(args.workdir)), Path(args.out) / "tasks.png")
+        return
 
     seeds = {"diabetes": args.seeds, "python_text": args.lm_seeds}
-    results, curves = {}, {}
+    results = {}
     for task, (config_file, metric) in TASKS.items():
         runs = []
         for seed in range(seeds[task]):
@@ -102,9 +131,6 @@ def main() -> None:
                 f"validation_{metric}", f"test_{metric}", "steps", "train_wall_s",
                 "num_params", "resumed_from")}})
             print(f"{task} seed {seed}: test_{metric}={summary[f'test_{metric}']:.4f}", flush=True)
-            if seed == 0:
-                curves[task] = [r for r in read_metrics(str(workdir))
-                                if f"validation_{metric}" in r]
         results[task] = {"config": config_file, "metric": metric, "runs": runs}
     results["diabetes"]["baselines"] = diabetes_baselines()
     results["python_text"]["baselines"] = text_baselines()
@@ -139,21 +165,7 @@ def main() -> None:
     (out / "tasks.md").write_text("\n".join(lines))
     (out / "tasks.json").write_text(json.dumps(results, indent=2))
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(10, 3.5))
-    for ax, (task, (_, metric)) in zip(axes, TASKS.items()):
-        records = curves[task]
-        for split in ("validation", "test"):
-            ax.plot([r["step"] for r in records], [r[f"{split}_{metric}"] for r in records],
-                    "o-", label=split)
-        for name, value in results[task]["baselines"].items():
-            ax.axhline(value, ls="--", lw=1, color="gray")
-            ax.annotate(name, (0, value), fontsize=7, color="gray", va="bottom")
-        ax.set_title(f"{task} (seed 0)")
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "tasks.png", dpi=120)
+    plot(results, _curves(Path(args.workdir)), out / "tasks.png")
     print("\n".join(lines))
 
 
