@@ -160,12 +160,11 @@ def _reference(reference_run: _Run) -> Path:
     return workdir
 
 
-def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, env, reference_run):
-    workdir = tmp_path / "run"
-    run = _Run(env, workdir, *LONG)
+def _killed_after_a_checkpoint(env: dict, workdir: Path, *overrides: str) -> Path:
+    """Starts the command and kills it with SIGKILL once a checkpoint exists and metrics.jsonl
+    has records past it, so the resumed run must drop those records and recompute them."""
+    run = _Run(env, workdir, *overrides)
     try:
-        # Killed once a checkpoint exists and metrics.jsonl has records past it, so the resumed
-        # run must drop those records and recompute them.
         _wait_for(lambda: _checkpoint_steps(workdir) and _metric_steps(workdir)
                   and max(_metric_steps(workdir)) > max(_checkpoint_steps(workdir)),
                   run, "a checkpoint followed by a log record")
@@ -174,6 +173,11 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, en
     finally:
         run.stop()
     assert not (workdir / "summary.json").exists(), "the run finished before it was killed"
+    return workdir
+
+
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, env, reference_run):
+    workdir = _killed_after_a_checkpoint(env, tmp_path / "run", *LONG)
     on_disk = _checkpoint_steps(workdir)
     assert on_disk and max(on_disk) < LONG_STEPS
 
@@ -191,17 +195,7 @@ POPULATION = [*LONG, '--config.population=(("optim.lr", (3e-3, 1e-2)), ("seed", 
 
 def test_a_population_killed_and_rerun_resumes_and_matches_an_uninterrupted_one(tmp_path, env):
     reference = _Run(env, tmp_path / "reference", *POPULATION)
-    workdir = tmp_path / "run"
-    run = _Run(env, workdir, *POPULATION)
-    try:
-        _wait_for(lambda: _checkpoint_steps(workdir) and _metric_steps(workdir)
-                  and max(_metric_steps(workdir)) > max(_checkpoint_steps(workdir)),
-                  run, "a checkpoint followed by a log record")
-        os.kill(run.proc.pid, signal.SIGKILL)
-        assert run.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        run.stop()
-    assert not (workdir / "summary.json").exists(), "the run finished before it was killed"
+    workdir = _killed_after_a_checkpoint(env, tmp_path / "run", *POPULATION)
     result = _train(env, workdir, *POPULATION)
     assert result.returncode == 0, result.stderr
     got, want = _summary(workdir), _summary(reference.finish())
