@@ -3,6 +3,7 @@ next log boundary, where all processes agree on the step, and exit with the shel
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -23,7 +24,14 @@ class Preempted(Exception):
 
 class StopSignals:
     """SIGTERM and SIGINT (Ctrl-C) ask for a checkpoint at the next log boundary; a second Ctrl-C
-    stops at once. Handlers are installed only from the main thread (Python's rule)."""
+    stops at once. Handlers are installed only from the main thread (Python's rule).
+
+    "At once" is `os._exit(130)`: a KeyboardInterrupt raised wherever the main thread happens to
+    be (inside JAX's dispatch, say) could leave a lock held and the cleanup after it waiting
+    forever (seen once in the test suite). Checkpoints stay consistent: orbax commits one by
+    renaming, so a save cut short is never read. In a notebook the second interrupt raises
+    KeyboardInterrupt instead, which stops the cell and keeps the kernel.
+    """
 
     EXIT_CODES: ClassVar[dict[int, int]] = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -40,7 +48,12 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and signal.SIGINT in self.received:
-            raise KeyboardInterrupt
+            if "ipykernel" in sys.modules:
+                raise KeyboardInterrupt
+            print("\njaxopt-lab: interrupted; steps since the last checkpoint are lost",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
         self.received.append(signum)
         if self._announce and signum == signal.SIGINT:
             print("\ninterrupted: saving a checkpoint at the next log boundary "
