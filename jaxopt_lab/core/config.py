@@ -321,12 +321,13 @@ def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> Non
         section, key = name.split(".")
         if not 0 <= config[section][key] < 1:
             raise UserError(f"{name} must be in [0, 1), got {config[section][key]}")
-    _check_population(config.population)
+    check_population(config.population)  # its keys are checked when the run is built
 
 
-def _check_population(spec) -> None:
-    """The population's shape; its keys are checked against the run's per-trial values when the
-    run is built (a caller's own loss may bring hparams of its own)."""
+def check_population(spec: Sequence) -> None:
+    """The shape of a config's `population`, ((key, (v0, v1, ...)), ...), checked before anything
+    is built; its keys are checked against the run's per-trial values by `member_values` (a
+    caller's own loss may bring hparams of its own)."""
     sizes = set()
     for entry in spec:
         if (not isinstance(entry, (tuple, list)) or len(entry) != 2

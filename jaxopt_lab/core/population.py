@@ -20,6 +20,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxopt_lab.core.config import check_population
 from jaxopt_lab.core.optim import INJECTED
 from jaxopt_lab.core.state import TrainState, create_train_state, state_shardings
 from jaxopt_lab.errors import UserError
@@ -51,25 +52,19 @@ def allowed_keys(hparams: Iterable[str]) -> list[str]:
 
 
 def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str]) -> list[dict[str, Any]]:
-    """One {key: value} per member from a config's `population`: ((key, (v0, v1, ...)), ...).
+    """One {key: value} per member from a config's `population`.
 
     Raises:
-      UserError: on a key that is not a per-trial value, or value lists of different lengths.
+      UserError: on a malformed population or a key that is not a per-trial value.
     """
+    check_population(spec)
     allowed = allowed_keys(hparams)
-    columns = {}
-    for entry in spec:
-        if len(entry) != 2 or isinstance(entry[1], (str, bytes)) or not len(entry[1]):
-            raise UserError(f"population entry {entry!r} must be (config key, (value, ...))")
-        key, values = entry
+    for key, _ in spec:
         if key not in allowed:
             raise UserError(f"population key {key!r} is not a per-trial value; allowed: "
                             f"{', '.join(allowed)}")
-        columns[key] = list(values)
-    sizes = {key: len(values) for key, values in columns.items()}
-    if len(set(sizes.values())) > 1:
-        raise UserError(f"population value lists differ in length: {sizes}")
-    size = next(iter(sizes.values()), 0)
+    columns = {key: list(values) for key, values in spec}
+    size = len(next(iter(columns.values()), ()))
     return [{key: values[i] for key, values in columns.items()} for i in range(size)]
 
 
