@@ -31,6 +31,26 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, default=None,
                           help="the checkpoint to evaluate (default: the newest)")
     evaluate.add_argument("--split", choices=("validation", "test"), default="test")
+    quantize = commands.add_parser(
+        "quantize", help="convert a finished run to its int8 serving form (QAT run: as trained; "
+                         "float run: post-training quantization)",
+        epilog="writes RUN/quantized/serving (the checkpoint) and RUN/quantized/summary.json")
+    quantize.add_argument("--workdir", required=True, help="a run directory written by train")
+    quantize.add_argument("--calibrate", type=int, default=0, metavar="N",
+                          help="float run: training batches that calibrate static activation "
+                               "scales (needed for w8a8)")
+    quantize.add_argument("--scheme", default="auto", choices=("auto", "w8", "w8a8"),
+                          help="w8: int8 weights, float arithmetic; w8a8: int8 x int8; auto: w8 "
+                               "on CPU, w8a8 on accelerators")
+    quantize.add_argument("--bits", type=int, choices=(8, 4), default=None,
+                          help="float run: integer bits (default 8)")
+    quantize.add_argument("--numerics", choices=("int", "fp8_e4m3", "fp8_e5m2"), default=None,
+                          help="float run: number format (default int)")
+    quantize.add_argument("--per-tensor", action="store_true",
+                          help="float run: one scale per weight tensor, not per channel")
+    quantize.add_argument("--skip", nargs="*", default=None, metavar="REGEX",
+                          help="float run: parameter-path patterns left in float (none given: "
+                               "quantize every layer; flag absent: first and last layers)")
     launch = commands.add_parser("launch", help="run a command in N local processes (loopback)")
     launch.add_argument("-n", "--num-processes", type=int, required=True)
     launch.add_argument("--devices-per-process", type=int, default=1,
@@ -75,6 +95,28 @@ def _eval(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    """Converts a run to its quantized serving form and prints the summary."""
+    if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+        raise UserError(f"--workdir {args.workdir} holds no trained run (no checkpoints/)")
+    if args.calibrate < 0:
+        raise UserError(f"--calibrate {args.calibrate} must be >= 0")
+    from jaxopt_lab.techniques.quantize.convert_run import quantize_run
+
+    options = {k: v for k, v in {"bits": args.bits, "numerics": args.numerics,
+                                 "skip": None if args.skip is None else tuple(args.skip)}.items()
+               if v is not None}
+    if args.per_tensor:
+        options["per_channel"] = False
+    summary = quantize_run(args.workdir, calibrate_batches=args.calibrate, scheme=args.scheme,
+                           options=options)
+    print(json.dumps(summary, indent=2))
+    print(f"{summary['method']} {summary['scheme']} serving form: "
+          f"{args.workdir}/quantized/serving ({summary['size_ratio']:.2f}x smaller than float32; "
+          f"scheme {args.scheme} -> {summary['options']['scheme']} on {summary['backend']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Library start-up chatter (grain, orbax) would bury the lines users need; errors still show.
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -87,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "eval":
             return _eval(args)
+        if args.command == "quantize":
+            return _quantize(args)
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
         if not rest or args.num_processes < 1:
             parser.error("usage: jaxopt-lab launch -n N -- train --config ... --workdir ...")

@@ -17,12 +17,14 @@ import optax
 
 from jaxopt_lab.core.optim import build_optimizer, check_swept
 from jaxopt_lab.core.population import member_values
+from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.step import Reducer, pmean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import NOT_HPARAMS, build_model
+from jaxopt_lab.techniques import quantize
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
@@ -39,6 +41,7 @@ class Experiment:
     tx: optax.GradientTransformationExtraArgs
     hparams: dict[str, float] = dataclasses.field(default_factory=dict)
     state_metrics: Callable[[Any], dict] | None = None
+    techniques: dict[str, dict] = dataclasses.field(default_factory=dict)  # for summary.json
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -75,6 +78,28 @@ def check_loss_signature(loss_fn: Callable) -> None:
         pass  # no signature to inspect (a builtin or C callable): let the trace tell
 
 
+QUANTIZE_METHODS = ("none", "qat")
+
+
+def quantize_options(config: ml_collections.ConfigDict):
+    """The config's quantization options (checked), or None where quantization is off."""
+    block = config.techniques.quantize
+    if block.method not in QUANTIZE_METHODS:
+        raise UserError(f"techniques.quantize.method={block.method!r} is unknown; allowed: "
+                        f"{', '.join(QUANTIZE_METHODS)}")
+    options = quantize.quantize_options(**{k: v for k, v in block.items() if k != "method"})
+    return options if block.method == "qat" else None
+
+
+def check_techniques(config: ml_collections.ConfigDict) -> None:
+    """Every technique block's values, before anything is built (`validate` calls this)."""
+    try:
+        quantize_options(config)
+    except UserError as e:
+        message = str(e).replace("quantize ", "techniques.quantize.", 1)
+        raise UserError(message) from None
+
+
 def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
                      model: nn.Module | None = None, loss_fn: LossFn | None = None,
                      eval_fn: EvalFn | None = None, hparams: dict[str, float] | None = None,
@@ -92,6 +117,13 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     """
     if model is None:
         model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
+    techniques = {}
+    quantization = quantize_options(config)
+    if quantization is not None:
+        model = quantize.wrap(model, sample_x=sample_input(dataset),
+                              **dataclasses.asdict(quantization))
+        options, skip = quantize.quantization_of(model)
+        techniques["quantize"] = {**options.describe(), "skip": list(skip)}
     augment = make_augment(**config.data.augment.to_dict())
     task = make_task(dataset.task, model, augment)
     if loss_fn is None:
@@ -113,6 +145,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         reducer=pmean_reducer(),
         tx=build_optimizer(config.optim, config.train.steps, swept),
         hparams={**default_hparams, **(hparams or {})},
+        techniques=techniques,
     )
 
 

@@ -23,8 +23,8 @@ from jaxopt_lab.models import MODELS, model_hparams
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle", "reduce_on_plateau")
-# Technique issues register their blocks here; until then `techniques` must stay empty.
-TECHNIQUES: tuple[str, ...] = ()
+# The techniques with a block under `techniques` (core/builder.py composes them).
+TECHNIQUES: tuple[str, ...] = ("quantize",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -86,6 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.population = ()
 
     c.techniques = ml_collections.ConfigDict()
+    q = c.techniques.quantize = ml_collections.ConfigDict()  # AQT at the model seam
+    q.method = "none"  # none | qat (quantization-aware training); PTQ: `jaxopt-lab quantize`
+    q.bits = 8  # 8 | 4 (integer numerics)
+    q.numerics = "int"  # int | fp8_e4m3 | fp8_e5m2
+    q.backward = "float"  # float (forward-only QAT) | quantized (both backward matmuls too)
+    q.per_channel = True  # one weight scale per output channel; False: one per tensor
+    q.activations = True  # quantize layer inputs too (w8a8); False: weights only (w8)
+    q.attention = True  # with activations: also attention's QK^T and weights x V
+    q.skip = None  # regexes over parameter paths left in float; None: first and last layers
     return c
 
 
@@ -237,8 +246,6 @@ def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
         name = f"{prefix}{key}"
         if prefix == "model." and key != "name":
             continue  # model hyperparameters are checked against the model registry
-        if prefix == "" and key == "techniques":
-            continue
         if key not in schema:
             allowed = ", ".join(sorted(schema.keys()))
             yield f"unknown config key {name!r}; allowed here: {allowed}"
@@ -254,6 +261,8 @@ def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
 
 
 def _type_ok(value, default) -> bool:
+    if default is None:  # an optional tuple (a technique's `skip`): None or a sequence
+        return value is None or isinstance(value, (tuple, list))
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, float):
@@ -304,9 +313,9 @@ def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> Non
             )
     _check_choice("optim.name", config.optim.name, OPTIMIZERS)
     _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
-    for key in config.techniques:
-        allowed = ", ".join(TECHNIQUES) or "none yet"
-        raise UserError(f"unknown technique 'techniques.{key}'; allowed: {allowed}")
+    from jaxopt_lab.core.builder import check_techniques  # the one importer of techniques
+
+    check_techniques(config)
     _check_positive(config, "data.batch_size", "train.steps", "train.eval_every", "train.log_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size")
     if config.train.steps_per_call < 0:

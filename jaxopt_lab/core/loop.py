@@ -356,6 +356,7 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
         "num_params": num_params, "steps_per_call": run.steps_per_call, "devices": run.mesh.size,
         "processes": jax.process_count(), "resumed_from": run.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
+        "techniques": run.experiment.techniques,
     }
     is_chief = jax.process_index() == 0
     if run.config.train.measure and is_chief:

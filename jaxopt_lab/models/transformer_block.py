@@ -1,15 +1,18 @@
 """The pre-LayerNorm Transformer block both Transformers here use (ViT's encoder, the LM's decoder).
 
 x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU (Xiong et al. 2020 on pre-LN). Every projection —
-q, k, v, out and the MLP's two layers — takes `dot_general_cls`, the quantization seam.
+q, k, v, out and the MLP's two layers — takes `dot_general_cls`, the quantization seam, and so do
+the attention's own matmuls (QKᵀ and weights×V, through `DotGeneralEinsum`).
 """
 
+import functools
 from typing import Any
 
 import jax
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.einsum import DotGeneralEinsum
 
 
 def check_heads(dim: int, heads: int) -> None:
@@ -28,10 +31,14 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        einsum = (functools.partial(DotGeneralEinsum, self.dot_general_cls)
+                  if self.dot_general_cls else None)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.heads,
             qkv_dot_general_cls=self.dot_general_cls,
             out_dot_general_cls=self.dot_general_cls,
+            qk_attn_weights_einsum_cls=einsum,
+            attn_weights_value_einsum_cls=einsum,
         )(nn.LayerNorm()(x), mask=mask)
         x = x + y
         y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))

@@ -1,0 +1,96 @@
+"""Quantization at the model seam, with AQT (`aqtp`) numerics.
+
+    model = quantize.wrap(build_model("cnn1d", 10), sample_x=x)        # int8 QAT, w8a8
+    model = quantize.wrap(my_module, skip=(), activations=False)       # int8 weights only
+    serving = quantize.convert(model, variables, x)                    # int8 values + scales
+    logits = jax.jit(quantize.serve_fn(model))(serving, x)             # no float kernels
+
+`wrap` returns the same model with its `dot_general_cls` and `conv_general_dilated_cls` seams
+filled, so its parameters, the step, the optimizer and every other technique are unchanged: a
+float checkpoint loads into it (post-training quantization), and what trains is what serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jaxopt_lab.core.layers import default_skip
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.quantize.layers import (
+    QuantizedConv,
+    QuantizedDotGeneral,
+    QuantMode,
+    seams,
+    straight_through,
+)
+from jaxopt_lab.techniques.quantize.options import (
+    QUANT_COLLECTION,
+    QuantizeOptions,
+    quantize_options,
+)
+from jaxopt_lab.techniques.quantize.serving import (
+    calibrate,
+    convert,
+    quantization_of,
+    serve_fn,
+    served_eval_fn,
+    with_mode,
+)
+
+__all__ = [
+    "QUANT_COLLECTION",
+    "QuantMode",
+    "QuantizeOptions",
+    "QuantizedConv",
+    "QuantizedDotGeneral",
+    "calibrate",
+    "convert",
+    "quantization_of",
+    "quantize_options",
+    "resolve_skip",
+    "serve_fn",
+    "served_eval_fn",
+    "straight_through",
+    "with_mode",
+    "wrap",
+]
+
+_SEAMS = ("dot_general_cls", "conv_general_dilated_cls")
+
+
+def resolve_skip(model, options: QuantizeOptions, sample_x: Any = None) -> tuple[str, ...]:
+    """`options.skip`, or where it is None the default: patterns for the model's first and last
+    multiplying layers, found by tracing it on `sample_x` (nothing runs)."""
+    if options.skip is not None:
+        return options.skip
+    if sample_x is None:
+        raise UserError("quantize.wrap: the default skip (first and last layers) needs "
+                        "sample_x, one batch of inputs; or pass skip=() to quantize every layer, "
+                        "or your own patterns")
+    variables = jax.eval_shape(
+        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
+        sample_x)
+    return default_skip(model, variables, sample_x)
+
+
+def wrap(model, *, sample_x: Any = None, **options: Any):
+    """`model` with AQT quantization injected at its seams.
+
+    Args:
+      model: a Flax linen module with a `dot_general_cls` field (every Dense takes one) and,
+        if it has convs, `conv_general_dilated_cls`: the registry's models or your own.
+      sample_x: a batch of inputs, needed only to find the default `skip` layers.
+      options: the fields of `QuantizeOptions` (bits, numerics, backward, per_channel,
+        activations, attention, static_activations, skip).
+    """
+    opts = quantize_options(**options)
+    fields = {f.name for f in dataclasses.fields(model)}
+    if "dot_general_cls" not in fields:
+        raise UserError(f"quantize.wrap: {type(model).__name__} has no dot_general_cls field to "
+                        "inject AQT into; add `dot_general_cls: Any = None` and pass it to its "
+                        "Dense layers")
+    skip = resolve_skip(model, opts, sample_x)
+    return model.clone(**{k: v for k, v in seams(opts, skip).items() if k in fields})

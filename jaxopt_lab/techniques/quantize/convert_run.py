@@ -1,0 +1,185 @@
+"""`jaxopt-lab quantize --workdir RUN`: a finished run to its quantized serving form.
+
+A QAT run is converted with the options it trained with; a float run is quantized after training
+(PTQ): its weights as they are, activation scales calibrated on `calibrate` training batches.
+Either way the serving form (int8 or int4 / fp8 values, their scales, float biases) is written to
+RUN/quantized/serving, evaluated on the test split, checked output for output against the
+quantized model's own evaluation, measured, and summarized in RUN/quantized/summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxopt_lab.core.distributed import data_mesh
+from jaxopt_lab.core.evaluate import make_evaluator, padded_batches
+from jaxopt_lab.core.measure import latency_ms, model_bytes
+from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.state import sample_input
+from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.quantize import (
+    calibrate,
+    convert,
+    quantization_of,
+    serve_fn,
+    served_eval_fn,
+    wrap,
+)
+
+SCHEMES = ("auto", "w8", "w8a8")
+
+
+def pick_scheme(scheme: str) -> str:
+    """"auto": weight-only on CPUs (int8 arithmetic there is slower than float32: measured in
+    results/quantize_*.md), int8 × int8 where accelerators have int8 units."""
+    if scheme not in SCHEMES:
+        raise UserError(f"--scheme {scheme!r} is unknown; allowed: {', '.join(SCHEMES)}")
+    if scheme == "auto":
+        return "w8" if jax.default_backend() == "cpu" else "w8a8"
+    return scheme
+
+
+def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "auto",
+                 options: dict | None = None) -> dict:
+    """Converts the run in `workdir`; returns (and writes) RUN/quantized/summary.json.
+
+    Args:
+      calibrate_batches: PTQ of a float run: training batches for the static activation scales
+        (needed unless the scheme quantizes weights only).
+      scheme: "w8" (weights only), "w8a8" or "auto" (by backend).
+      options: quantize options for PTQ (bits, numerics, per_channel, skip); a QAT run keeps its
+        own, except `activations`, which the scheme sets.
+    """
+    run = load_run(workdir)
+    if run.members:
+        raise UserError(f"{workdir} holds a population; quantize one run (train a member alone)")
+    scheme = pick_scheme(scheme)
+    activations = scheme == "w8a8"
+    sample_x = sample_input(run.dataset)
+    variables = {"params": run.state.params, **run.state.model_state}
+    trained = run.experiment.techniques.get("quantize")
+    if trained is not None:
+        if options:
+            raise UserError(f"{workdir} was trained with QAT ({trained['scheme']}); its options "
+                            "are fixed, only --scheme may differ")
+        trained_options, skip = quantization_of(run.experiment.model)
+        qoptions = dataclasses.replace(trained_options, activations=activations, skip=skip)
+        model = wrap(run.experiment.model, **dataclasses.asdict(qoptions))
+        method = "qat"
+    else:
+        if activations and calibrate_batches < 1:
+            raise UserError(f"{workdir} is a float run: post-training quantization with "
+                            f"activations ({scheme}) needs --calibrate N (training batches)")
+        model, variables = post_training(
+            run.experiment.model, variables, run.dataset.train["x"], sample_x,
+            batches=calibrate_batches, batch_size=run.config.data.batch_size,
+            activations=activations, **(options or {}))
+        method = "ptq"
+    qoptions, skip = quantization_of(model)
+    serving = convert(model, variables, sample_x)
+    out_dir = os.path.join(workdir, "quantized")
+    save_serving(os.path.join(out_dir, "serving"), serving)
+    test = run.dataset.test
+    serve = jax.jit(serve_fn(model))
+    float_variables = {"params": run.state.params, **run.state.model_state}
+    summary = {
+        "method": method,
+        "scheme": qoptions.scheme,
+        "backend": jax.default_backend(),
+        "options": {**qoptions.describe(), "skip": list(skip)},
+        "calibration_batches": calibrate_batches if method == "ptq" and activations else 0,
+        **evaluate_serving(model, serving, test, run.dataset.task,
+                           run.config.train.eval_batch_size),
+        "serving_bit_identical": outputs_identical(model, variables, serving, serve, test,
+                                                   run.config.train.eval_batch_size),
+        "model_bytes": model_bytes(serving),
+        "float_model_bytes": model_bytes(float_variables),
+    }
+    summary["size_ratio"] = summary["float_model_bytes"] / summary["model_bytes"]
+    float_apply = _float_apply(run)
+    for b in (1, 256):
+        summary[f"latency_ms_batch{b}"] = latency_ms(serve, sample_x, b, variables=serving)
+        summary[f"float_latency_ms_batch{b}"] = latency_ms(float_apply, sample_x, b,
+                                                           variables=float_variables)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def post_training(float_model, variables: dict, train_x, sample_x, *, batches: int,
+                  batch_size: int, activations: bool, **options):
+    """PTQ: `float_model` wrapped for quantization and its `variables`, with static activation
+    scales calibrated on the first `batches` batches of `train_x` where activations are
+    quantized (weights need none: their scales come from the weights themselves)."""
+    model = wrap(float_model, sample_x=sample_x, activations=activations,
+                 static_activations=activations, **options)
+    if activations:
+        if batches * batch_size > len(train_x):
+            raise UserError(f"--calibrate {batches} needs {batches * batch_size} training "
+                            f"examples; the training split has {len(train_x)}")
+        inputs = [jnp.asarray(train_x[i * batch_size:(i + 1) * batch_size])
+                  for i in range(batches)]
+        variables = calibrate(model, variables, inputs)
+    return model, variables
+
+
+def evaluate_serving(model, serving: dict, arrays: dict, task: str, batch_size: int) -> dict:
+    """`test_<metric>` means of the serving form over `arrays` (the task's evaluation)."""
+    sample_x = np.zeros((1, *arrays["x"].shape[1:]), arrays["x"].dtype)
+    evaluate = make_evaluator(served_eval_fn(model, task, sample_x), arrays, batch_size,
+                              data_mesh())
+    return evaluate(types.SimpleNamespace(
+        params=serving["params"], model_state={k: v for k, v in serving.items() if k != "params"}))
+
+
+def outputs_identical(model, variables, serving, serve, arrays, batch_size: int) -> bool:
+    """Whether the serving form's outputs equal, bit for bit, the quantized model's own compiled
+    evaluation ("what you train is what you serve") on every example of `arrays`."""
+
+    @jax.jit
+    def evaluate(variables, x):
+        state = {k: v for k, v in variables.items() if k != "params"}
+        outputs, _, _ = apply_model(model, variables["params"], state, x, None, train=False)
+        return outputs
+
+    for batch in padded_batches({"x": arrays["x"], "label": arrays["label"]}, batch_size):
+        if not np.array_equal(np.asarray(evaluate(variables, batch["x"])),
+                              np.asarray(serve(serving, batch["x"]))):
+            return False
+    return True
+
+
+def _float_apply(run):
+    """The float model's inference, the baseline the serving form's latency is compared with."""
+    model = run.experiment.model
+    if "quantize" in run.experiment.techniques:
+        model = model.clone(dot_general_cls=None, conv_general_dilated_cls=None)
+
+    def apply(variables, x):
+        state = {k: v for k, v in variables.items() if k != "params"}
+        outputs, _, _ = apply_model(model, variables["params"], state, x, None, train=False)
+        return outputs
+
+    return apply
+
+
+def save_serving(path: str, serving: dict) -> None:
+    """The serving variables as an orbax checkpoint (int8 / int4 arrays kept in their dtype)."""
+    path = os.path.abspath(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, serving, force=True)
+
+
+def load_serving(path: str) -> dict:
+    """What `save_serving` wrote, as host arrays."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.abspath(path))
