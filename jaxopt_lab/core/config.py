@@ -94,7 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
     q.per_channel = True  # one weight scale per output channel; False: one per tensor
     q.activations = True  # quantize layer inputs too (w8a8); False: weights only (w8)
     q.attention = True  # with activations: also attention's QK^T and weights x V
-    q.skip = None  # regexes over parameter paths left in float; None: first and last layers
+    # regexes over parameter paths left in float; None: the first and last layers; () = none
+    q.skip = ml_collections.config_dict.placeholder(tuple)
     return c
 
 
@@ -257,7 +258,8 @@ def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
             else:
                 yield from _schema_errors(value, default, f"{name}.")
         elif not _type_ok(value, default):
-            yield f"config key {name!r} must be {type(default).__name__}, got {value!r}"
+            wanted = "a tuple or None" if default is None else type(default).__name__
+            yield f"config key {name!r} must be {wanted}, got {value!r}"
 
 
 def _type_ok(value, default) -> bool:

@@ -125,11 +125,14 @@ def _repeats(params: dict[str, Any]) -> int:
     """How many times an eqn runs its sub-jaxprs: scan's length, or once per pmap/shard_map device."""
     if "length" in params:  # scan
         return params["length"]
-    if "axis_size" in params:  # xla_pmap: the body sees one device's slice
+    if "axis_size" in params:  # xla_pmap; newer JAX traces pmap as a shard_map instead
         return params["axis_size"]
     mesh = params.get("mesh")
     if mesh is not None:  # shard_map: the body sees one shard, on every device of its manual axes
-        return math.prod(mesh.shape[a] for a in params.get("manual_axes", mesh.axis_names))
+        # The axes this shard_map makes manual: `manual_axes` in JAX 0.7, `newly_manual_axes` in
+        # 0.10. Counting the whole mesh instead would multiply by its auto axes too.
+        manual = params.get("manual_axes", params.get("newly_manual_axes", mesh.axis_names))
+        return math.prod(mesh.shape[a] for a in manual)
     return 1
 
 

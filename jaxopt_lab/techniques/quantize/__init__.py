@@ -23,7 +23,7 @@ from jaxopt_lab.techniques.quantize.layers import (
     QuantizedConv,
     QuantizedDotGeneral,
     QuantMode,
-    seams,
+    inject,
     straight_through,
 )
 from jaxopt_lab.techniques.quantize.options import (
@@ -58,9 +58,6 @@ __all__ = [
     "wrap",
 ]
 
-_SEAMS = ("dot_general_cls", "conv_general_dilated_cls")
-
-
 def resolve_skip(model, options: QuantizeOptions, sample_x: Any = None) -> tuple[str, ...]:
     """`options.skip`, or where it is None the default: patterns for the model's first and last
     multiplying layers, found by tracing it on `sample_x` (nothing runs)."""
@@ -92,5 +89,4 @@ def wrap(model, *, sample_x: Any = None, **options: Any):
         raise UserError(f"quantize.wrap: {type(model).__name__} has no dot_general_cls field to "
                         "inject AQT into; add `dot_general_cls: Any = None` and pass it to its "
                         "Dense layers")
-    skip = resolve_skip(model, opts, sample_x)
-    return model.clone(**{k: v for k, v in seams(opts, skip).items() if k in fields})
+    return inject(model, opts, resolve_skip(model, opts, sample_x))

@@ -15,9 +15,9 @@ the "aqt" collection), SERVE (compute from the stored ones; the float kernels ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -152,10 +152,10 @@ class QuantizedConv(nn.Module):
         return straight_through(lhs, qt.dequant())
 
 
-def seams(options: QuantizeOptions, skip: tuple[str, ...], mode: QuantMode = QuantMode.TRAIN
-          ) -> dict[str, Any]:
-    """The two seam classes for `model.clone(**seams(...))`."""
-    return {
-        "dot_general_cls": functools.partial(QuantizedDotGeneral, options, skip, mode),
-        "conv_general_dilated_cls": functools.partial(QuantizedConv, options, skip, mode),
-    }
+def inject(model, options: QuantizeOptions, skip: tuple[str, ...],
+           mode: QuantMode = QuantMode.TRAIN):
+    """`model` with the seam classes it has fields for set to these options, skip and mode."""
+    seams = {"dot_general_cls": functools.partial(QuantizedDotGeneral, options, skip, mode),
+             "conv_general_dilated_cls": functools.partial(QuantizedConv, options, skip, mode)}
+    fields = {f.name for f in dataclasses.fields(model)}
+    return model.clone(**{k: v for k, v in seams.items() if k in fields})

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_lab.core.tasks import EvalFn, apply_model, make_task, train_kwargs
-from jaxopt_lab.techniques.quantize.layers import QuantMode, seams
+from jaxopt_lab.techniques.quantize.layers import QuantMode, inject
 from jaxopt_lab.techniques.quantize.options import QUANT_COLLECTION, QuantizeOptions
 
 _FROZEN_KEY = "qrhs"
@@ -35,7 +35,7 @@ def quantization_of(model) -> tuple[QuantizeOptions, tuple[str, ...]]:
 def with_mode(model, mode: QuantMode):
     """The same quantized model in another AQT mode (CALIBRATE, CONVERT, SERVE, TRAIN)."""
     options, skip = quantization_of(model)
-    return model.clone(**seams(options, skip, mode))
+    return inject(model, options, skip, mode)
 
 
 def calibrate(model, variables: dict, batches: Iterable[Any]) -> dict:
@@ -51,21 +51,17 @@ def calibrate(model, variables: dict, batches: Iterable[Any]) -> dict:
         _, state, _ = apply_model(calibrating, params, state, x, None, train=True)
         return state
 
-    # One pass in inference mode creates the statistics (zeros), which calibration then fills.
-    if QUANT_COLLECTION not in state:
-        first = None
-        for x in batches:
-            first = x
-            break
-        if first is None:
-            raise ValueError("calibration needs at least one batch")
-        _, created = calibrating.apply({"params": params, **state}, first,
-                                       mutable=[QUANT_COLLECTION],
-                                       rngs={"params": jax.random.key(0)})
-        state = {**state, **created}
-        state = update(state, first)
+    seen = 0
     for x in batches:
+        if QUANT_COLLECTION not in state:  # the statistics start as zeros, created by an init
+            _, created = calibrating.apply({"params": params, **state}, x,
+                                           mutable=[QUANT_COLLECTION],
+                                           rngs={"params": jax.random.key(0)})
+            state = {**state, **created}
         state = update(state, x)
+        seen += 1
+    if not seen:
+        raise ValueError("calibration needs at least one batch")
     return {"params": params, **state}
 
 

@@ -1,0 +1,264 @@
+"""Quantization on the MNIST-1D CNN (25 and 128 channels) and the digits CNN: float vs int8 QAT
+(forward-only and fully quantized) vs int8 PTQ vs int4 QAT vs fp8 QAT, paired by seed, and the
+serving forms' size, latency and bit-identity.
+
+    .venv/bin/python experiments/quantize_accuracy.py [--seeds 5] [--models mnist1d_cnn,...]
+
+Each variant trains all seeds as one population (one vmapped program; member i has seed i, so
+the float and quantized members with the same index share initialisation and data order). PTQ
+quantizes each float member after training: int8 weights and activations, static activation
+scales from 10 training batches. Serving: each model's float member 0 converted with `skip=()`
+(every layer) and with the default skip, in both schemes (w8: int8 weights, float arithmetic;
+w8a8: int8 × int8), timed against the float model on this CPU (median of 10 calls, best of 3).
+
+Writes results/quantize_accuracy.{md,json,png} and results/quantize_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import statistics
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxopt_lab.core.config import load_config
+from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab.core.measure import latency_ms, model_bytes
+from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.state import sample_input
+from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.techniques import quantize
+from jaxopt_lab.techniques.quantize.convert_run import (
+    evaluate_serving,
+    outputs_identical,
+    post_training,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# name: (config file, overrides). Steps are shortened from the configs' own (6000 and 2000) to
+# keep the whole script within about an hour on 2 CPU cores; the comparison is paired.
+MODELS = {
+    "mnist1d_cnn": ("mnist1d_cnn.py", ["--config.train.steps=3000"]),
+    "mnist1d_cnn128": ("mnist1d_cnn.py", ["--config.model.channels=128",
+                                          "--config.train.steps=1500"]),
+    "digits_cnn": ("digits_cnn.py", ["--config.train.steps=2000"]),
+}
+Q = "--config.techniques.quantize"
+VARIANTS = {
+    "float": [],
+    "int8_qat": [f"{Q}.method=qat"],
+    # Fully quantized training reaches matmuls (AQT's dlhs/drhs; convs keep a float backward),
+    # and these CNNs' one matmul is the logits layer the default skip keeps: so every layer here.
+    "int8_qat_full": [f"{Q}.method=qat", f"{Q}.backward=quantized", f"{Q}.skip=()"],
+    "int4_qat": [f"{Q}.method=qat", f"{Q}.bits=4"],
+    "fp8_qat": [f"{Q}.method=qat", f"{Q}.numerics=fp8_e4m3"],
+}
+CALIBRATION_BATCHES = 10
+
+
+def member(tree, i: int):
+    return jax.tree.map(lambda a: np.asarray(a[i]), tree)
+
+
+def train_variants(name: str, seeds: int, workroot: Path) -> dict[str, Path]:
+    config_file, overrides = MODELS[name]
+    workdirs = {}
+    for variant, extra in VARIANTS.items():
+        workdir = workroot / name / variant
+        shutil.rmtree(workdir, ignore_errors=True)
+        config = load_config(str(ROOT / "configs" / config_file), [
+            *overrides, *extra, f"--config.population=(('seed', {tuple(range(seeds))}),)",
+            "--config.train.progress=False", "--config.train.measure=False",
+            "--config.train.steps_per_call=1"])
+        summary = train_and_evaluate(config, str(workdir))
+        accuracies = [m["test_accuracy"] for m in summary["members"]]
+        print(f"{name} {variant}: {np.mean(accuracies):.4f} ({summary['steps_per_s']:.1f} "
+              "steps/s)", flush=True)
+        workdirs[variant] = workdir
+    return workdirs
+
+
+def ptq_accuracies(float_run, seeds: int) -> list[float]:
+    dataset, sample_x = float_run.dataset, sample_input(float_run.dataset)
+    accuracies = []
+    for i in range(seeds):
+        variables = {"params": member(float_run.state.params, i),
+                     **member(float_run.state.model_state, i)}
+        model, variables = post_training(
+            float_run.experiment.model, variables, dataset.train["x"], sample_x,
+            batches=CALIBRATION_BATCHES, batch_size=float_run.config.data.batch_size,
+            activations=True)
+        serving = quantize.convert(model, variables, sample_x)
+        accuracies.append(evaluate_serving(model, serving, dataset.test, dataset.task,
+                                           1000)["test_accuracy"])
+    return accuracies
+
+
+def best_latency(fn, sample_x, batch: int, variables) -> float:
+    return min(latency_ms(fn, sample_x, batch, variables=variables) for _ in range(3))
+
+
+def serving_forms(float_run, qat_run) -> dict:
+    """Sizes, latencies and bit-identity of both schemes, with every layer and the default."""
+    dataset, sample_x = float_run.dataset, sample_input(float_run.dataset)
+    float_model = float_run.experiment.model
+    variables = {"params": member(float_run.state.params, 0),
+                 **member(float_run.state.model_state, 0)}
+
+    def float_apply(v, x):
+        return apply_model(float_model, v["params"], {}, x, None, train=False)[0]
+
+    forms = {"float": {"model_bytes": model_bytes(variables),
+                       **{f"latency_ms_batch{b}": best_latency(float_apply, sample_x, b, variables)
+                          for b in (1, 256)}}}
+    for skip_name, skip in (("all_layers", ()), ("default_skip", None)):
+        for scheme, activations in (("w8", False), ("w8a8", True)):
+            model = quantize.wrap(float_model, sample_x=sample_x, skip=skip,
+                                  activations=activations)
+            serving = quantize.convert(model, variables, sample_x)
+            serve = jax.jit(quantize.serve_fn(model))
+            forms[f"{scheme}_{skip_name}"] = {
+                "model_bytes": model_bytes(serving),
+                "size_ratio": forms["float"]["model_bytes"] / model_bytes(serving),
+                "bit_identical": outputs_identical(model, variables, serving, serve,
+                                                   dataset.test, 1000),
+                **{f"latency_ms_batch{b}": best_latency(serve, sample_x, b, serving)
+                   for b in (1, 256)},
+            }
+    # The QAT-trained model itself: its serving form against its own evaluation.
+    qat_model = qat_run.experiment.model
+    qat_variables = {"params": member(qat_run.state.params, 0),
+                     **member(qat_run.state.model_state, 0)}
+    options, skip = quantize.quantization_of(qat_model)
+    for scheme, activations in (("w8", False), ("w8a8", True)):
+        model = quantize.wrap(qat_model, **{**dataclasses.asdict(options), "skip": skip,
+                                            "activations": activations})
+        serving = quantize.convert(model, qat_variables, sample_x)
+        forms[f"qat_{scheme}_bit_identical"] = outputs_identical(
+            model, qat_variables, serving, jax.jit(quantize.serve_fn(model)), dataset.test, 1000)
+    return forms
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "quantize_accuracy"))
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    results = {}
+    for name in args.models.split(","):
+        workdirs = train_variants(name, args.seeds, Path(args.workdir))
+        runs = {variant: load_run(str(workdir)) for variant, workdir in workdirs.items()}
+        accuracy = {variant: [m["test_accuracy"] for m in json.loads(
+            (workdir / "summary.json").read_text())["members"]]
+            for variant, workdir in workdirs.items()}
+        accuracy["int8_ptq"] = ptq_accuracies(runs["float"], args.seeds)
+        print(f"{name} int8_ptq: {np.mean(accuracy['int8_ptq']):.4f}", flush=True)
+        diffs = {v: stats([a - f for a, f in zip(acc, accuracy["float"])])
+                 for v, acc in accuracy.items() if v != "float"}
+        results[name] = {"accuracy": {v: stats(a) for v, a in accuracy.items()},
+                         "paired_difference": diffs,
+                         "serving": serving_forms(runs["float"], runs["int8_qat"]),
+                         "steps": runs["float"].config.train.steps}
+    write(results, Path(args.out), args.seeds)
+
+
+def write(results: dict, out: Path, seeds: int) -> None:
+    machine = (f"{platform.machine()} {platform.processor() or ''} ({jax.default_backend()}, "
+               f"{jax.device_count()} device(s), jax {jax.__version__})").replace("  ", " ")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quantize_accuracy.json").write_text(json.dumps(
+        {"machine": machine, "seeds": seeds, "models": results}, indent=2) + "\n")
+    summary = {}
+    for name, r in results.items():
+        if name == "mnist1d_cnn128":
+            continue
+        summary[name] = {
+            **{v: r["accuracy"][v]["mean"] for v in ("float", "int8_qat", "int8_ptq",
+                                                     "int4_qat")},
+            "int8_serving_size_ratio": r["serving"]["w8a8_all_layers"]["size_ratio"],
+            "serving_bit_identical": all(
+                r["serving"][k]["bit_identical"] for k in r["serving"] if k != "float"
+                and isinstance(r["serving"][k], dict)) and r["serving"]["qat_w8_bit_identical"]
+            and r["serving"]["qat_w8a8_bit_identical"]}
+    (out / "quantize_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        "# Quantization: accuracy, size and latency",
+        "",
+        (f"Written by `experiments/quantize_accuracy.py` on {machine}. Test accuracy, mean ± std "
+        f"over {seeds} seeds; Δ is the mean paired difference to float (same seed), in points. "
+        "QAT variants quantize every layer but the first and last (the default `skip`), except "
+         "int8_qat_full: every layer, with int8 backward matmuls (convs' backward stays float); int8 "
+        f"PTQ quantizes the float runs after training (w8a8, static activation scales from "
+        f"{CALIBRATION_BATCHES} training batches)."),
+        "",
+        "| model | steps | variant | test accuracy | Δ vs float (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        for variant, s in r["accuracy"].items():
+            d = r["paired_difference"].get(variant)
+            delta = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d else "—"
+            lines.append(f"| {name} | {r['steps']} | {variant} | {s['mean']:.4f} ± "
+                         f"{s['std']:.4f} | {delta} |")
+    lines += ["", "## Serving forms (float member 0 of each model, this CPU)", "",
+              ("`size ratio` = float32 `model_bytes` / serving `model_bytes`; latency = median "
+              "of 10 calls, best of 3; `bit-identical`: serving outputs equal the quantized "
+              "model's compiled evaluation on every test example."), "",
+              ("| model | form | model_bytes | size ratio | latency b=1 (ms) | latency b=256 (ms) "
+              "| b=256 vs float | bit-identical |"), "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        f = r["serving"]["float"]
+        for form, s in r["serving"].items():
+            if not isinstance(s, dict):
+                continue
+            ratio = s.get("size_ratio", 1.0)
+            lines.append(
+                f"| {name} | {form} | {s['model_bytes']} | {ratio:.2f}× | "
+                f"{s['latency_ms_batch1']:.3f} | {s['latency_ms_batch256']:.3f} | "
+                f"{s['latency_ms_batch256'] / f['latency_ms_batch256']:.2f}× | "
+                f"{s.get('bit_identical', '—')} |")
+        lines.append(f"| {name} | QAT int8 run, its own serving (w8 / w8a8) | | | | | | "
+                     f"{r['serving']['qat_w8_bit_identical']} / "
+                     f"{r['serving']['qat_w8a8_bit_identical']} |")
+    (out / "quantize_accuracy.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / "quantize_accuracy.png")
+    print("\n".join(lines))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    variants = [v for v in next(iter(results.values()))["paired_difference"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(variants)
+    for j, variant in enumerate(variants):
+        means = [100 * results[n]["paired_difference"][variant]["mean"] for n in names]
+        stds = [100 * results[n]["paired_difference"][variant]["std"] for n in names]
+        ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=variant)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+    ax.set_ylabel("Δ test accuracy vs float (points)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
