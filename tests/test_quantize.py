@@ -36,7 +36,8 @@ class TwoLayer(nn.Module):
         return nn.Dense(10, dot_general_cls=self.dot_general_cls)(x)
 
 
-def _loss(model, params, x, rng=jax.random.key(5)):
+def _loss(model, params, x, rng=None):
+    rng = jax.random.key(5) if rng is None else rng
     logits = model.apply({"params": params}, x, rngs={"params": rng})
     return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
 
@@ -49,8 +50,8 @@ def _eval(model):
 def test_wrap_trains_a_users_own_module_and_serves_it_bit_identically():
     float_model = TwoLayer()
     model = quantize.wrap(float_model, skip=())
-    params = float_model.init(jax.random.key(0), X40)["params"]
-    assert jax.tree.structure(model.init(jax.random.key(0), X40)["params"]) == \
+    params = jax.jit(float_model.init)(jax.random.key(0), X40)["params"]
+    assert jax.tree.structure(jax.jit(model.init)(jax.random.key(0), X40)["params"]) == \
         jax.tree.structure(params)  # the same parameters: a float checkpoint loads
     tx = optax.adam(1e-2)
     opt_state = tx.init(params)
@@ -94,7 +95,7 @@ def test_default_skip_keeps_the_first_and_last_layers_in_float():
     model = quantize.wrap(build_model("cnn1d", 10), sample_x=X40)
     _, skip = quantize.quantization_of(model)
     assert skip == (r"^\['Conv_0'\]", r"^\['Dense_0'\]")
-    variables = model.init(jax.random.key(0), X40)
+    variables = jax.jit(model.init)(jax.random.key(0), X40)
     serving = quantize.convert(model, variables, X40)
     frozen = serving[quantize.QUANT_COLLECTION]
     assert sorted(frozen) == ["Conv_1", "Conv_2"]
@@ -104,7 +105,7 @@ def test_default_skip_keeps_the_first_and_last_layers_in_float():
 def test_conv_kernels_get_nonzero_gradients_under_conv_qat():
     float_model = build_model("cnn2d", 10)
     model = quantize.wrap(float_model, skip=())
-    params = model.init(jax.random.key(0), DIGITS)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), DIGITS)["params"]
     grads = jax.grad(lambda p: _loss(model, p, DIGITS))(params)
     float_grads = jax.grad(lambda p: _loss(float_model, p, DIGITS))(params)
     for layer in ("Conv_0", "Conv_1"):
@@ -116,7 +117,7 @@ def test_conv_kernels_get_nonzero_gradients_under_conv_qat():
 def _int8_dots(model, x) -> int:
     """The matmuls that run on int8 operands in the model's forward."""
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, rngs={"params": jax.random.key(0)}))(
-        model.init(jax.random.key(0), x))
+        jax.jit(model.init)(jax.random.key(0), x))
 
     def count(jaxpr) -> int:
         n = 0
@@ -145,7 +146,7 @@ def test_serving_form_of_every_layer_is_3_8x_smaller_and_bit_identical(activatio
     """Digits CNN with skip=(): int8 values with per-channel float scales and float biases."""
     float_model = build_model("cnn2d", 10)
     model = quantize.wrap(float_model, skip=(), activations=activations)
-    variables = float_model.init(jax.random.key(0), DIGITS)
+    variables = jax.jit(float_model.init)(jax.random.key(0), DIGITS)
     serving = quantize.convert(model, variables, DIGITS)
     assert model_bytes(variables) / model_bytes(serving) >= 3.8
     values = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(serving)
@@ -160,7 +161,7 @@ def test_serving_form_of_every_layer_is_3_8x_smaller_and_bit_identical(activatio
                                             ({"numerics": "fp8_e5m2"}, jnp.float8_e5m2)])
 def test_int4_and_fp8_serving_store_their_own_dtype(options, dtype):
     model = quantize.wrap(TwoLayer(), skip=(), **options)
-    variables = model.init(jax.random.key(0), X40)
+    variables = jax.jit(model.init)(jax.random.key(0), X40)
     serving = quantize.convert(model, variables, X40)
     values = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(serving)
               if "value" in jax.tree_util.keystr(path)]
@@ -171,7 +172,7 @@ def test_int4_and_fp8_serving_store_their_own_dtype(options, dtype):
 
 def test_per_tensor_scales_are_one_number_per_weight():
     model = quantize.wrap(build_model("cnn1d", 10), skip=(), per_channel=False)
-    variables = model.init(jax.random.key(0), X40)
+    variables = jax.jit(model.init)(jax.random.key(0), X40)
     serving = quantize.convert(model, variables, X40)
     scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(serving)
               if "scale" in jax.tree_util.keystr(path)]
@@ -181,7 +182,7 @@ def test_per_tensor_scales_are_one_number_per_weight():
 def test_fully_quantized_training_rounds_gradients_stochastically():
     model = quantize.wrap(TwoLayer(), skip=(), backward="quantized")
     forward_only = quantize.wrap(TwoLayer(), skip=())
-    params = model.init(jax.random.key(0), X40)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), X40)["params"]
 
     def grad(m, key):
         return jax.grad(lambda p: _loss(m, p, X40, key))(params)["Dense_0"]["kernel"]
@@ -199,7 +200,7 @@ def test_fully_quantized_training_rounds_gradients_stochastically():
 def test_static_calibration_fills_activation_ranges_and_serves_identically():
     float_model = build_model("cnn1d", 10)
     model = quantize.wrap(float_model, skip=(), static_activations=True)
-    variables = float_model.init(jax.random.key(0), X40)
+    variables = jax.jit(float_model.init)(jax.random.key(0), X40)
     batches = [X40[:8], X40[8:]]
     calibrated = quantize.calibrate(model, variables, batches)
     counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(

@@ -117,13 +117,14 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     """
     if model is None:
         model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
-    techniques = {}
+    techniques, state_metrics = {}, None
     quantization = quantize_options(config)
     if quantization is not None:
         model = quantize.wrap(model, sample_x=sample_input(dataset),
                               **dataclasses.asdict(quantization))
         options, skip = quantize.quantization_of(model)
         techniques["quantize"] = {**options.describe(), "skip": list(skip)}
+        state_metrics = quantize.state_metrics(model, sample_input(dataset))
     augment = make_augment(**config.data.augment.to_dict())
     task = make_task(dataset.task, model, augment)
     if loss_fn is None:
@@ -145,6 +146,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         reducer=pmean_reducer(),
         tx=build_optimizer(config.optim, config.train.steps, swept),
         hparams={**default_hparams, **(hparams or {})},
+        state_metrics=state_metrics,
         techniques=techniques,
     )
 

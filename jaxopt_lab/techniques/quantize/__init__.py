@@ -16,8 +16,9 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from jaxopt_lab.core.layers import default_skip
+from jaxopt_lab.core.layers import default_skip, param_paths, touched
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.quantize.layers import (
     QuantizedConv,
@@ -53,6 +54,7 @@ __all__ = [
     "resolve_skip",
     "serve_fn",
     "served_eval_fn",
+    "state_metrics",
     "straight_through",
     "with_mode",
     "wrap",
@@ -90,3 +92,25 @@ def wrap(model, *, sample_x: Any = None, **options: Any):
                         "inject AQT into; add `dot_general_cls: Any = None` and pass it to its "
                         "Dense layers")
     return inject(model, opts, resolve_skip(model, opts, sample_x))
+
+
+def state_metrics(model, sample_x: Any):
+    """The step metrics a quantized run logs: its bits and the share of its multiplying layers'
+    weights that are quantized (the rest are left in float by `skip`). Constants of the run."""
+    options, skip = quantization_of(model)
+    params = jax.eval_shape(
+        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
+        sample_x)["params"]
+    leaves = jax.tree.leaves(params)
+    quantized = jax.tree.leaves(touched(params, skip))
+    kernels = [(leaf.size, on) for path, leaf, on in zip(param_paths(params), leaves, quantized)
+               if path.endswith("['kernel']")]
+    total = sum(size for size, _ in kernels) or 1
+    fraction = sum(size for size, on in kernels if on) / total
+    bits = 8 if options.numerics != "int" else options.bits
+
+    def metrics(state) -> dict:
+        del state
+        return {"quantize_bits": jnp.float32(bits), "quantized_fraction": jnp.float32(fraction)}
+
+    return metrics
