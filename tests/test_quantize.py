@@ -125,8 +125,12 @@ def _int8_dots(model, x) -> int:
             if eqn.primitive.name == "dot_general" and all(
                     v.aval.dtype == jnp.int8 for v in eqn.invars):
                 n += 1
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                n += count(sub)
+            for value in eqn.params.values():  # scans, custom_vjp and pjit bodies
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    if hasattr(sub, "eqns"):
+                        n += count(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        n += count(sub.jaxpr)
         return n
 
     return count(jaxpr.jaxpr)
