@@ -1,6 +1,9 @@
 """Measurement: hand-counted FLOPs of matmuls, convs and control flow; bytes; latency; summary."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2.flax import aqt_flax
+from helpers import ROOT
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -167,15 +171,42 @@ def test_vmap_counts_the_batch():
     assert count_flops(jax.vmap(jnp.dot), lhs, rhs) == 2 * 6 * 3 * 4 * 5
 
 
-def test_pmap_and_shard_map_count_every_device():
+PER_DEVICE = 2 * 2 * 2 * 4  # a (2, 4) shard @ its (4, 2) transpose
+
+
+def test_shard_map_counts_every_device_of_its_manual_axes():
     x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
-    per_device = 2 * 2 * 2 * 4  # a (2, 4) shard @ its (4, 2) transpose
     sharded = jax.shard_map(
         lambda y: y @ y.T, mesh=AbstractMesh((4,), ("d",)), in_specs=P("d"), out_specs=P("d")
     )
-    assert count_flops(sharded, x) == 4 * per_device
-    pmapped = jax.pmap(lambda y: y @ y.T)
-    assert count_flops(pmapped, jax.ShapeDtypeStruct((4, 2, 4), jnp.float32)) == 4 * per_device
+    assert count_flops(sharded, x) == 4 * PER_DEVICE
+    # Manual over "d" only: the body runs once per "d" device, whatever the size of the auto "m".
+    mesh = AbstractMesh((4, 2), ("d", "m"))
+    partial = jax.shard_map(
+        lambda y: y @ y.T, mesh=mesh, in_specs=P("d"), out_specs=P("d"), axis_names={"d"}
+    )
+    assert count_flops(partial, x) == 4 * PER_DEVICE
+    # Nested, "m" made manual inside: a (1, 4) row @ its transpose on each of the 4 × 2 devices.
+    inner = jax.shard_map(lambda z: z @ z.T, in_specs=P("m"), out_specs=P("m"), axis_names={"m"})
+    nested = jax.shard_map(inner, mesh=mesh, in_specs=P("d"), out_specs=P("d"), axis_names={"d"})
+    assert count_flops(nested, x) == 4 * 2 * (2 * 1 * 1 * 4)
+
+
+@pytest.mark.slow  # a subprocess
+def test_pmap_counts_every_device():
+    """pmap over 4 devices, where there are 4: newer JAX traces pmap as a shard_map over the real
+    devices, so unlike shard_map on an abstract mesh it cannot be traced for more than exist."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from jaxopt_lab.core.measure import count_flops\n"
+        "x = jax.ShapeDtypeStruct((4, 2, 4), jnp.float32)\n"
+        "print(count_flops(jax.pmap(lambda y: y @ y.T), x))\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) == 4 * PER_DEVICE
 
 
 def test_kwargs_are_static():
