@@ -62,7 +62,7 @@ def _check(float_model, x, **options) -> None:
         return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
     # Static activation scales are for post-training quantization, which takes no gradient (and
-    # aqtp 0.9.0 cannot differentiate a layer holding variables on jax >= 0.11: it calls the
+    # aqtp 0.9.0 cannot differentiate a layer holding variables on jax >= 0.10: it calls the
     # removed jax.core.get_aval).
     if not options.get("static_activations"):
         grads = jax.jit(jax.grad(loss))(params)

@@ -179,8 +179,10 @@ def test_transformer_lm_seam_reaches_every_projection():
     jax.eval_shape(model.apply, variables, _tokens())
     kernels = {path[:-1] for path in traverse_util.flatten_dict(variables["params"])
                if path[-1] == "kernel"}
-    assert len(calls) == len(set(calls)) == SMALL["depth"] * 6 + 1  # q, k, v, out, 2 MLP; head
-    assert set(calls) == kernels
+    # q, k, v, out, 2 MLP and attention's QK^T and weights x V per block; the head.
+    assert len(calls) == len(set(calls)) == SMALL["depth"] * 8 + 1
+    attention = {call for call in calls if call[-1].startswith("DotGeneralEinsum")}
+    assert len(attention) == SMALL["depth"] * 2 and set(calls) == kernels | attention
 
 
 @pytest.mark.parametrize(
