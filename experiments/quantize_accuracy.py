@@ -9,7 +9,7 @@ the float and quantized members with the same index share initialisation and dat
 quantizes each float member after training: int8 weights and activations, static activation
 scales from 10 training batches. Serving: each model's float member 0 converted with `skip=()`
 (every layer) and with the default skip, in both schemes (w8: int8 weights, float arithmetic;
-w8a8: int8 × int8), timed against the float model on this CPU (median of 10 calls, best of 3).
+w8a8: int8 × int8), timed against the float model on this CPU.
 
 Writes results/quantize_accuracy.{md,json,png} and results/quantize_summary.json.
 """
@@ -55,7 +55,8 @@ MODELS = {
 Q = "--config.techniques.quantize"
 VARIANTS = {
     "float": [],
-    "int8_qat": [f"{Q}.method=qat"],
+    "int8_qat": [f"{Q}.method=qat"],  # w8a8: int8 weights and activations
+    "int8_qat_w8": [f"{Q}.method=qat", f"{Q}.activations=False"],  # int8 weights only
     # Fully quantized training reaches matmuls (AQT's dlhs/drhs; convs keep a float backward),
     # and these CNNs' one matmul is the logits layer the default skip keeps: so every layer here.
     "int8_qat_full": [f"{Q}.method=qat", f"{Q}.backward=quantized", f"{Q}.skip=()"],
@@ -69,10 +70,12 @@ def member(tree, i: int):
     return jax.tree.map(lambda a: np.asarray(a[i]), tree)
 
 
-def train_variants(name: str, seeds: int, workroot: Path, fresh: bool) -> dict[str, Path]:
+def train_variants(name: str, seeds: int, workroot: Path, fresh: bool,
+                   variants: list[str]) -> dict[str, Path]:
     config_file, overrides = MODELS[name]
     workdirs = {}
-    for variant, extra in VARIANTS.items():
+    for variant in variants:
+        extra = VARIANTS[variant]
         workdir = workroot / name / variant
         if fresh:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -104,8 +107,20 @@ def ptq_accuracies(float_run, seeds: int) -> list[float]:
     return accuracies
 
 
-def best_latency(fn, sample_x, batch: int, variables) -> float:
-    return min(latency_ms(fn, sample_x, batch, variables=variables) for _ in range(3))
+ROUNDS = 5  # latency rounds; each times every form once, so a busy spell hits them all alike
+
+
+def latencies(timed: dict, sample_x) -> dict:
+    """{form: {"latency_ms_batch{b}": best over ROUNDS of the median of 20 calls}}, the forms
+    interleaved within each round."""
+    best = {form: {} for form in timed}
+    for _ in range(ROUNDS):
+        for form, (fn, variables) in timed.items():
+            for b in (1, 256):
+                ms = latency_ms(fn, sample_x, b, variables=variables, runs=20)
+                key = f"latency_ms_batch{b}"
+                best[form][key] = min(best[form].get(key, ms), ms)
+    return best
 
 
 def serving_forms(float_run, qat_run) -> dict:
@@ -118,9 +133,8 @@ def serving_forms(float_run, qat_run) -> dict:
     def float_apply(v, x):
         return apply_model(float_model, v["params"], {}, x, None, train=False)[0]
 
-    forms = {"float": {"model_bytes": model_bytes(variables),
-                       **{f"latency_ms_batch{b}": best_latency(float_apply, sample_x, b, variables)
-                          for b in (1, 256)}}}
+    forms = {"float": {"model_bytes": model_bytes(variables)}}
+    timed = {"float": (float_apply, variables)}
     # Per-tensor scales too: on a model as small as the 25-channel CNN, per-channel float32
     # scales and biases are 13 % of the int8 form.
     for skip_name, skip, per_channel in (("all_layers", (), True), ("default_skip", None, True),
@@ -135,9 +149,10 @@ def serving_forms(float_run, qat_run) -> dict:
                 "size_ratio": forms["float"]["model_bytes"] / model_bytes(serving),
                 "bit_identical": outputs_identical(model, variables, serving, serve,
                                                    dataset.test, 1000),
-                **{f"latency_ms_batch{b}": best_latency(serve, sample_x, b, serving)
-                   for b in (1, 256)},
             }
+            timed[f"{scheme}_{skip_name}"] = (serve, serving)
+    for form, measured in latencies(timed, sample_x).items():
+        forms[form].update(measured)
     # The QAT-trained model itself: its serving form against its own evaluation.
     qat_model = qat_run.experiment.model
     qat_variables = {"params": member(qat_run.state.params, 0),
@@ -163,13 +178,20 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "quantize_accuracy"))
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="QAT variants to train (float and int8_qat always are)")
+    parser.add_argument("--name", default="quantize_accuracy",
+                        help="results/<name>.{md,json,png}; quantize_summary.json is written "
+                             "only under the default name")
     parser.add_argument("--fresh", action="store_true",
                         help="delete earlier runs first (otherwise a finished run is reused: "
                              "rerunning train on it restores its last checkpoint)")
     args = parser.parse_args()
     results = {}
     for name in args.models.split(","):
-        workdirs = train_variants(name, args.seeds, Path(args.workdir), args.fresh)
+        workdirs = train_variants(name, args.seeds, Path(args.workdir), args.fresh,
+                                  ["float", "int8_qat", *[v for v in args.variants.split(",")
+                                                         if v not in ("float", "int8_qat")]])
         runs = {variant: load_run(str(workdir)) for variant, workdir in workdirs.items()}
         accuracy = {variant: [m["test_accuracy"] for m in json.loads(
             (workdir / "summary.json").read_text())["members"]]
@@ -183,34 +205,38 @@ def main() -> None:
                          "serving": serving_forms(runs["float"], runs["int8_qat"]),
                          "steps": runs["float"].config.train.steps,
                          "schedule": runs["float"].config.optim.schedule}
-    write(results, Path(args.out), args.seeds)
+    write(results, Path(args.out), args.seeds, args.name)
 
 
-def write(results: dict, out: Path, seeds: int) -> None:
+def write(results: dict, out: Path, seeds: int, name: str) -> None:
     machine = (f"{platform.machine()} {platform.processor() or ''} ({jax.default_backend()}, "
                f"{jax.device_count()} device(s), jax {jax.__version__})").replace("  ", " ")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quantize_accuracy.json").write_text(json.dumps(
+    (out / f"{name}.json").write_text(json.dumps(
         {"machine": machine, "seeds": seeds, "models": results}, indent=2) + "\n")
     summary = {}
-    for name, r in results.items():
-        if name == "mnist1d_cnn128":
+    for model_name, r in results.items():
+        if model_name == "mnist1d_cnn128":
             continue
-        summary[name] = {
+        summary[model_name] = {
             **{v: r["accuracy"][v]["mean"] for v in ("float", "int8_qat", "int8_ptq",
-                                                     "int4_qat")},
+                                                     "int4_qat", "int8_qat_w8")
+               if v in r["accuracy"]},
             "int8_serving_size_ratio": r["serving"]["w8a8_all_layers"]["size_ratio"],
             "serving_bit_identical": all(
                 r["serving"][k]["bit_identical"] for k in r["serving"] if k != "float"
                 and isinstance(r["serving"][k], dict)) and r["serving"]["qat_w8_bit_identical"]
             and r["serving"]["qat_w8a8_bit_identical"]}
-    (out / "quantize_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if name == "quantize_accuracy":
+        (out / "quantize_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         "# Quantization: accuracy, size and latency",
         "",
         (f"Written by `experiments/quantize_accuracy.py` on {machine}. Test accuracy, mean ± std "
         f"over {seeds} seeds; Δ is the mean paired difference to float (same seed), in points. "
-        "QAT variants quantize every layer but the first and last (the default `skip`), except "
+        "int8_qat trains int8 weights and activations (w8a8), int8_qat_w8 int8 weights only "
+        "(w8, what CPU serving uses). QAT variants quantize every layer but the first and last (the default "
+        "`skip`), except "
          "int8_qat_full: every layer, with int8 backward matmuls (convs' backward stays float); int8 "
         f"PTQ quantizes the float runs after training (w8a8, static activation scales from "
         f"{CALIBRATION_BATCHES} training batches)."),
@@ -218,34 +244,36 @@ def write(results: dict, out: Path, seeds: int) -> None:
         "| model | steps, schedule | variant | test accuracy | Δ vs float (points) |",
         "|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    for model_name, r in results.items():
         for variant, s in r["accuracy"].items():
             d = r["paired_difference"].get(variant)
             delta = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d else "—"
-            lines.append(f"| {name} | {r['steps']}, {r['schedule']} | {variant} | {s['mean']:.4f} ± "
+            lines.append(f"| {model_name} | {r['steps']}, {r['schedule']} | {variant} | "
+                         f"{s['mean']:.4f} ± "
                          f"{s['std']:.4f} | {delta} |")
     lines += ["", "## Serving forms (float member 0 of each model, this CPU)", "",
-              ("`size ratio` = float32 `model_bytes` / serving `model_bytes`; latency = median "
-              "of 10 calls, best of 3; `bit-identical`: serving outputs equal the quantized "
-              "model's compiled evaluation on every test example."), "",
+              ("`size ratio` = float32 `model_bytes` / serving `model_bytes`; latency = the best "
+               f"of {ROUNDS} rounds of the median of 20 calls, the forms interleaved in each "
+               "round; `bit-identical`: serving outputs equal the quantized model's compiled "
+               "evaluation on every test example."), "",
               ("| model | form | model_bytes | size ratio | latency b=1 (ms) | latency b=256 (ms) "
               "| b=256 vs float | bit-identical |"), "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
+    for model_name, r in results.items():
         f = r["serving"]["float"]
         for form, s in r["serving"].items():
             if not isinstance(s, dict):
                 continue
             ratio = s.get("size_ratio", 1.0)
             lines.append(
-                f"| {name} | {form} | {s['model_bytes']} | {ratio:.2f}× | "
+                f"| {model_name} | {form} | {s['model_bytes']} | {ratio:.2f}× | "
                 f"{s['latency_ms_batch1']:.3f} | {s['latency_ms_batch256']:.3f} | "
                 f"{s['latency_ms_batch256'] / f['latency_ms_batch256']:.2f}× | "
                 f"{s.get('bit_identical', '—')} |")
-        lines.append(f"| {name} | QAT int8 run, its own serving (w8 / w8a8) | | | | | | "
+        lines.append(f"| {model_name} | QAT int8 run, its own serving (w8 / w8a8) | | | | | | "
                      f"{r['serving']['qat_w8_bit_identical']} / "
                      f"{r['serving']['qat_w8a8_bit_identical']} |")
-    (out / "quantize_accuracy.md").write_text("\n".join(lines) + "\n")
-    plot(results, out / "quantize_accuracy.png")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / f"{name}.png")
     print("\n".join(lines))
 
 
