@@ -90,6 +90,7 @@ def test_the_guard_covers_the_whole_registry():
     assert set(REGISTRY) == set(MODELS)
 
 
+@pytest.mark.slow  # compiling ResNet, ViT and the LM quantized takes a minute: `make test` only
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registry_model_trains_and_serves_quantized(name):
     hparams, x = REGISTRY[name]
