@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
+from results_file import write_section
 
 from jaxopt_lab.core.builder import build_experiment
 from jaxopt_lab.core.config import default_config, model_config, validate
@@ -225,19 +226,6 @@ def _median_and_range(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
 
 
-def write_section(path: Path, tag: str, lines: list[str]) -> None:
-    """Replaces the `tag` section of `path` (between its begin/end markers), or appends it."""
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    block = "\n".join([begin, *lines, end])
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(block)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -253,19 +241,19 @@ def main() -> None:
                f"--steps {args.steps} --repeats {args.repeats}` on {machine_name()}.")
     common = "MNIST-1D, batch 100, Adam 1e-2, data on device; medians over interleaved repeats."
     if args.breakdown:
-        write_section(Path(args.out), "overhead-breakdown", [
+        print(write_section(Path(args.out), "overhead-breakdown", [
             "## Overhead breakdown: the framework's parts added one at a time", "",
             command, common,
             ("Each column is a steps/s ratio against the hand-written step of the first column "
              "(1.00 = no cost), median (lowest–highest) over the repeats, each repeat against "
              "its own hand-written run; the ladder columns are cumulative."), "",
-            *breakdown_table(args.models, args.steps, args.repeats)])
+            *breakdown_table(args.models, args.steps, args.repeats)]))
         return
-    write_section(Path(args.out), "overhead", [
+    print(write_section(Path(args.out), "overhead", [
         "## Overhead: framework loop vs hand-written jit loop", "", command, common,
         ("Framework rate = steady-state log windows (compile excluded); ratio = framework / "
         "hand-written (1.00 = no overhead; goal ≥ 0.97)."), "",
-        *overhead_table(args.models, args.steps, args.repeats)])
+        *overhead_table(args.models, args.steps, args.repeats)]))
 
 
 if __name__ == "__main__":

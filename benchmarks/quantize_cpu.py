@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from quantize_gpu import machine, time_variants, write_section
 
-from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.models import build_model
 from jaxopt_lab.techniques import quantize
 
@@ -40,10 +40,7 @@ def forms(name: str) -> dict[str, tuple]:
     x = jnp.zeros((1, *shape))
     variables = jax.jit(float_model.init)(jax.random.key(0), x)
 
-    def float_apply(variables, x):
-        return apply_model(float_model, variables["params"], {}, x, None, train=False)[0]
-
-    out = {"float32": (jax.jit(float_apply), variables)}
+    out = {"float32": (jax.jit(inference(float_model)), variables)}
     for scheme, activations in (("w8", False), ("w8a8", True)):
         model = quantize.wrap(float_model, skip=(), activations=activations)
         out[scheme] = (jax.jit(quantize.serve_fn(model)), quantize.convert(model, variables, x))

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from results_file import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 # (M, K, N, regime): M rows of x (the batch, or tokens), a K -> N layer.
@@ -254,18 +255,6 @@ def machine() -> dict:
             "devices": len(devices), "jax": jax.__version__, "jaxlib": version("jaxlib"),
             "aqtp": version("aqtp"), "numpy": np.__version__, "python": platform.python_version(),
             "host": platform.machine()}
-
-
-def write_section(path: Path, tag: str, lines: list[str]) -> None:
-    """Replaces the `tag` section of `path` (between its begin/end markers), or appends it."""
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    block = "\n".join([begin, *lines, end])
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.measure import latency_ms, model_bytes
 from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import sample_input
-from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.techniques import quantize
 from jaxopt_lab.techniques.quantize.convert_run import (
     evaluate_serving,
@@ -130,11 +130,8 @@ def serving_forms(float_run, qat_run) -> dict:
     variables = {"params": member(float_run.state.params, 0),
                  **member(float_run.state.model_state, 0)}
 
-    def float_apply(v, x):
-        return apply_model(float_model, v["params"], {}, x, None, train=False)[0]
-
     forms = {"float": {"model_bytes": model_bytes(variables)}}
-    timed = {"float": (float_apply, variables)}
+    timed = {"float": (inference(float_model), variables)}
     # Per-tensor scales too: on a model as small as the 25-channel CNN, per-channel float32
     # scales and biases are 13 % of the int8 form.
     for skip_name, skip, per_channel in (("all_layers", (), True), ("default_skip", None, True),

@@ -22,6 +22,8 @@ RATIO = re.compile(r"\| ([\d.]+)× \(([\d.]+)–([\d.]+)\) \|")
 
 
 def _module():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: its sibling modules import
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("quantize_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.core.tasks import inference
 
 
 def model_bytes(tree: Any) -> int:
@@ -210,13 +210,7 @@ def measure_model(
     task's evaluation calls it (`core/tasks.py::apply_model`). Each batch size b
     gives a `latency_ms_batch{b}` key.
     """
-
-    def apply(variables: Any, x: jax.Array) -> jax.Array:
-        outputs, _, _ = apply_model(model, variables["params"],
-                                    {k: v for k, v in variables.items() if k != "params"}, x,
-                                    None, train=False)
-        return outputs
-
+    apply = inference(model)
     result: dict[str, float | int] = {
         "model_bytes": model_bytes(variables),
         "flops_per_example": count_flops(apply, variables, sample_x[:1]),

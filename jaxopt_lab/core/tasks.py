@@ -77,6 +77,17 @@ def apply_model(model, params, model_state, x, rng: jax.Array | None, *, train: 
     return outputs, new_state, intermediates
 
 
+def inference(model) -> Callable[[dict, jax.Array], jax.Array]:
+    """`apply(variables, x) -> outputs`: the model in inference mode from all its collections
+    ({"params": ..., "batch_stats": ...}), as the evaluation and the measurements call it."""
+
+    def apply(variables: dict, x: jax.Array) -> jax.Array:
+        state = {k: v for k, v in variables.items() if k != "params"}
+        return apply_model(model, variables["params"], state, x, None, train=False)[0]
+
+    return apply
+
+
 def train_kwargs(model, train: bool) -> dict:
     """{"train": train} for modules whose __call__ takes it (every registry model); a user's
     module without the argument is called without it."""

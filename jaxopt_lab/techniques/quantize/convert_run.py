@@ -24,7 +24,7 @@ from jaxopt_lab.core.evaluate import make_evaluator, padded_batches
 from jaxopt_lab.core.measure import latency_ms, model_bytes
 from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import sample_input
-from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.quantize import (
     calibrate,
@@ -145,12 +145,7 @@ def outputs_identical(model, variables, serving, serve, arrays, batch_size: int)
     """Whether the serving form's outputs equal, bit for bit, the quantized model's own compiled
     evaluation ("what you train is what you serve") on every example of `arrays`."""
 
-    @jax.jit
-    def evaluate(variables, x):
-        state = {k: v for k, v in variables.items() if k != "params"}
-        outputs, _, _ = apply_model(model, variables["params"], state, x, None, train=False)
-        return outputs
-
+    evaluate = jax.jit(inference(model))
     for batch in padded_batches({"x": arrays["x"], "label": arrays["label"]}, batch_size):
         if not np.array_equal(np.asarray(evaluate(variables, batch["x"])),
                               np.asarray(serve(serving, batch["x"]))):
@@ -163,13 +158,7 @@ def _float_apply(run):
     model = run.experiment.model
     if "quantize" in run.experiment.techniques:
         model = model.clone(dot_general_cls=None, conv_general_dilated_cls=None)
-
-    def apply(variables, x):
-        state = {k: v for k, v in variables.items() if k != "params"}
-        outputs, _, _ = apply_model(model, variables["params"], state, x, None, train=False)
-        return outputs
-
-    return apply
+    return inference(model)
 
 
 def save_serving(path: str, serving: dict) -> None:

@@ -16,7 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.core.tasks import EvalFn, apply_model, make_task, train_kwargs
+from jaxopt_lab.core.tasks import EvalFn, apply_model, inference, make_task, train_kwargs
 from jaxopt_lab.techniques.quantize.layers import QuantMode, inject
 from jaxopt_lab.techniques.quantize.options import QUANT_COLLECTION, QuantizeOptions
 
@@ -76,7 +76,7 @@ def convert(model, variables: dict, sample_x) -> dict:
     @jax.jit
     def freeze(params, state, x):
         _, frozen = converting.apply({"params": params, **state}, x, mutable=[QUANT_COLLECTION],
-                                     rngs={"params": jax.random.key(0)}, **_inference(model))
+                                     rngs={"params": jax.random.key(0)}, **train_kwargs(model, False))
         return frozen
 
     frozen = freeze(params, state, sample_x)
@@ -98,16 +98,12 @@ def _frozen_layers(aqt_collection: dict) -> list[tuple[str, ...]]:
     return list(dict.fromkeys(layers))
 
 
-def _inference(model) -> dict:
-    return train_kwargs(model, False)
-
-
 def with_placeholders(model, serving_params: dict, sample_x) -> dict:
     """`serving_params` completed with zero kernels where quantized layers had theirs, so the
     model's parameter structure is whole; call inside the compiled function (XLA drops them)."""
     training = with_mode(model, QuantMode.TRAIN)
     abstract = jax.eval_shape(
-        lambda x: training.init({"params": jax.random.key(0)}, x, **_inference(training)),
+        lambda x: training.init({"params": jax.random.key(0)}, x, **train_kwargs(training, False)),
         sample_x)["params"]
     have = flax.traverse_util.flatten_dict(flax.core.unfreeze(serving_params))
     full = {path: have[path] if path in have else jnp.zeros(leaf.shape, leaf.dtype)
@@ -122,9 +118,7 @@ def serve_fn(model) -> Callable[[dict, jax.Array], jax.Array]:
 
     def serve(serving_variables: dict, x: jax.Array) -> jax.Array:
         params = with_placeholders(model, serving_variables["params"], x[:1])
-        state = {k: v for k, v in serving_variables.items() if k != "params"}
-        outputs, _, _ = apply_model(serving, params, state, x, None, train=False)
-        return outputs
+        return inference(serving)({**serving_variables, "params": params}, x)
 
     return serve
 
