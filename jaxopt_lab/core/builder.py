@@ -24,7 +24,7 @@ from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import NOT_HPARAMS, build_model
-from jaxopt_lab.techniques import quantize
+from jaxopt_lab.techniques import prune, quantize
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
@@ -42,6 +42,8 @@ class Experiment:
     hparams: dict[str, float] = dataclasses.field(default_factory=dict)
     state_metrics: Callable[[Any], dict] | None = None
     techniques: dict[str, dict] = dataclasses.field(default_factory=dict)  # for summary.json
+    # summary.json fields a technique counts from a final (host) TrainState, e.g. sparsity
+    state_summary: Callable[[Any], dict] | None = None
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -91,13 +93,32 @@ def quantize_options(config: ml_collections.ConfigDict):
     return options if block.method == "qat" else None
 
 
+def prune_options(config: ml_collections.ConfigDict):
+    """The config's pruning options (checked; end_step -1 resolved), or None where it is off."""
+    block = config.techniques.prune
+    if block.method == "none":
+        return None
+    options = {k: v for k, v in block.items()}
+    if options["end_step"] == -1:
+        options["end_step"] = config.train.steps * 3 // 4
+    return prune.prune_options(**options)
+
+
 def check_techniques(config: ml_collections.ConfigDict) -> None:
     """Every technique block's values, before anything is built (`validate` calls this)."""
-    try:
-        quantize_options(config)
-    except UserError as e:
-        message = str(e).replace("quantize ", "techniques.quantize.", 1)
-        raise UserError(message) from None
+    for name, check in (("quantize", quantize_options), ("prune", prune_options)):
+        try:
+            check(config)
+        except UserError as e:
+            raise UserError(str(e).replace(f"{name} ", f"techniques.{name}.", 1)) from None
+
+
+def _combined(*fns: Callable | None) -> Callable | None:
+    """One state_metrics (or state_summary) from each technique's."""
+    fns = [f for f in fns if f is not None]
+    if not fns:
+        return None
+    return lambda state: {k: v for f in fns for k, v in f(state).items()}
 
 
 def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
@@ -117,7 +138,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     """
     if model is None:
         model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
-    techniques, state_metrics = {}, None
+    techniques, state_metrics, state_summary = {}, None, None
     quantization = quantize_options(config)
     if quantization is not None:
         model = quantize.wrap(model, sample_x=sample_input(dataset),
@@ -139,15 +160,25 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     else:
         check_loss_signature(loss_fn)
         default_hparams = {}
+    tx = build_optimizer(config.optim, config.train.steps, swept)
+    pruning = prune_options(config)
+    if pruning is not None:
+        tx = prune.wrap(tx, model=model, sample_x=sample_input(dataset), seed=config.seed,
+                        **dataclasses.asdict(pruning))
+        skip = prune.resolve_skip(pruning, model, sample_input(dataset))
+        techniques["prune"] = {**pruning.describe(), "skip": list(skip)}
+        state_metrics = _combined(state_metrics, prune.sparsity_metrics)
+        state_summary = prune.sparsity_summary
     return Experiment(
         model=model,
         loss_fn=loss_fn,
         eval_fn=eval_fn or task.eval_fn,
         reducer=pmean_reducer(),
-        tx=build_optimizer(config.optim, config.train.steps, swept),
+        tx=tx,
         hparams={**default_hparams, **(hparams or {})},
         state_metrics=state_metrics,
         techniques=techniques,
+        state_summary=state_summary,
     )
 
 

@@ -24,7 +24,7 @@ from jaxopt_lab.models import MODELS, model_hparams
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle", "reduce_on_plateau")
 # The techniques with a block under `techniques` (core/builder.py composes them).
-TECHNIQUES: tuple[str, ...] = ("quantize",)
+TECHNIQUES: tuple[str, ...] = ("quantize", "prune")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     # A population: config keys and one value per member, trained as one vmapped program in one
     # run directory, e.g. (("optim.lr", (1e-3, 3e-3, 1e-2)), ("seed", (0, 1, 2))). Keys: seed,
     # data.seed, optim.lr, optim.weight_decay, optim.momentum, optim.warmup_steps,
-    # loss.label_smoothing. () = one run.
+    # loss.label_smoothing, techniques.prune.sparsity. () = one run.
     c.population = ()
 
     c.techniques = ml_collections.ConfigDict()
@@ -96,6 +96,22 @@ def default_config() -> ml_collections.ConfigDict:
     q.attention = True  # with activations: also attention's QK^T and weights x V
     # regexes over parameter paths left in float; None: the first and last layers; () = none
     q.skip = ml_collections.config_dict.placeholder(tuple)
+
+    r = c.techniques.prune = ml_collections.ConfigDict()  # masks at the update seam
+    r.method = "none"  # none | magnitude | random | snip | set | rigl | ste
+    r.pattern = "unstructured"  # unstructured | N:M such as 2:4, 1:4, 4:8 | channels
+    r.scope = "layer"  # layer | global (one ranking across layers; unstructured only)
+    r.distribution = "uniform"  # uniform | erk (per-layer sparsities; layer scope)
+    r.sparsity = 0.9  # target fraction of zeros among prunable kernels (channels: per group)
+    r.schedule = "gradual"  # gradual (cubic, Zhu & Gupta 2017) | one_shot (at begin_step)
+    r.initial_sparsity = 0.0  # gradual: the sparsity at begin_step
+    r.begin_step = 0  # the first update that prunes
+    r.end_step = -1  # gradual: the target is reached here; SET/RigL: topology frozen; -1: 3/4 of train.steps
+    r.frequency = 100  # updates between mask recomputations
+    r.drop_fraction = 0.3  # SET / RigL: fraction of kept weights replaced (cosine-decayed)
+    r.norm = "l1"  # channels: l1 | l2 norm of a channel's weights scores it
+    # regexes over parameter paths left dense; None: the first and last layers; () = none
+    r.skip = ml_collections.config_dict.placeholder(tuple)
     return c
 
 

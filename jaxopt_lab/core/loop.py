@@ -346,6 +346,17 @@ def _measurements(run: _Run) -> dict:
     return measure_model(run.experiment.model, variables, sample_input(run.dataset))
 
 
+def _state_summaries(run: _Run) -> list[dict]:
+    """The techniques' summary fields (sparsity, ...), one dict per member (one for a run)."""
+    if run.experiment.state_summary is None:
+        return [{} for _ in run.members or [None]]
+    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), run.state)
+    if not run.members:
+        return [run.experiment.state_summary(host)]
+    return [run.experiment.state_summary(jax.tree.map(lambda a, i=i: a[i], host))
+            for i in range(len(run.members))]
+
+
 def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
     evaluations = run.last_eval or _evaluate(run)
     num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
@@ -361,13 +372,14 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
     is_chief = jax.process_index() == 0
     if run.config.train.measure and is_chief:
         summary.update(_measurements(run))
+    counted = _state_summaries(run)
     if run.members:
         active = np.asarray(jax.device_get(run.carry.active))
-        summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i]}
-                              for i, values in enumerate(run.members)]
+        summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i],
+                               **counted[i]} for i, values in enumerate(run.members)]
         summary["best_member"] = _best_member(summary["members"])
     else:
-        summary = {**evaluations[0], **summary}
+        summary = {**evaluations[0], **counted[0], **summary}
     if is_chief:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

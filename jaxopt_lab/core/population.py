@@ -1,7 +1,8 @@
 """A population of trials as one XLA program: stacked TrainStates, one vmapped step.
 
 Members differ only in values, not shapes: a seed (initialisation and data order), the data seed,
-injected optimizer values (`core/optim.py::INJECTED`) and `TrainState.hparams`. Every such value
+injected optimizer values (`core/optim.py::INJECTED`), a technique's values in the optimizer state
+(`TECHNIQUE_INJECTED`: a pruning target) and `TrainState.hparams`. Every such value
 is addressed by its config key ("optim.lr", "data.seed", "loss.label_smoothing") and lives in
 the state, so one compiled step trains every member with its own values, and the checkpoint holds
 them. A member is stopped by masking: its state stops changing while the others go on (a member
@@ -26,6 +27,32 @@ from jaxopt_lab.core.state import TrainState, create_train_state, state_sharding
 from jaxopt_lab.errors import UserError
 
 STATE_KEYS = ("seed", "data.seed")  # set when a member's state is made, not afterwards
+# Per-trial values a technique keeps in its optimizer state, under a `hyperparams` dict as
+# optax.inject_hyperparams does (config key -> name there): set like the optimizer's own.
+TECHNIQUE_INJECTED = {"techniques.prune.sparsity": "sparsity"}
+STATE_VALUES = {**INJECTED, **TECHNIQUE_INJECTED}
+MEMBER_AXIS = "members"  # the vmapped axis of a population's step
+
+
+def when_any_member(due: jax.Array, update: Callable[[], Any], keep: Callable[[], Any]) -> Any:
+    """`update()` where `due`, else `keep()`: a `lax.cond` that stays one under a population's
+    vmap.
+
+    vmap turns a cond on a per-member predicate into computing both branches every step; a
+    technique's periodic heavy work (recomputing pruning masks) would then run at every step.
+    Here the branch runs when any member is due (members of one population step in lockstep)
+    and each member keeps its own result.
+    """
+    try:
+        jax.lax.axis_size(MEMBER_AXIS)
+    except NameError:  # one trial, not a population
+        return jax.lax.cond(due, update, keep)
+    any_due = jax.lax.pmax(due, MEMBER_AXIS)
+
+    def update_where_due():
+        return jax.tree.map(lambda a, b: jnp.where(due, a, b), update(), keep())
+
+    return jax.lax.cond(any_due, update_where_due, keep)
 
 
 @struct.dataclass
@@ -48,7 +75,7 @@ def unstack_trials(population: TrainState) -> list[TrainState]:
 
 def allowed_keys(hparams: Iterable[str]) -> list[str]:
     """The keys a population may vary, given the state's hparams."""
-    return [*STATE_KEYS, *INJECTED, *sorted(hparams)]
+    return [*STATE_KEYS, *STATE_VALUES, *sorted(hparams)]
 
 
 def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str]) -> list[dict[str, Any]]:
@@ -78,8 +105,8 @@ def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
     """
     injected, hparams = {}, dict(state.hparams)
     for key, value in values.items():
-        if key in INJECTED:
-            injected[INJECTED[key]] = value
+        if key in STATE_VALUES:
+            injected[STATE_VALUES[key]] = value
         elif key in hparams:
             hparams[key] = jnp.asarray(value, jnp.float32).reshape(hparams[key].shape)
         elif key == "data.seed":
@@ -100,9 +127,10 @@ def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
         return leaf
 
     opt_state = jax.tree_util.tree_map_with_path(replace, state.opt_state)
-    if set(injected) - found:  # an optimizer of the caller's own, without injected values
+    if set(injected) - found:  # an optimizer of the caller's own, or a technique that is off
         raise UserError(f"the optimizer state has no injected hyperparameter(s) "
-                        f"{sorted(set(injected) - found)} (optax.inject_hyperparams)")
+                        f"{sorted(set(injected) - found)} (optax.inject_hyperparams; "
+                        f"techniques.prune.sparsity needs techniques.prune.method set)")
     return state.replace(opt_state=opt_state, hparams=hparams)
 
 
@@ -134,7 +162,7 @@ def population_step(step_fn: Callable) -> Callable:
         return state, ok, {**metrics, "active": ok, "was_active": active}
 
     def step(population: Population, source):
-        members, active, metrics = jax.vmap(member, in_axes=(0, 0, None))(
+        members, active, metrics = jax.vmap(member, in_axes=(0, 0, None), axis_name=MEMBER_AXIS)(
             population.members, population.active, source)
         return Population(population.step + 1, members, active), metrics
 

@@ -12,11 +12,17 @@ from collections.abc import Callable
 
 import jax
 
-from jaxopt_lab.core.population import set_values, stack_trials, stop_members, unstack_trials
+from jaxopt_lab.core.population import (
+    MEMBER_AXIS,
+    set_values,
+    stack_trials,
+    stop_members,
+    unstack_trials,
+)
 
 __all__ = ["set_values", "stack_trials", "stop_members", "unstack_trials", "vmap_over_trials"]
 
 
 def vmap_over_trials(train_fn: Callable) -> Callable:
     """`train_fn(state, source)` for a stacked state; the data source is shared by all trials."""
-    return jax.jit(jax.vmap(train_fn, in_axes=(0, None)))
+    return jax.jit(jax.vmap(train_fn, in_axes=(0, None), axis_name=MEMBER_AXIS))

@@ -1,0 +1,233 @@
+"""Pruning: accuracy vs sparsity on the MNIST-1D CNN widened to 128 channels and on the digits
+CNN, every curve one vmapped population (the target sparsity is a per-trial value), and the
+headline points over 5 seeds paired with dense runs.
+
+    .venv/bin/python experiments/prune_accuracy.py [--models mnist1d_cnn128,digits_cnn]
+        [--parts headline,curves] [--seeds 5] [--fresh]
+
+Headline (per model, 5 seeds): gradual magnitude pruning at sparsity 0 (exactly dense training:
+every mask stays full), 0.9 and 0.95 in one population of 15; random pruning at 0.9; 2:4; 50 %
+of channels (L1); and the routes past 95 % (global magnitude, ERK, RigL) at 0.95. Members with
+the same seed share initialisation and data order, so differences are paired.
+Curves (seed 0): each method at 50, 80, 90, 95 and 98 % as one population.
+
+Writes results/prune_accuracy.{md,json,png} and its keys of results/prune_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, machine, stats, update_summary
+
+from jaxopt_lab.core.config import load_config
+from jaxopt_lab.core.loop import train_and_evaluate
+
+# name: (config file, overrides, steps). 128 channels at a constant 1e-2 end noisy; a cosine
+# decay settles them (see results/quantize_accuracy.md), so a paired difference means something.
+MODELS = {
+    "mnist1d_cnn128": ("mnist1d_cnn.py", ["--config.model.channels=128",
+                                          "--config.optim.schedule=cosine"], 3000),
+    "digits_cnn": ("digits_cnn.py", [], 2000),
+}
+P = "--config.techniques.prune"
+CURVE = (0.5, 0.8, 0.9, 0.95, 0.98)
+
+
+def methods(steps: int) -> dict[str, list[str]]:
+    """Each method's overrides: pruning from 10 % to 60 % of training, then 40 % to recover."""
+    begin, end, every = steps // 10, steps * 6 // 10, max(steps // 60, 1)
+    gradual = [f"{P}.schedule=gradual", f"{P}.begin_step={begin}", f"{P}.end_step={end}",
+               f"{P}.frequency={every}"]
+    return {
+        "gradual_magnitude": [f"{P}.method=magnitude", *gradual],
+        "one_shot_magnitude": [f"{P}.method=magnitude", f"{P}.schedule=one_shot",
+                               f"{P}.begin_step={end}"],
+        "random": [f"{P}.method=random", *gradual],
+        "snip": [f"{P}.method=snip", f"{P}.schedule=one_shot", f"{P}.begin_step=0"],
+        "global_magnitude": [f"{P}.method=magnitude", f"{P}.scope=global", *gradual],
+        "erk_magnitude": [f"{P}.method=magnitude", f"{P}.distribution=erk", *gradual],
+        "rigl": [f"{P}.method=rigl", f"{P}.schedule=one_shot", f"{P}.begin_step=0",
+                 f"{P}.end_step={steps * 3 // 4}", f"{P}.frequency={max(steps // 30, 1)}",
+                 f"{P}.distribution=erk"],
+        "2:4": [f"{P}.method=magnitude", f"{P}.pattern=2:4", f"{P}.schedule=one_shot",
+                f"{P}.begin_step={begin}"],
+        "channels_l1": [f"{P}.method=magnitude", f"{P}.pattern=channels", *gradual],
+    }
+
+
+def headline_runs() -> dict[str, tuple[str, tuple[float, ...]]]:
+    """name: (method, sparsities); every sparsity runs for every seed."""
+    return {"gradual_magnitude": ("gradual_magnitude", (0.0, 0.9, 0.95)),
+            "random": ("random", (0.9,)), "2:4": ("2:4", (0.5,)),
+            "global_magnitude": ("global_magnitude", (0.95,)),
+            "erk_magnitude": ("erk_magnitude", (0.95,)), "rigl": ("rigl", (0.95,)),
+            "channels_l1": ("channels_l1", (0.5,))}
+
+
+def train(model: str, method: str, seeds: list[int], sparsities: list[float], workdir: Path,
+          fresh: bool) -> list[dict]:
+    """One population (seeds × sparsities); its members' summaries. A finished run is reused."""
+    config_file, overrides, steps = MODELS[model]
+    if fresh and workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir)
+    pairs = [(s, q) for q in sparsities for s in seeds]
+    population = (("seed", tuple(s for s, _ in pairs)),
+                  ("techniques.prune.sparsity", tuple(q for _, q in pairs)))
+    config = load_config(str(ROOT / "configs" / config_file), [
+        *overrides, f"--config.train.steps={steps}", *methods(steps)[method],
+        f"--config.population={population!r}", "--config.train.progress=False",
+        "--config.train.measure=False", "--config.train.steps_per_call=1"])
+    summary = train_and_evaluate(config, str(workdir))
+    members = [{"seed": s, "sparsity": q, "test_accuracy": m["test_accuracy"],
+                "measured_sparsity": m["sparsity"], "nonzero_params": m["nonzero_params"]}
+               for (s, q), m in zip(pairs, summary["members"], strict=True)]
+    print(f"{model} {method}: " + ", ".join(
+        f"{q}: {np.mean([m['test_accuracy'] for m in members if m['sparsity'] == q]):.4f}"
+        for q in sparsities) + f" ({summary['steps_per_s']:.1f} steps/s)", flush=True)
+    return members
+
+
+def accuracies(members: list[dict], sparsity: float) -> list[float]:
+    return [m["test_accuracy"] for m in sorted(members, key=lambda m: m["seed"])
+            if m["sparsity"] == sparsity]
+
+
+def headline(model: str, seeds: int, root: Path, fresh: bool) -> dict:
+    runs = {name: train(model, method, list(range(seeds)), list(qs), root / "headline" / name,
+                        fresh) for name, (method, qs) in headline_runs().items()}
+    dense = accuracies(runs["gradual_magnitude"], 0.0)
+    rows = {"dense": {"accuracy": stats(dense)}}
+    for name, (_, qs) in headline_runs().items():
+        for q in qs:
+            if name == "gradual_magnitude" and q == 0.0:
+                continue
+            acc = accuracies(runs[name], q)
+            measured = [m["measured_sparsity"] for m in runs[name] if m["sparsity"] == q]
+            rows[f"{name} {q:g}"] = {
+                "method": name, "sparsity": q, "accuracy": stats(acc),
+                "paired_difference": stats([a - d for a, d in zip(acc, dense, strict=True)]),
+                "measured_sparsity": float(np.mean(measured))}
+    return rows
+
+
+def curves(model: str, root: Path, fresh: bool) -> dict:
+    result = {}
+    for name in ("gradual_magnitude", "one_shot_magnitude", "random", "snip",
+                 "global_magnitude", "erk_magnitude", "rigl", "channels_l1"):
+        members = train(model, name, [0], list(CURVE), root / "curves" / name, fresh)
+        result[name] = {f"{m['sparsity']:g}": m["test_accuracy"] for m in members}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--parts", default="headline,curves")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "prune_accuracy"))
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete earlier runs first (otherwise finished runs are reused)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    path = out / "prune_accuracy.json"
+    results = json.loads(path.read_text())["models"] if path.exists() else {}
+    for model in args.models.split(","):
+        root = Path(args.workdir) / model
+        entry = results.setdefault(model, {})
+        entry["steps"] = MODELS[model][2]
+        if "headline" in args.parts:
+            entry["headline"] = headline(model, args.seeds, root, args.fresh)
+            entry["seeds"] = args.seeds
+        if "curves" in args.parts:
+            entry["curves"] = curves(model, root, args.fresh)
+        write(results, out)
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prune_accuracy.json").write_text(json.dumps(
+        {"machine": machine(), "models": results}, indent=2) + "\n")
+    wide = results.get("mnist1d_cnn128", {}).get("headline")
+    if wide:
+        best = max((r for r in wide.values() if r.get("sparsity") == 0.95
+                    and r["method"] != "2:4"), key=lambda r: r["accuracy"]["mean"])
+        update_summary(out / "prune_summary.json", {
+            "dense_test_accuracy": wide["dense"]["accuracy"]["mean"],
+            "gradual_magnitude_90_test_accuracy":
+                wide["gradual_magnitude 0.9"]["accuracy"]["mean"],
+            "random_90_test_accuracy": wide["random 0.9"]["accuracy"]["mean"],
+            "best_95_test_accuracy": best["accuracy"]["mean"],
+            "best_95_method": best["method"]})
+    lines = ["# Pruning: accuracy vs sparsity", "",
+             (f"Written by `experiments/prune_accuracy.py` on {machine()}. Sparsity is the "
+              "fraction of zeros among the prunable kernels (the first conv and the logits layer "
+              "stay dense, the default `skip`); for channels_l1, the fraction of each layer's "
+              "filters removed. Gradual: cubic from 10 % to 60 % of training. Δ is the mean "
+              "paired difference to the dense run with the same seed, in points."), ""]
+    for model, entry in results.items():
+        if "headline" in entry:
+            h = entry["headline"]
+            lines += [f"## {model}: headline, {entry['seeds']} seeds, {entry['steps']} steps", "",
+                      "| method | target | measured sparsity | test accuracy | Δ vs dense |",
+                      "|---|---|---|---|---|",
+                      f"| dense | 0 | 0 | {_acc(h['dense'])} | — |"]
+            for name, r in h.items():
+                if name == "dense":
+                    continue
+                d = r["paired_difference"]
+                lines.append(f"| {r['method']} | {r['sparsity']:g} | "
+                             f"{r['measured_sparsity']:.4f} | {_acc(r)} | "
+                             f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} |")
+            lines.append("")
+        if "curves" in entry:
+            lines += [f"## {model}: curves, seed 0 (test accuracy)", "",
+                      "| method | " + " | ".join(f"{q:g}" for q in CURVE) + " |",
+                      "|---|" + "---|" * len(CURVE)]
+            for name, points in entry["curves"].items():
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{points[f'{q:g}']:.4f}" for q in CURVE) + " |")
+            lines.append("")
+    (out / "prune_accuracy.md").write_text("\n".join(lines))
+    plot(results, out / "prune_accuracy.png")
+    print("\n".join(lines))
+
+
+def _acc(row: dict) -> str:
+    return f"{row['accuracy']['mean']:.4f} ± {row['accuracy']['std']:.4f}"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results if "curves" in results[m]]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for name, points in results[model]["curves"].items():
+            ax.plot(list(CURVE), [points[f"{q:g}"] for q in CURVE], marker="o", label=name)
+        if "headline" in results[model]:
+            ax.axhline(results[model]["headline"]["dense"]["accuracy"]["mean"], color="black",
+                       linestyle="--", linewidth=0.8, label="dense (5-seed mean)")
+        ax.set_xscale("logit")
+        ax.set_xticks(list(CURVE), [f"{q:g}" for q in CURVE])
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

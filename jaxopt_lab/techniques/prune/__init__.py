@@ -1,0 +1,110 @@
+"""Pruning at the update seam: an optax transformation whose state holds the masks.
+
+    tx = prune.wrap(optax.adam(1e-2), skip=(), sparsity=0.9, begin_step=500, end_step=2000)
+    tx = prune.wrap(tx, model=model, sample_x=x, pattern="channels", sparsity=0.5)
+    small_model, small_variables = prune.shrink(model, variables)   # channels really removed
+
+Pruned weights are exactly zero after every update, for every method. The target sparsity is a
+value in the state (`PruneState.hyperparams["sparsity"]`), so a population of targets runs as
+one vmapped program (`techniques.prune.sparsity` as a population key).
+
+Options (`PruneOptions`): method magnitude | random | snip | set | rigl | ste; pattern
+unstructured | "N:M" (e.g. "2:4") | channels (filters, neurons, attention heads, scored by the
+`norm` l1 | l2 of their weights); scope layer | global; distribution uniform | erk (per-layer
+sparsities, layer scope); sparsity (fraction of zeros among the prunable kernels; for channels,
+of each group's channels); schedule one_shot (at begin_step) | gradual (cubic, initial_sparsity
+→ sparsity from begin_step to end_step, every `frequency` updates); drop_fraction (SET / RigL);
+skip (regular expressions over parameter paths left dense; None = the first and last layers,
+which needs `model` and `sample_x`; () prunes every kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_lab.core.layers import default_skip, param_paths
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.prune.options import PruneOptions, prune_options
+from jaxopt_lab.techniques.prune.transform import PruneState, prune_transform
+
+__all__ = ["PruneOptions", "PruneState", "find_state", "prune_options", "resolve_skip",
+           "sparsity_metrics", "sparsity_summary", "wrap"]
+
+
+def _variables(model, sample_x) -> dict:
+    return jax.eval_shape(
+        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
+        sample_x)
+
+
+def resolve_skip(options: PruneOptions, model=None, sample_x: Any = None) -> tuple[str, ...]:
+    """`options.skip`, or where it is None the default: the model's first and last layers."""
+    if options.skip is not None:
+        return options.skip
+    if model is None or sample_x is None:
+        raise UserError("prune.wrap: the default skip (first and last layers) needs model= and "
+                        "sample_x=; or pass skip=() to prune every kernel, or your own patterns")
+    return default_skip(model, _variables(model, sample_x), sample_x)
+
+
+def wrap(tx: optax.GradientTransformation, *, model=None, sample_x: Any = None,
+         groups=None, seed: int = 0, **options: Any) -> optax.GradientTransformationExtraArgs:
+    """`tx` with pruning: masks applied to its updates and to the parameters.
+
+    Args:
+      tx: any optax transformation (its update receives the gradients; extra args pass through).
+      model, sample_x: the Flax module and one input batch, for the default `skip` and, with
+        pattern="channels", for the channel groups (`groups.channel_groups`).
+      groups: channel groups of your own for pattern="channels" (see `groups.ChannelGroup`).
+      seed: the key of random scores and of regrowth.
+      options: `PruneOptions` fields.
+    """
+    o = prune_options(**options)
+    skip = resolve_skip(o, model, sample_x)
+    if o.pattern == "channels" and groups is None:
+        if model is None or sample_x is None:
+            raise UserError("prune pattern='channels' needs model= and sample_x= (to find which "
+                            "parameters share a channel) or groups= of your own")
+        from jaxopt_lab.techniques.prune.groups import channel_groups
+
+        groups = channel_groups(model, _variables(model, sample_x)["params"])
+    return prune_transform(tx, o, skip, groups or (), seed)
+
+
+def find_state(opt_state: Any) -> PruneState | None:
+    """The pruning state inside an optimizer state (None if there is none)."""
+    for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState)):
+        if isinstance(leaf, PruneState):
+            return leaf
+    return None
+
+
+def _pruned_kernels(masks: Any) -> list[tuple[str, jax.Array]]:
+    return [(p, m) for p, m in zip(param_paths(masks), jax.tree.leaves(masks), strict=True)
+            if p.endswith("['kernel']") and np.ndim(m) > 0]
+
+
+def sparsity_metrics(state) -> dict[str, jax.Array]:
+    """The step metric: the fraction of pruned weights among the prunable kernels (from the
+    masks of the TrainState's optimizer state)."""
+    prune_state = find_state(state.opt_state)
+    kernels = _pruned_kernels(prune_state.masks)
+    total = sum(m.size for _, m in kernels)
+    kept = sum(jnp.sum(m) for _, m in kernels)
+    return {"sparsity": 1.0 - kept / total}
+
+
+def sparsity_summary(state) -> dict[str, float | int]:
+    """summary.json's fields, counted from the parameters themselves: `sparsity` (zeros among
+    the prunable kernels) and `nonzero_params` (non-zero parameters of the whole model)."""
+    prune_state = find_state(state.opt_state)
+    params = dict(zip(param_paths(state.params), jax.tree.leaves(state.params), strict=True))
+    kernels = [np.asarray(params[p]) for p, _ in _pruned_kernels(prune_state.masks)]
+    zeros = sum(int(np.sum(k == 0)) for k in kernels)
+    return {"sparsity": zeros / sum(k.size for k in kernels),
+            "nonzero_params": sum(int(np.count_nonzero(np.asarray(v))) for v in params.values())}
