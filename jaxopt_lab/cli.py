@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--skip", nargs="*", default=None, metavar="REGEX",
                           help="float run: parameter-path patterns left in float (none given: "
                                "quantize every layer; flag absent: first and last layers)")
+    shrink = commands.add_parser(
+        "shrink", help="cut the channels a structurally pruned run removed: a smaller dense "
+                       "model, as the run directory RUN/shrunk",
+        epilog="fine-tune it: jaxopt-lab train --config RUN/shrunk/config.py --workdir "
+               "RUN/shrunk --config.train.steps=N")
+    shrink.add_argument("--workdir", required=True, help="a run directory written by train")
+    shrink.add_argument("--member", type=int, default=None, metavar="I",
+                        help="population run: the member to shrink")
     launch = commands.add_parser("launch", help="run a command in N local processes (loopback)")
     launch.add_argument("-n", "--num-processes", type=int, required=True)
     launch.add_argument("--devices-per-process", type=int, default=1,
@@ -117,6 +125,21 @@ def _quantize(args) -> int:
     return 0
 
 
+def _shrink(args) -> int:
+    """Shrinks a channel-pruned run into RUN/shrunk and prints the summary."""
+    if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+        raise UserError(f"--workdir {args.workdir} holds no trained run (no checkpoints/)")
+    from jaxopt_lab.techniques.prune.shrink_run import shrink_run
+
+    summary = shrink_run(args.workdir, args.member)
+    out = os.path.join(args.workdir, "shrunk")
+    print(json.dumps(summary, indent=2))
+    print(f"shrunk run: {out} ({summary['original_num_params']} -> {summary['num_params']} "
+          f"parameters); fine-tune: jaxopt-lab train --config {out}/config.py --workdir {out} "
+          "--config.train.steps=N")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Library start-up chatter (grain, orbax) would bury the lines users need; errors still show.
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -131,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "shrink":
+            return _shrink(args)
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
         if not rest or args.num_processes < 1:
             parser.error("usage: jaxopt-lab launch -n N -- train --config ... --workdir ...")

@@ -236,6 +236,9 @@ def test_aqt_conv_quantizes_forward_but_passes_no_gradient():
 
 def test_build_model_converts_config_lists_to_tuples():
     assert build_model("mlp", NUM_CLASSES, hidden=[64, 32]).hidden == (64, 32)
+    # cnn1d.channels takes one width for every conv (as configs pass it) or one per conv.
+    assert build_model("cnn1d", NUM_CLASSES, channels=[4, 5, 6]).channels == (4, 5, 6)
+    assert build_model("cnn1d", NUM_CLASSES, channels=128).channels_per_conv == (128,) * 3
 
 
 def test_residual_mlp_adds_the_skip_around_equal_width_layers():
@@ -256,7 +259,8 @@ def test_residual_mlp_adds_the_skip_around_equal_width_layers():
 def test_model_hparams_lists_only_tunable_fields():
     assert model_hparams("mlp") == {"hidden": (100, 100), "residual": False}
     assert model_hparams("logreg") == {}
-    assert model_hparams("resnet") == {"depth": 20, "width": 16}
+    assert model_hparams("resnet") == {"depth": 20, "width": 16, "stage_widths": (),
+                                       "inner_widths": ()}
     for name in MODELS:
         assert not {
             "num_classes",
@@ -279,6 +283,11 @@ def test_model_hparams_lists_only_tunable_fields():
         ("logreg", {"hidden": (3,)}, "allowed: none"),
         ("mlp", {"hidden": "100"}, r"model.hidden='100' has the wrong type"),
         ("cnn1d", {"channels": 2.5}, "model.channels=2.5 has the wrong type"),
+        ("cnn1d", {"channels": (8, 8.5, 8)}, r"allowed: a int like the default 25 or a tuple"),
+        ("cnn1d", {"channels": (8, 8)}, r"model.channels=\(8, 8\) needs one width per conv"),
+        ("resnet", {"depth": 8, "stage_widths": (4, 8)}, "model.stage_widths=.* needs 3 widths"),
+        ("resnet", {"depth": 8, "inner_widths": (4,)}, "needs 3 widths for depth 8"),
+        ("vit", {"depth": 2, "layer_heads": (4,)}, "model.layer_heads=.* needs one entry per"),
         ("resnet", {"depth": 18}, "model.depth=18 is not a CIFAR ResNet depth"),
         ("vit", {"pool": "max"}, "model.pool='max' is unknown; allowed: cls, mean"),
         ("vit", {"dim": 30, "heads": 4}, "model.dim=30 is not divisible by model.heads=4"),

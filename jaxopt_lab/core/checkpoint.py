@@ -109,7 +109,10 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         if data_iterator is None:
             return state
-        if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+        has_position = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+        if step == 0 and not has_position:
+            return state  # a start written outside a run (a shrunk model): the data starts fresh
+        if not has_position:
             raise UserError(f"checkpoint at step {step} holds no data-iterator position, but "
                             "data.on_device=False needs one; keep data.on_device as it was")
         try:  # the state loaded, so a failure here is a changed data config, not corruption

@@ -91,9 +91,15 @@ def model_hparams(name: str) -> dict[str, Any]:
     }
 
 
+# Widths whose default is one int for every layer that also take a tuple of one int per layer,
+# the uneven widths a channel-pruned model has after `prune.shrink`: model name -> keys.
+_INT_OR_TUPLE = {"cnn1d": frozenset({"channels"})}
+
+
 def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
     """`value` in the type of `default`: config lists become tuples; a wrong type is a UserError."""
-    if isinstance(default, tuple) and isinstance(value, list | tuple):
+    per_layer = key in _INT_OR_TUPLE.get(name, ())
+    if (isinstance(default, tuple) or per_layer) and isinstance(value, list | tuple):
         value = tuple(value)
         ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     elif isinstance(default, float):
@@ -101,10 +107,9 @@ def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
     else:
         ok = type(value) is type(default)  # exact, so that True is not taken for an int
     if not ok:
-        raise UserError(
-            f"model.{key}={value!r} has the wrong type for model {name!r}; "
-            f"allowed: a {type(default).__name__} like the default {default!r}"
-        )
+        allowed = f"a {type(default).__name__} like the default {default!r}"
+        raise UserError(f"model.{key}={value!r} has the wrong type for model {name!r}; allowed: "
+                        + (f"{allowed} or a tuple of ints" if per_layer else allowed))
     return value
 
 

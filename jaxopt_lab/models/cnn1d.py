@@ -5,6 +5,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
+from jaxopt_lab.errors import UserError
 from jaxopt_lab.models.pytorch_init import pytorch_init
 
 # (kernel, stride, padding) of the paper's three Conv1d layers; a length-40 signal ends at length 5.
@@ -16,22 +17,37 @@ class CNN1D(nn.Module):
 
     Greydanus & Kobak, "Scaling down deep learning with MNIST-1D" (2020 / ICML 2024): the paper's
     `ConvBase`, with torch init, so its parameter count (5,210 for 10 classes) matches exactly.
-    Input is [B, L] (a channel axis is added) or [B, L, C].
+    `channels` is one width for all three convs, or a tuple of three (a channel-pruned model
+    shrunk by `prune.shrink` has uneven widths). Input is [B, L] (a channel axis is added) or
+    [B, L, C].
     """
 
     num_classes: int
-    channels: int = 25
+    channels: int | tuple[int, ...] = 25
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels, tuple) and len(self.channels) != len(_CONVS):
+            raise UserError(f"model.channels={self.channels!r} needs one width per conv; "
+                            f"allowed: an int or a tuple of {len(_CONVS)}")
+        super().__post_init__()
+
+    @property
+    def channels_per_conv(self) -> tuple[int, ...]:
+        """The width of each conv."""
+        if isinstance(self.channels, tuple):
+            return self.channels
+        return (self.channels,) * len(_CONVS)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout or batch norm
         if x.ndim == 2:
             x = x[..., None]
-        for kernel, stride, padding in _CONVS:
+        for channels, (kernel, stride, padding) in zip(self.channels_per_conv, _CONVS, strict=True):
             x = nn.Conv(
-                self.channels,
+                channels,
                 (kernel,),
                 strides=stride,
                 padding=padding,

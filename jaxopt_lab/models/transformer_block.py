@@ -23,11 +23,16 @@ def check_heads(dim: int, heads: int) -> None:
 
 
 class TransformerBlock(nn.Module):
-    """One block; `mask` ([B, 1, T, T], True = may attend) makes it causal, None attends to all."""
+    """One block; `mask` ([B, 1, T, T], True = may attend) makes it causal, None attends to all.
+
+    `head_dim` (None: the width over `heads`) fixes each head's width, so a block with heads
+    removed by pruning keeps the head size of its trained weights.
+    """
 
     heads: int
     mlp_dim: int
     dot_general_cls: Any
+    head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -35,6 +40,7 @@ class TransformerBlock(nn.Module):
                   if self.dot_general_cls else None)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.heads,
+            qkv_features=None if self.head_dim is None else self.heads * self.head_dim,
             qkv_dot_general_cls=self.dot_general_cls,
             out_dot_general_cls=self.dot_general_cls,
             qk_attn_weights_einsum_cls=einsum,

@@ -22,7 +22,9 @@ class ViT(nn.Module):
     """Patches → Dense embedding (+ class token) + learned positions → `depth` blocks → LN → head.
 
     `pool` is "cls" (classify the class token, as in the paper) or "mean" (average the patch tokens).
-    Input is [B, H, W] or [B, H, W, C] with H and W multiples of `patch_size`.
+    Input is [B, H, W] or [B, H, W, C] with H and W multiples of `patch_size`. `layer_heads` and
+    `layer_mlp_dims` set the heads and MLP width per block (a ViT pruned by heads and shrunk by
+    `prune.shrink` has uneven ones); every head stays dim // heads wide.
     """
 
     num_classes: int
@@ -32,6 +34,8 @@ class ViT(nn.Module):
     heads: int = 4
     mlp_dim: int = 128
     pool: str = "cls"
+    layer_heads: tuple[int, ...] = ()  # heads per block, each dim // heads wide; () = `heads`
+    layer_mlp_dims: tuple[int, ...] = ()  # MLP width per block; () = `mlp_dim`
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
 
@@ -39,7 +43,20 @@ class ViT(nn.Module):
         if self.pool not in _POOLS:
             raise UserError(f"model.pool={self.pool!r} is unknown; allowed: {', '.join(_POOLS)}")
         check_heads(self.dim, self.heads)
+        for name in ("layer_heads", "layer_mlp_dims"):
+            value = getattr(self, name)
+            if value and len(value) != self.depth:
+                raise UserError(f"model.{name}={value!r} needs one entry per block "
+                                f"(depth={self.depth}) or () for the same in every block")
         super().__post_init__()
+
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        return self.layer_heads or (self.heads,) * self.depth
+
+    @property
+    def mlp_dims_per_block(self) -> tuple[int, ...]:
+        return self.layer_mlp_dims or (self.mlp_dim,) * self.depth
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -60,8 +77,9 @@ class ViT(nn.Module):
             cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, self.dim))
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
-        for _ in range(self.depth):
-            x = TransformerBlock(self.heads, self.mlp_dim, self.dot_general_cls)(x)
+        for heads, mlp_dim in zip(self.heads_per_block, self.mlp_dims_per_block, strict=True):
+            x = TransformerBlock(heads, mlp_dim, self.dot_general_cls,
+                                 head_dim=self.dim // self.heads)(x)
         x = nn.LayerNorm()(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(x)

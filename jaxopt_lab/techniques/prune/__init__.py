@@ -3,6 +3,7 @@
     tx = prune.wrap(optax.adam(1e-2), skip=(), sparsity=0.9, begin_step=500, end_step=2000)
     tx = prune.wrap(tx, model=model, sample_x=x, pattern="channels", sparsity=0.5)
     small_model, small_variables = prune.shrink(model, variables)   # channels really removed
+    stored = prune.encode(params, "bitmask")                         # values + where they are
 
 Pruned weights are exactly zero after every update, for every method. The target sparsity is a
 value in the state (`PruneState.hyperparams["sparsity"]`), so a population of targets runs as
@@ -29,10 +30,14 @@ import optax
 
 from jaxopt_lab.core.layers import default_skip, param_paths
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.prune.groups import ChannelGroup, channel_groups
 from jaxopt_lab.techniques.prune.options import PruneOptions, prune_options
+from jaxopt_lab.techniques.prune.shrink import shrink
+from jaxopt_lab.techniques.prune.storage import decode, encode, encoded_bytes
 from jaxopt_lab.techniques.prune.transform import PruneState, prune_transform
 
-__all__ = ["PruneOptions", "PruneState", "find_state", "prune_options", "resolve_skip",
+__all__ = ["ChannelGroup", "PruneOptions", "PruneState", "channel_groups", "decode", "encode",
+           "encoded_bytes", "find_state", "prune_options", "resolve_skip", "shrink",
            "sparsity_metrics", "sparsity_summary", "wrap"]
 
 
@@ -70,9 +75,7 @@ def wrap(tx: optax.GradientTransformation, *, model=None, sample_x: Any = None,
         if model is None or sample_x is None:
             raise UserError("prune pattern='channels' needs model= and sample_x= (to find which "
                             "parameters share a channel) or groups= of your own")
-        from jaxopt_lab.techniques.prune.groups import channel_groups
-
-        groups = channel_groups(model, _variables(model, sample_x)["params"])
+        groups = channel_groups(model, _variables(model, sample_x)["params"], sample_x)
     return prune_transform(tx, o, skip, groups or (), seed)
 
 
@@ -101,10 +104,12 @@ def sparsity_metrics(state) -> dict[str, jax.Array]:
 
 def sparsity_summary(state) -> dict[str, float | int]:
     """summary.json's fields, counted from the parameters themselves: `sparsity` (zeros among
-    the prunable kernels) and `nonzero_params` (non-zero parameters of the whole model)."""
+    the prunable kernels), `nonzero_params` (non-zero parameters of the whole model) and the
+    bytes of the compact encodings (`storage`), beside the dense `model_bytes`."""
     prune_state = find_state(state.opt_state)
     params = dict(zip(param_paths(state.params), jax.tree.leaves(state.params), strict=True))
-    kernels = [np.asarray(params[p]) for p, _ in _pruned_kernels(prune_state.masks)]
-    zeros = sum(int(np.sum(k == 0)) for k in kernels)
-    return {"sparsity": zeros / sum(k.size for k in kernels),
-            "nonzero_params": sum(int(np.count_nonzero(np.asarray(v))) for v in params.values())}
+    paths = [p for p, _ in _pruned_kernels(prune_state.masks)]
+    zeros = sum(int(np.sum(np.asarray(params[p]) == 0)) for p in paths)
+    return {"sparsity": zeros / sum(np.size(params[p]) for p in paths),
+            "nonzero_params": sum(int(np.count_nonzero(np.asarray(v))) for v in params.values()),
+            **encoded_bytes(state.params, paths)}
