@@ -7,7 +7,7 @@ headline points over 5 seeds paired with dense runs.
 
 Headline (per model, 5 seeds): gradual magnitude pruning at sparsity 0 (exactly dense training:
 every mask stays full), 0.9 and 0.95 in one population of 15; random pruning at 0.9; 2:4; 50 %
-of channels (L1); and the routes past 95 % (global magnitude, ERK, RigL) at 0.95. Members with
+of channels (L1); and the routes past 95 % (global magnitude; RigL with ERK) at 0.95. Members with
 the same seed share initialisation and data order, so differences are paired.
 Curves (seed 0): each method at 50, 80, 90, 95 and 98 % as one population.
 
@@ -63,8 +63,7 @@ def headline_runs() -> dict[str, tuple[str, tuple[float, ...]]]:
     """name: (method, sparsities); every sparsity runs for every seed."""
     return {"gradual_magnitude": ("gradual_magnitude", (0.0, 0.9, 0.95)),
             "random": ("random", (0.9,)), "2:4": ("2:4", (0.5,)),
-            "global_magnitude": ("global_magnitude", (0.95,)),
-            "erk_magnitude": ("erk_magnitude", (0.95,)), "rigl": ("rigl", (0.95,)),
+            "global_magnitude": ("global_magnitude", (0.95,)), "rigl": ("rigl", (0.95,)),
             "channels_l1": ("channels_l1", (0.5,))}
 
 
@@ -119,7 +118,7 @@ def headline(model: str, seeds: int, root: Path, fresh: bool) -> dict:
 def curves(model: str, root: Path, fresh: bool) -> dict:
     result = {}
     for name in ("gradual_magnitude", "one_shot_magnitude", "random", "snip",
-                 "global_magnitude", "erk_magnitude", "rigl", "channels_l1"):
+                 "global_magnitude", "rigl"):
         members = train(model, name, [0], list(CURVE), root / "curves" / name, fresh)
         result[name] = {f"{m['sparsity']:g}": m["test_accuracy"] for m in members}
     return result
