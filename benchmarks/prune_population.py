@@ -5,8 +5,9 @@
 The target sparsity is a value in the pruning state, so one population trains every target.
 Both sides are whole `train_and_evaluate` runs (compile, train, evaluate, checkpoint), what a user
 waits for; the rounds alternate population and sequential so that a busy spell on this shared
-machine hits both, and the best of each is compared. Every member's final parameters are checked
-against its run alone.
+machine hits both, and the best of each is compared. Equality is checked on a short run (12 steps,
+every member's parameters against its run alone): over hundreds of steps the batched convolution's
+last-bit differences grow chaotically, so there the members' test accuracies are compared.
 
 Writes the "Pruning: a sparsity curve in one program" section of benchmarks/RESULTS.md and
 benchmarks/prune_population.json.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from common import ROOT, machine
 
 TARGETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
+CHECK_STEPS = 12
 
 
 def config(steps: int, channels: int, population: tuple = ()):
@@ -63,12 +65,12 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="prune_population_"))
     population = (("techniques.prune.sparsity", TARGETS),)
 
-    def run_population(tag):
-        train_and_evaluate(config(args.steps, args.channels, population), str(root / tag))
+    def run_population(tag, steps=args.steps):
+        train_and_evaluate(config(steps, args.channels, population), str(root / tag))
 
-    def run_sequential(tag):
+    def run_sequential(tag, steps=args.steps):
         for i, target in enumerate(TARGETS):
-            c = config(args.steps, args.channels)
+            c = config(steps, args.channels)
             c.techniques.prune.sparsity = target
             train_and_evaluate(c, str(root / tag / str(i)))
 
@@ -78,17 +80,25 @@ def main() -> None:
         times["sequential"].append(timed(lambda r=r: run_sequential(f"sequential{r}")))
         print(f"round {r}: population {times['population'][-1]:.1f} s, sequential "
               f"{times['sequential'][-1]:.1f} s", flush=True)
-    stacked = load_run(str(root / "population0")).state.params
+    accuracy = {"population": [m["test_accuracy"] for m in json.loads(
+        (root / "population0" / "summary.json").read_text())["members"]],
+        "sequential": [json.loads((root / "sequential0" / str(i) / "summary.json").read_text())
+                       ["test_accuracy"] for i in range(len(TARGETS))]}
+    run_population("check_population", CHECK_STEPS)
+    run_sequential("check_sequential", CHECK_STEPS)
+    stacked = load_run(str(root / "check_population")).state.params
     worst = 0.0
     for i in range(len(TARGETS)):
-        alone = load_run(str(root / "sequential0" / str(i))).state.params
+        alone = load_run(str(root / "check_sequential" / str(i))).state.params
         for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(alone), strict=True):
             worst = max(worst, float(np.max(np.abs(np.asarray(got[i]) - np.asarray(want)))))
     shutil.rmtree(root, ignore_errors=True)
     ratio = min(times["population"]) / min(times["sequential"])
+    accuracy_gap = max(abs(a - b) for a, b in zip(*accuracy.values(), strict=True))
     result = {"machine": machine(), "steps": args.steps, "channels": args.channels,
               "targets": TARGETS, "seconds": times, "population_over_sequential": ratio,
-              "max_abs_param_difference": worst}
+              "test_accuracy": accuracy, "max_abs_test_accuracy_difference": accuracy_gap,
+              "check_steps": CHECK_STEPS, "max_abs_param_difference_at_check": worst}
     out = ROOT / "benchmarks"
     (out / "prune_population.json").write_text(json.dumps(result, indent=2) + "\n")
     write_section(out / "RESULTS.md", "prune-population", [
@@ -100,10 +110,10 @@ def main() -> None:
         f"(compile, train, evaluate, checkpoint), best of {args.rounds} alternating rounds."),
         "",
         ("| population (s) | sequential, summed (s) | population / sequential | "
-        "max abs param difference |"),
-        "|---|---|---|---|",
+         "largest test accuracy difference | largest param difference after 12 steps |"),
+        "|---|---|---|---|---|",
         (f"| {min(times['population']):.1f} | {min(times['sequential']):.1f} | {ratio:.2f}× | "
-        f"{worst:.2e} |")])
+         f"{accuracy_gap:.4f} | {worst:.2e} |")])
     print(json.dumps(result, indent=2))
 
 

@@ -6,7 +6,8 @@ headline points over 5 seeds paired with dense runs.
         [--parts headline,curves] [--seeds 5] [--fresh]
 
 Headline (per model, 5 seeds): gradual magnitude pruning at sparsity 0 (exactly dense training:
-every mask stays full), 0.9 and 0.95 in one population of 15; random pruning at 0.9; 2:4; 50 %
+every mask stays full), 0.9 and 0.95 in one population of 15; random pruning at 0.9, on the same
+gradual schedule (only the score differs) and once at initialisation; 2:4; 50 %
 of channels (L1); and the routes past 95 % (global magnitude; RigL with ERK) at 0.95. Members with
 the same seed share initialisation and data order, so differences are paired.
 Curves (seed 0): each method at 50, 80, 90, 95 and 98 % as one population.
@@ -47,6 +48,7 @@ def methods(steps: int) -> dict[str, list[str]]:
         "one_shot_magnitude": [f"{P}.method=magnitude", f"{P}.schedule=one_shot",
                                f"{P}.begin_step={end}"],
         "random": [f"{P}.method=random", *gradual],
+        "random_at_init": [f"{P}.method=random", f"{P}.schedule=one_shot", f"{P}.begin_step=0"],
         "snip": [f"{P}.method=snip", f"{P}.schedule=one_shot", f"{P}.begin_step=0"],
         "global_magnitude": [f"{P}.method=magnitude", f"{P}.scope=global", *gradual],
         "erk_magnitude": [f"{P}.method=magnitude", f"{P}.distribution=erk", *gradual],
@@ -55,14 +57,18 @@ def methods(steps: int) -> dict[str, list[str]]:
                  f"{P}.distribution=erk"],
         "2:4": [f"{P}.method=magnitude", f"{P}.pattern=2:4", f"{P}.schedule=one_shot",
                 f"{P}.begin_step={begin}"],
-        "channels_l1": [f"{P}.method=magnitude", f"{P}.pattern=channels", *gradual],
+        # Filters of every conv, the first included (its input is untouched): only the logits
+        # layer is kept whole, so the shrunk model has the shape of a narrower dense one.
+        "channels_l1": [f"{P}.method=magnitude", f"{P}.pattern=channels", *gradual,
+                        f"{P}.skip=('Dense_0',)"],
     }
 
 
 def headline_runs() -> dict[str, tuple[str, tuple[float, ...]]]:
     """name: (method, sparsities); every sparsity runs for every seed."""
     return {"gradual_magnitude": ("gradual_magnitude", (0.0, 0.9, 0.95)),
-            "random": ("random", (0.9,)), "2:4": ("2:4", (0.5,)),
+            "random": ("random", (0.9,)), "random_at_init": ("random_at_init", (0.9,)),
+            "2:4": ("2:4", (0.5,)),
             "global_magnitude": ("global_magnitude", (0.95,)), "rigl": ("rigl", (0.95,)),
             "channels_l1": ("channels_l1", (0.5,))}
 
@@ -167,8 +173,8 @@ def write(results: dict, out: Path) -> None:
     lines = ["# Pruning: accuracy vs sparsity", "",
              (f"Written by `experiments/prune_accuracy.py` on {machine()}. Sparsity is the "
               "fraction of zeros among the prunable kernels (the first conv and the logits layer "
-              "stay dense, the default `skip`); for channels_l1, the fraction of each layer's "
-              "filters removed. Gradual: cubic from 10 % to 60 % of training. Δ is the mean "
+              "stay dense, the default `skip`); for channels_l1, the fraction of each conv's "
+              "filters removed (the first conv's too; only the logits layer is kept whole). Gradual: cubic from 10 % to 60 % of training. Δ is the mean "
               "paired difference to the dense run with the same seed, in points."), ""]
     for model, entry in results.items():
         if "headline" in entry:

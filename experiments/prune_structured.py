@@ -1,0 +1,249 @@
+"""Structured pruning that really shrinks: 50 % of the wide MNIST-1D CNN's channels (L1, gradual),
+surgery (`prune.shrink`) into a dense CNN of half the width, then fine-tuning; accuracy paired
+with dense runs of the same seeds, and size, FLOPs and CPU latency against the dense model.
+
+    .venv/bin/python experiments/prune_structured.py [--finetune-steps 1000]
+        [--finetune-lr 1e-3] [--wait] [--fresh]
+
+The pruned and the dense population are experiments/prune_accuracy.py's headline runs
+(runs/prune_accuracy/mnist1d_cnn128/headline/{channels_l1,gradual_magnitude}, the latter's
+sparsity-0 members being exactly dense training); --wait polls for them while that script trains
+them, otherwise a missing one is trained here with its arguments. Each seed's member is shrunk
+in runs/prune_structured/seed{s}/shrunk (seed{s} is a view of the population: links to its config
+and checkpoints), checked against the masked model, and fine-tuned there as an ordinary run
+resumed from the shrunk checkpoint: a fresh Adam, cosine decay from --finetune-lr, the config's
+own protocol (all 4000 training examples, no validation split).
+Latency: the dense 128-channel member, the shrunk one and a dense 64-channel CNN of the same
+shape (the reference the issue names), interleaved in every round; the best round is reported.
+
+Writes results/prune_structured.{md,json,png} and its keys of results/prune_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from common import ROOT, machine, stats, update_summary
+from prune_accuracy import train
+
+from jaxopt_lab.core.config import load_config
+from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab.core.measure import count_flops, latency_ms, model_bytes
+from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.state import sample_input
+from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.models import CNN1D
+from jaxopt_lab.techniques.prune.shrink_run import shrink_run
+
+HEADLINE = ROOT / "runs" / "prune_accuracy" / "mnist1d_cnn128" / "headline"
+POPULATIONS = {"channels_l1": (0.5,), "gradual_magnitude": (0.0, 0.9, 0.95)}
+SEEDS = list(range(5))
+ROUNDS = 15
+TOLERANCE = 1e-4  # max |logit difference| of the shrunk vs the masked model
+
+
+def population(name: str, wait: bool) -> list[dict]:
+    """The members of headline population `name`, waited for (--wait) or trained if missing."""
+    path = HEADLINE / name / "summary.json"
+    while wait and not path.exists():
+        time.sleep(60)
+    if not path.exists():
+        train("mnist1d_cnn128", name, SEEDS, list(POPULATIONS[name]), HEADLINE / name, False)
+    return json.loads(path.read_text())["members"]
+
+
+def index(members: list[dict], seed: int, sparsity: float) -> int:
+    return next(i for i, m in enumerate(members) if m["values"]["seed"] == seed
+                and m["values"]["techniques.prune.sparsity"] == sparsity)
+
+
+def shrink_member(view: Path, member: int) -> dict:
+    """shrink_run of one member into view/shrunk; its summary, kept in view/shrink.json since
+    fine-tuning overwrites shrunk/summary.json."""
+    saved = view / "shrink.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "checkpoints"):
+        if not (view / name).exists():
+            (view / name).symlink_to(HEADLINE / "channels_l1" / name)
+    summary = shrink_run(str(view), member=member)
+    saved.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def finetune(workdir: Path, steps: int, lr: float) -> dict:
+    config = load_config(str(workdir / "config.py"), [
+        f"--config.train.steps={steps}", f"--config.optim.lr={lr}",
+        "--config.train.progress=False", "--config.train.measure=False",
+        "--config.train.steps_per_call=100"])
+    return train_and_evaluate(config, str(workdir))
+
+
+def seeds_table(pruned: list[dict], dense: list[dict], root: Path, steps: int,
+                lr: float) -> list[dict]:
+    rows = []
+    for seed in SEEDS:
+        member = index(pruned, seed, 0.5)
+        shrunk = shrink_member(root / f"seed{seed}", member)
+        tuned = finetune(root / f"seed{seed}" / "shrunk", steps, lr)
+        rows.append({
+            "seed": seed, "member": member, "from_step": shrunk["from_step"],
+            "dense": dense[index(dense, seed, 0.0)]["test_accuracy"],
+            "masked": pruned[member]["test_accuracy"],
+            "shrunk_before_finetune": shrunk["test_accuracy"],
+            "finetuned": tuned["test_accuracy"],
+            "max_abs_output_difference": shrunk["max_abs_output_difference"],
+            "widths": [g["channels"] for g in shrunk["groups"]]})
+        print(f"seed {seed}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    return rows
+
+
+def speed(root: Path) -> dict:
+    """Params, FLOPs, bytes and interleaved latencies of dense 128, shrunk, dense 64."""
+    dense_run = load_run(str(HEADLINE / "gradual_magnitude"))
+    i = index([{"values": v} for v in dense_run.members], 0, 0.0)
+    # Device arrays for every form: numpy arguments would be copied in on every call.
+    dense = jax.tree.map(lambda a: a[i], {"params": dense_run.state.params,
+                                          **dense_run.state.model_state})
+    shrunk_run = load_run(str(root / "seed0" / "shrunk"))
+    shrunk = {"params": shrunk_run.state.params, **shrunk_run.state.model_state}
+    sample_x = sample_input(dense_run.dataset)
+    reference = CNN1D(dense_run.dataset.num_classes, channels=64)
+    forms = {"dense_128": (dense_run.experiment.model, dense),
+             "shrunk": (shrunk_run.experiment.model, shrunk),
+             "dense_64": (reference, reference.init(jax.random.key(0), sample_x))}
+    rounds = {form: {1: [], 256: []} for form in forms}
+    for _ in range(ROUNDS):
+        for form, (model, variables) in forms.items():
+            for b in (1, 256):
+                rounds[form][b].append(latency_ms(inference(model), sample_x, b,
+                                                  variables=variables, runs=20))
+    result = {}
+    for form, (model, variables) in forms.items():
+        result[form] = {
+            "num_params": sum(int(np.size(a)) for a in jax.tree.leaves(variables["params"])),
+            "flops_per_example": count_flops(inference(model), variables, sample_x),
+            "model_bytes": model_bytes(variables),
+            "channels": list(model.channels_per_conv),
+            **{f"latency_ms_batch{b}": min(rounds[form][b]) for b in (1, 256)},
+            **{f"speedup_batch{b}": min(rounds["dense_128"][b]) / min(rounds[form][b])
+               for b in (1, 256)},
+            # Within-round ratios: each round timed every form back to back.
+            **{f"median_round_speedup_batch{b}": statistics.median(
+                d / s for d, s in zip(rounds["dense_128"][b], rounds[form][b], strict=True))
+               for b in (1, 256)}}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--wait", action="store_true",
+                        help="poll for the headline runs while prune_accuracy.py trains them")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "prune_structured"))
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--fresh", action="store_true", help="delete earlier shrunk runs first")
+    args = parser.parse_args()
+    root = Path(args.workdir)
+    if args.fresh and root.exists():
+        shutil.rmtree(root)
+    pruned = population("channels_l1", args.wait)
+    dense = population("gradual_magnitude", args.wait)
+    start = time.perf_counter()
+    rows = seeds_table(pruned, dense, root, args.finetune_steps, args.finetune_lr)
+    results = {"machine": machine(), "finetune_steps": args.finetune_steps,
+               "finetune_lr": args.finetune_lr, "seeds": rows,
+               "accuracy": {k: stats([r[k] for r in rows]) for k in (
+                   "dense", "masked", "shrunk_before_finetune", "finetuned")},
+               "paired_difference": stats([r["finetuned"] - r["dense"] for r in rows]),
+               "speed": speed(root)}
+    results["wall_s"] = time.perf_counter() - start
+    write(results, Path(args.out))
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prune_structured.json").write_text(json.dumps(results, indent=2) + "\n")
+    acc, sp = results["accuracy"], results["speed"]
+    update_summary(out / "prune_summary.json", {
+        "structured_dense_test_accuracy": acc["dense"]["mean"],
+        "structured_50_test_accuracy": acc["finetuned"]["mean"],
+        "structured_50_speedup_batch256": sp["shrunk"]["speedup_batch256"]})
+    d = results["paired_difference"]
+    lines = ["# Structured pruning: 50 % of channels → surgery → fine-tune", "",
+             (f"Written by `experiments/prune_structured.py` on {results['machine']}. The "
+              "MNIST-1D CNN at 128 channels, 3000 steps; L1 channel pruning of 50 % of the "
+              "filters of each layer the default skip leaves prunable (the first conv and the "
+              "logits layer stay whole: see the widths), gradual, cubic, steps 300 → 1800; "
+              "shrunk by "
+              f"`prune.shrink`, then fine-tuned {results['finetune_steps']} steps (Adam, cosine "
+              f"from {results['finetune_lr']:g}). Dense: the same seeds trained without pruning. "
+              f"Max |shrunk − masked| logit difference ≤ {TOLERANCE:g} is the surgery check. "
+              f"Took {results['wall_s'] / 60:.1f} min (shrink, fine-tune, timing)."), "",
+             "| seed | dense | masked 50 % | shrunk, before FT | after FT | max abs diff | widths |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["seeds"]:
+        lines.append(f"| {r['seed']} | {r['dense']:.4f} | {r['masked']:.4f} | "
+                     f"{r['shrunk_before_finetune']:.4f} | {r['finetuned']:.4f} | "
+                     f"{r['max_abs_output_difference']:.1e} | {r['widths']} |")
+    means = " | ".join(f"{acc[k]['mean']:.4f} ± {acc[k]['std']:.4f}"
+                       for k in ("dense", "masked", "shrunk_before_finetune", "finetuned"))
+    lines += [f"| mean ± std | {means} | | |", "",
+              (f"After fine-tuning − dense (paired): {100 * d['mean']:+.2f} ± "
+               f"{100 * d['std']:.2f} points."), "",
+              (f"Size and CPU inference latency (best of {ROUNDS} interleaved rounds, each the "
+               "median of 20 calls; speedup = dense 128 latency / this; in brackets the median "
+               "of the per-round ratios):"), "",
+              ("| model | channels | params | FLOPs / example | bytes | batch 1 ms | "
+               "batch 256 ms | speedup b1 | speedup b256 |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for form, s in sp.items():
+        lines.append(
+            f"| {form} | {s['channels']} | {s['num_params']} | {s['flops_per_example']} | "
+            f"{s['model_bytes']} | {s['latency_ms_batch1']:.3f} | "
+            f"{s['latency_ms_batch256']:.3f} | {s['speedup_batch1']:.2f}× "
+            f"({s['median_round_speedup_batch1']:.2f}×) | {s['speedup_batch256']:.2f}× "
+            f"({s['median_round_speedup_batch256']:.2f}×) |")
+    (out / "prune_structured.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / "prune_structured.png")
+    print("\n".join(lines))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    acc = results["accuracy"]
+    left.bar(range(len(acc)), [a["mean"] for a in acc.values()],
+             yerr=[a["std"] for a in acc.values()], capsize=4)
+    left.set_xticks(range(len(acc)), [k.replace("_", " ") for k in acc], fontsize=8)
+    left.set_ylim(min(a["mean"] for a in acc.values()) - 0.03, 1.0)
+    left.set_ylabel("test accuracy (5 seeds)")
+    speeds = {k: v for k, v in results["speed"].items() if k != "dense_128"}
+    for j, b in enumerate((1, 256)):
+        right.bar([x + 0.4 * j for x in range(len(speeds))],
+                  [s[f"speedup_batch{b}"] for s in speeds.values()], width=0.4,
+                  label=f"batch {b}")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.axhline(2.0, color="grey", linestyle="--", linewidth=0.8, label="2× (done-when)")
+    right.set_xticks([x + 0.2 for x in range(len(speeds))], list(speeds))
+    right.set_ylabel("CPU speedup over dense 128 channels")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
