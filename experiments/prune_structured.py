@@ -182,11 +182,12 @@ def write(results: dict, out: Path) -> None:
     lines = ["# Structured pruning: 50 % of channels → surgery → fine-tune", "",
              (f"Written by `experiments/prune_structured.py` on {results['machine']}. The "
               "MNIST-1D CNN at 128 channels, 3000 steps; L1 channel pruning of 50 % of the "
-              "filters of each layer the default skip leaves prunable (the first conv and the "
-              "logits layer stay whole: see the widths), gradual, cubic, steps 300 → 1800; "
-              "shrunk by "
+              "filters of every conv (only the logits layer is kept whole), gradual, cubic, "
+              "steps 300 → 1800; shrunk by "
               f"`prune.shrink`, then fine-tuned {results['finetune_steps']} steps (Adam, cosine "
-              f"from {results['finetune_lr']:g}). Dense: the same seeds trained without pruning. "
+              f"from {results['finetune_lr']:g}), so the fine-tuned model has trained "
+              f"{results['finetune_steps']} steps more than the dense one: before fine-tuning is "
+              "the like-for-like budget. Dense: the same seeds trained without pruning. "
               f"Max |shrunk − masked| logit difference ≤ {TOLERANCE:g} is the surgery check. "
               f"Took {results['wall_s'] / 60:.1f} min (shrink, fine-tune, timing)."), "",
              "| seed | dense | masked 50 % | shrunk, before FT | after FT | max abs diff | widths |",

@@ -25,3 +25,11 @@ def _data_dir(tmp_path_factory):
     shared = os.environ.get("JAXOPT_LAB_TEST_DATA_DIR", str(ROOT / ".cache" / "test-data"))
     os.environ["JAXOPT_LAB_DATA_DIR"] = shared
     yield shared
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """Environment of a module's subprocess runs: a compilation cache of the module's own."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
 
 from jaxopt_lab.core.config import default_config, model_config, validate
 
@@ -35,3 +40,35 @@ def run_cli(*args: str, devices: int = 1, env: dict | None = None, timeout: floa
     full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout, check=False, **popen)
+
+
+# A 20-step run of the 8-channel MNIST-1D CNN from the command line: what technique run tests use.
+QUIET = ["--config.train.progress=False", "--config.train.measure=False"]
+SHORT = [*QUIET, "--config.train.steps=20", "--config.train.log_every=10",
+         "--config.train.eval_every=20", "--config.train.checkpoint_every=20"]
+SMALL_CNN = ["--config", "configs/mnist1d_cnn.py", "--config.model.channels=8",
+             "--config.train.steps_per_call=1"]
+
+
+def summary_of(workdir: Path) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def assert_one_four_and_two_processes_agree(tmp_path: Path, args: list[str], env: dict) -> None:
+    """Trains `jaxopt-lab ARGS` on 1 device, 4 simulated devices and 2 processes; the same test
+    loss and parameters (to float tolerance) from each."""
+    from jaxopt_lab.core.run import load_run
+
+    for name, kwargs in {"one": {}, "four": {"devices": 4}}.items():
+        result = run_cli(*args, "--workdir", str(tmp_path / name), env=env, **kwargs)
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("launch", "-n", "2", "--", *args, "--workdir", str(tmp_path / "two"),
+                     env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = load_run(str(tmp_path / "one")).state.params
+    for name in ("four", "two"):
+        assert summary_of(tmp_path / name)["test_loss"] == pytest.approx(
+            summary_of(tmp_path / "one")["test_loss"], rel=1e-4)
+        params = load_run(str(tmp_path / name)).state.params
+        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=name)

@@ -10,7 +10,14 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import run_cli, tiny_config
+from helpers import (
+    SHORT,
+    SMALL_CNN,
+    assert_one_four_and_two_processes_agree,
+    run_cli,
+    summary_of,
+    tiny_config,
+)
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
 from jaxopt_lab.core.config import validate
@@ -21,22 +28,6 @@ from jaxopt_lab.core.run import load_run
 pytestmark = pytest.mark.slow  # real subprocesses and whole runs
 
 P = "--config.techniques.prune"
-QUIET = ["--config.train.progress=False", "--config.train.measure=False"]
-SHORT = [*QUIET, "--config.train.steps=20", "--config.train.log_every=10",
-         "--config.train.eval_every=20", "--config.train.checkpoint_every=20"]
-CNN = ["--config", "configs/mnist1d_cnn.py", "--config.model.channels=8",
-       "--config.train.steps_per_call=1"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _summary(path) -> dict:
-    return json.loads((path / "summary.json").read_text())
 
 
 def _kernel_zeros(params, skip_first_and_last=True) -> float:
@@ -77,13 +68,13 @@ def test_a_trained_runs_checkpoint_holds_exactly_the_targets_zeros(tmp_path, met
 
 def test_cli_logs_sparsity_and_summarizes_sizes(tmp_path, env):
     workdir = tmp_path / "run"
-    result = run_cli("train", *CNN, "--workdir", str(workdir), *SHORT, f"{P}.method=magnitude",
+    result = run_cli("train", *SMALL_CNN, "--workdir", str(workdir), *SHORT, f"{P}.method=magnitude",
                      f"{P}.sparsity=0.75", f"{P}.end_step=10", f"{P}.frequency=5",
                      f"{P}.skip=()", "--config.train.measure=True", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["sparsity"] == pytest.approx(0.75, abs=1e-3)
-    summary = _summary(workdir)
+    summary = summary_of(workdir)
     assert summary["sparsity"] == pytest.approx(0.75, abs=1e-3)
     assert summary["techniques"]["prune"]["skip"] == []
     assert summary["model_bytes_bitmask"] < summary["model_bytes"]
@@ -94,29 +85,15 @@ def test_cli_logs_sparsity_and_summarizes_sizes(tmp_path, env):
     ([f"{P}.method=magic"], "techniques.prune.method='magic' is unknown"),
 ])
 def test_bad_prune_options_get_one_line(args, message, env):
-    result = run_cli("train", *CNN, "--workdir", "/tmp/never", *SHORT, *args, env=env)
+    result = run_cli("train", *SMALL_CNN, "--workdir", "/tmp/never", *SHORT, *args, env=env)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_pruned_runs_agree_on_one_device_four_devices_and_two_processes(tmp_path, env):
-    args = ["train", *CNN, *SHORT, f"{P}.method=magnitude", f"{P}.sparsity=0.5",
-            f"{P}.end_step=10", f"{P}.frequency=5"]
-    for name, kwargs in {"one": {}, "four": {"devices": 4}}.items():
-        result = run_cli(*args, "--workdir", str(tmp_path / name), env=env, **kwargs)
-        assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("launch", "-n", "2", "--", *args, "--workdir", str(tmp_path / "two"),
-                     env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = load_run(str(tmp_path / "one")).state
-    for name in ("four", "two"):
-        assert _summary(tmp_path / name)["test_loss"] == pytest.approx(
-            _summary(tmp_path / "one")["test_loss"], rel=1e-4)
-        state = load_run(str(tmp_path / name)).state
-        for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params),
-                             strict=True):
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=name)
-            assert np.array_equal(got == 0, want == 0) or not np.any(want == 0)
+    assert_one_four_and_two_processes_agree(
+        tmp_path, ["train", *SMALL_CNN, *SHORT, f"{P}.method=magnitude", f"{P}.sparsity=0.5",
+                   f"{P}.end_step=10", f"{P}.frequency=5"], env)
 
 
 RIGL = [*LONG, f"{P}.method=rigl", f"{P}.schedule=one_shot", f"{P}.sparsity=0.7",
@@ -129,7 +106,7 @@ def test_rigl_killed_and_rerun_resumes_exactly(tmp_path, env):
     workdir = _killed_after_a_checkpoint(env, tmp_path / "run", *RIGL)
     result = _train(env, workdir, *RIGL)
     assert result.returncode == 0, result.stderr
-    assert _summary(workdir)["resumed_from"] is not None
+    assert summary_of(workdir)["resumed_from"] is not None
     _assert_same_run(workdir, reference.finish())
 
 

@@ -9,7 +9,14 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import run_cli, tiny_config
+from helpers import (
+    SHORT,
+    SMALL_CNN,
+    assert_one_four_and_two_processes_agree,
+    run_cli,
+    summary_of,
+    tiny_config,
+)
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
 from jaxopt_lab.core.config import validate
@@ -21,30 +28,14 @@ from jaxopt_lab.techniques.quantize.convert_run import load_serving
 pytestmark = pytest.mark.slow  # real subprocesses and whole runs
 
 Q = "--config.techniques.quantize"
-QUIET = ["--config.train.progress=False", "--config.train.measure=False"]
-SHORT = [*QUIET, "--config.train.steps=20", "--config.train.log_every=10",
-         "--config.train.eval_every=20", "--config.train.checkpoint_every=20"]
-CNN = ["--config", "configs/mnist1d_cnn.py", "--config.model.channels=8",
-       "--config.train.steps_per_call=1"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _summary(path) -> dict:
-    return json.loads((path / "summary.json").read_text())
 
 
 def test_qat_from_the_cli_then_quantize_serves_exactly_what_it_trained(tmp_path, env):
     workdir = tmp_path / "qat"
-    result = run_cli("train", *CNN, "--workdir", str(workdir), *SHORT, f"{Q}.method=qat",
+    result = run_cli("train", *SMALL_CNN, "--workdir", str(workdir), *SHORT, f"{Q}.method=qat",
                      f"{Q}.activations=False", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    described = _summary(workdir)["techniques"]["quantize"]
+    described = summary_of(workdir)["techniques"]["quantize"]
     assert (described["scheme"], described["numerics"], described["bits"]) == ("w8", "int", 8)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["quantize_bits"] == 8 and 0 < records[0]["quantized_fraction"] < 1
@@ -54,7 +45,7 @@ def test_qat_from_the_cli_then_quantize_serves_exactly_what_it_trained(tmp_path,
     assert "scheme auto -> w8 on cpu" in result.stdout
     quantized = json.loads((workdir / "quantized" / "summary.json").read_text())
     assert quantized["method"] == "qat" and quantized["serving_bit_identical"] is True
-    assert quantized["test_accuracy"] == pytest.approx(_summary(workdir)["test_accuracy"],
+    assert quantized["test_accuracy"] == pytest.approx(summary_of(workdir)["test_accuracy"],
                                                        abs=1e-9)
     assert quantized["model_bytes"] < quantized["float_model_bytes"]
     for key in ("latency_ms_batch1", "latency_ms_batch256", "float_latency_ms_batch256"):
@@ -72,7 +63,7 @@ def test_qat_from_the_cli_then_quantize_serves_exactly_what_it_trained(tmp_path,
 
 def test_ptq_of_a_float_run_from_the_cli(tmp_path, env):
     workdir = tmp_path / "float"
-    result = run_cli("train", *CNN, "--workdir", str(workdir), *SHORT, env=env)
+    result = run_cli("train", *SMALL_CNN, "--workdir", str(workdir), *SHORT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("quantize", "--workdir", str(workdir), "--scheme", "w8a8", env=env)
     assert result.returncode == 2 and "needs --calibrate N" in result.stderr
@@ -84,7 +75,7 @@ def test_ptq_of_a_float_run_from_the_cli(tmp_path, env):
     assert (quantized["method"], quantized["scheme"], quantized["calibration_batches"]) == (
         "ptq", "w8a8", 2)
     assert quantized["options"]["skip"] == [] and quantized["serving_bit_identical"] is True
-    assert quantized["test_accuracy"] == pytest.approx(_summary(workdir)["test_accuracy"],
+    assert quantized["test_accuracy"] == pytest.approx(summary_of(workdir)["test_accuracy"],
                                                        abs=0.05)
 
 
@@ -99,21 +90,8 @@ def test_quantize_cli_bad_input_gets_one_line(args, message):
 
 
 def test_qat_runs_agree_on_one_device_four_devices_and_two_processes(tmp_path, env):
-    args = ["train", *CNN, *SHORT, f"{Q}.method=qat"]
-    runs = {"one": {}, "four": {"devices": 4}}
-    for name, kwargs in runs.items():
-        result = run_cli(*args, "--workdir", str(tmp_path / name), env=env, **kwargs)
-        assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("launch", "-n", "2", "--", *args, "--workdir", str(tmp_path / "two"),
-                     env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = load_run(str(tmp_path / "one")).state.params
-    for name in ("four", "two"):
-        assert _summary(tmp_path / name)["test_loss"] == pytest.approx(
-            _summary(tmp_path / "one")["test_loss"], rel=1e-4)
-        params = load_run(str(tmp_path / name)).state.params
-        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True):
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=name)
+    assert_one_four_and_two_processes_agree(
+        tmp_path, ["train", *SMALL_CNN, *SHORT, f"{Q}.method=qat"], env)
 
 
 FULLY_QUANTIZED = [*LONG, f"{Q}.method=qat", f"{Q}.backward=quantized"]
@@ -125,7 +103,7 @@ def test_fully_quantized_qat_killed_and_rerun_resumes_exactly(tmp_path, env):
     workdir = _killed_after_a_checkpoint(env, tmp_path / "run", *FULLY_QUANTIZED)
     result = _train(env, workdir, *FULLY_QUANTIZED)
     assert result.returncode == 0, result.stderr
-    assert _summary(workdir)["resumed_from"] is not None
+    assert summary_of(workdir)["resumed_from"] is not None
     _assert_same_run(workdir, reference.finish())
 
 
