@@ -213,6 +213,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     models = [m for m in results if "curves" in results[m]]
     if not models:
@@ -226,6 +227,7 @@ def plot(results: dict, path: Path) -> None:
                        linestyle="--", linewidth=0.8, label="dense (5-seed mean)")
         ax.set_xscale("logit")
         ax.set_xticks(list(CURVE), [f"{q:g}" for q in CURVE])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("sparsity")
         ax.set_ylabel("test accuracy")
         ax.set_title(model)
