@@ -110,3 +110,36 @@ def test_bad_options_are_one_line(options, message):
 def test_a_teacher_that_is_neither_run_nor_pair_is_refused():
     with pytest.raises(UserError, match="teacher must be a Run"):
         distill.wrap(classification(STUDENT).loss_fn, "runs/teacher")
+
+
+def test_a_config_distils_from_a_teacher_run_and_a_population_varies_temperature(tmp_path):
+    from helpers import tiny_config
+
+    from jaxopt_lab.core.config import validate
+    from jaxopt_lab.core.loop import train_and_evaluate
+
+    teacher = tiny_config("mlp", steps=20, measure=False)
+    teacher_summary = train_and_evaluate(teacher, str(tmp_path / "teacher"))
+    student = tiny_config("logreg", steps=20, measure=False)
+    student.techniques.distill.teacher = str(tmp_path / "teacher")
+    student.population = ((distill.TEMPERATURE, (1.0, 8.0)),)
+    validate(student)
+    summary = train_and_evaluate(student, str(tmp_path / "student"))
+    described = summary["techniques"]["distill"]
+    assert described["teacher_test_accuracy"] == teacher_summary["test_accuracy"]
+    assert described["teacher_params"] == teacher_summary["num_params"]
+    losses = [m["test_loss"] for m in summary["members"]]
+    assert losses[0] != losses[1]  # each member distilled at its own temperature
+    records = (tmp_path / "student" / "metrics.jsonl").read_text()
+    assert "distill_soft_loss" in records
+
+
+def test_a_teacher_directory_without_a_run_is_one_line(tmp_path):
+    from helpers import tiny_config
+
+    from jaxopt_lab.core.config import validate
+
+    config = tiny_config("mlp")
+    config.techniques.distill.teacher = str(tmp_path / "nothing")
+    with pytest.raises(UserError, match="techniques.distill.teacher=.* holds no config.json"):
+        validate(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -24,7 +25,7 @@ from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import NOT_HPARAMS, build_model
-from jaxopt_lab.techniques import prune, quantize
+from jaxopt_lab.techniques import distill, prune, quantize
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
@@ -104,9 +105,24 @@ def prune_options(config: ml_collections.ConfigDict):
     return prune.prune_options(**options)
 
 
+def distill_options(config: ml_collections.ConfigDict) -> dict | None:
+    """The config's distillation options (checked; the teacher must be a run directory), or None
+    where it is off."""
+    block = config.techniques.distill
+    if not block.teacher:
+        return None
+    if not os.path.exists(os.path.join(block.teacher, "config.json")):
+        raise UserError(f"distill teacher={block.teacher!r} holds no config.json: not a run "
+                        "directory (train the teacher first)")
+    options = {k: block[k] for k in ("temperature", "alpha", "form")}
+    distill.check_options(**options)
+    return options
+
+
 def check_techniques(config: ml_collections.ConfigDict) -> None:
     """Every technique block's values, before anything is built (`validate` calls this)."""
-    for name, check in (("quantize", quantize_options), ("prune", prune_options)):
+    for name, check in (("quantize", quantize_options), ("prune", prune_options),
+                        ("distill", distill_options)):
         try:
             check(config)
         except UserError as e:
@@ -160,6 +176,17 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     else:
         check_loss_signature(loss_fn)
         default_hparams = {}
+    distillation = distill_options(config)
+    if distillation is not None:
+        from jaxopt_lab.core.run import load_run  # run.py builds experiments too
+
+        teacher = load_run(config.techniques.distill.teacher)
+        loss_fn = distill.wrap(loss_fn, teacher, **distillation)
+        default_hparams = {**default_hparams, distill.TEMPERATURE: distillation["temperature"],
+                           distill.ALPHA: distillation["alpha"]}
+        techniques["distill"] = {**distillation, "teacher": config.techniques.distill.teacher,
+                                 **distill.describe_teacher(
+                                     teacher, config.techniques.distill.teacher)}
     tx = build_optimizer(config.optim, config.train.steps, swept)
     pruning = prune_options(config)
     if pruning is not None:

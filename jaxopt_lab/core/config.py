@@ -24,7 +24,7 @@ from jaxopt_lab.models import MODELS, model_hparams
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle", "reduce_on_plateau")
 # The techniques with a block under `techniques` (core/builder.py composes them).
-TECHNIQUES: tuple[str, ...] = ("quantize", "prune")
+TECHNIQUES: tuple[str, ...] = ("quantize", "prune", "distill")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
     # A population: config keys and one value per member, trained as one vmapped program in one
     # run directory, e.g. (("optim.lr", (1e-3, 3e-3, 1e-2)), ("seed", (0, 1, 2))). Keys: seed,
     # data.seed, optim.lr, optim.weight_decay, optim.momentum, optim.warmup_steps,
-    # loss.label_smoothing, techniques.prune.sparsity. () = one run.
+    # loss.label_smoothing, techniques.prune.sparsity, techniques.distill.temperature,
+    # techniques.distill.alpha. () = one run.
     c.population = ()
 
     c.techniques = ml_collections.ConfigDict()
@@ -112,6 +113,12 @@ def default_config() -> ml_collections.ConfigDict:
     r.norm = "l1"  # channels: l1 | l2 norm of a channel's weights scores it
     # regexes over parameter paths left dense; None: the first and last layers; () = none
     r.skip = ml_collections.config_dict.placeholder(tuple)
+
+    d = c.techniques.distill = ml_collections.ConfigDict()  # soft targets at the loss seam
+    d.teacher = ""  # a run directory whose model teaches (its newest checkpoint); "" = off
+    d.temperature = 4.0  # softmax temperature of both; a per-trial value
+    d.alpha = 0.9  # weight of the soft loss; 1 - alpha weighs the hard one; a per-trial value
+    d.form = "kl"  # kl | cross_entropy (same gradients; the logged value differs by a constant)
     return c
 
 

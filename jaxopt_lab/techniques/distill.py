@@ -15,12 +15,14 @@ cross-entropy ("cross_entropy"): they differ by the teacher's entropy, a constan
 alike but log different values. Temperature and alpha are read from `hparams` where the state has
 them (TEMPERATURE, ALPHA: per-trial values a population varies), else the given defaults.
 
-This module is a first step of the distillation issue: soft targets from a Python API. Feature
-hints, transfer sets, the config block and the experiments are not built yet.
+The config path: `techniques.distill.teacher` (a run directory), temperature, alpha, form. Not
+built yet: feature hints, transfer sets, the experiments.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
@@ -72,18 +74,37 @@ def soft_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature:
     return temperature**2 * jnp.mean(per_example)
 
 
+def check_options(temperature: float, alpha: float, form: str) -> None:
+    """One line naming the first bad option."""
+    if form not in FORMS:
+        raise UserError(f"distill form={form!r} is unknown; allowed: {', '.join(FORMS)}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             and temperature > 0):
+        raise UserError(f"distill temperature={temperature!r} must be a number > 0")
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise UserError(f"distill alpha={alpha!r} must be a number in [0, 1]")
+
+
+def describe_teacher(run, workdir: str) -> dict:
+    """summary.json's teacher fields: its test accuracy (from its own summary in `workdir`, where
+    it has one) and its parameter count, beside the student's."""
+    path = os.path.join(workdir, "summary.json")
+    fields = {"teacher_params": sum(int(x.size) for x in jax.tree.leaves(run.state.params))}
+    if os.path.exists(path):
+        with open(path) as f:
+            accuracy = json.load(f).get("test_accuracy")
+        if accuracy is not None:
+            fields["teacher_test_accuracy"] = accuracy
+    return fields
+
+
 def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = 4.0, alpha: float = 0.9,
          form: str = "kl") -> LossFn:
     """`loss_fn` (which must return aux["logits"] and aux["inputs"]) distilled from `teacher`.
 
     Logs `distill_soft_loss` and `distill_hard_loss` beside the loss's own metrics.
     """
-    if form not in FORMS:
-        raise UserError(f"distill form={form!r} is unknown; allowed: {', '.join(FORMS)}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise UserError(f"distill temperature={temperature!r} must be a number > 0")
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise UserError(f"distill alpha={alpha!r} must be a number in [0, 1]")
+    check_options(temperature, alpha, form)
     teacher_logits = teacher_logits_fn(teacher)
 
     def distilled(params, model_state, batch, rng, hparams):
