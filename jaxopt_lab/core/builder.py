@@ -190,9 +190,10 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     tx = build_optimizer(config.optim, config.train.steps, swept)
     pruning = prune_options(config)
     if pruning is not None:
-        tx = prune.wrap(tx, model=model, sample_x=sample_input(dataset), seed=config.seed,
-                        **dataclasses.asdict(pruning))
+        # The default skip traces the model: resolve it once, for the transform and the record.
         skip = prune.resolve_skip(pruning, model, sample_input(dataset))
+        tx = prune.wrap(tx, model=model, sample_x=sample_input(dataset), seed=config.seed,
+                        **{**dataclasses.asdict(pruning), "skip": skip})
         techniques["prune"] = {**pruning.describe(), "skip": list(skip)}
         state_metrics = _combined(state_metrics, prune.sparsity_metrics)
         state_summary = prune.sparsity_summary
