@@ -148,5 +148,8 @@ def test_pruning_composes_with_quantization_in_one_run(tmp_path):
     validate(config)
     summary = train_and_evaluate(config, str(tmp_path / "both"))
     assert set(summary["techniques"]) == {"quantize", "prune"}
+    # The default skip (first and last layers) is read from the float model: AQT's ops hide it.
+    skip = summary["techniques"]["prune"]["skip"]
+    assert len(skip) == 2 and skip == summary["techniques"]["quantize"]["skip"]
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert np.isfinite(summary["test_loss"])

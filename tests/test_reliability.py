@@ -47,14 +47,15 @@ RUN_TIMEOUT_S = 180
 class _Run:
     """One `train` command running in the background; stdout and stderr go to files."""
 
-    def __init__(self, env: dict, workdir: Path, *overrides: str, launch: tuple[str, ...] = ()):
+    def __init__(self, env: dict, workdir: Path, *overrides: str, launch: tuple[str, ...] = (),
+                 config: str = CONFIG):
         self.workdir = workdir
         workdir.parent.mkdir(parents=True, exist_ok=True)
         self._out, self._err = (workdir.parent / f"{workdir.name}.{s}" for s in ("out", "err"))
         env = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
         with open(self._out, "w") as out, open(self._err, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jaxopt_lab.cli", *launch, "train", "--config", CONFIG,
+                [sys.executable, "-m", "jaxopt_lab.cli", *launch, "train", "--config", config,
                  "--workdir", str(workdir), *overrides], cwd=ROOT, env=env, stdout=out, stderr=err)
 
     @property
@@ -79,9 +80,9 @@ class _Run:
         return self.workdir
 
 
-def _train(env: dict, workdir: Path, *overrides: str,
-           launch: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return run_cli(*launch, "train", "--config", CONFIG, "--workdir", str(workdir), *overrides,
+def _train(env: dict, workdir: Path, *overrides: str, launch: tuple[str, ...] = (),
+           config: str = CONFIG) -> subprocess.CompletedProcess:
+    return run_cli(*launch, "train", "--config", config, "--workdir", str(workdir), *overrides,
                    env=env, timeout=RUN_TIMEOUT_S)
 
 
@@ -160,14 +161,15 @@ def _reference(reference_run: _Run) -> Path:
     return workdir
 
 
-def _killed_after_a_checkpoint(env: dict, workdir: Path, *overrides: str) -> Path:
+def _killed_after_a_checkpoint(env: dict, workdir: Path, *overrides: str, config: str = CONFIG,
+                               deadline_s: float = STARTUP_DEADLINE_S) -> Path:
     """Starts the command and kills it with SIGKILL once a checkpoint exists and metrics.jsonl
     has records past it, so the resumed run must drop those records and recompute them."""
-    run = _Run(env, workdir, *overrides)
+    run = _Run(env, workdir, *overrides, config=config)
     try:
         _wait_for(lambda: _checkpoint_steps(workdir) and _metric_steps(workdir)
                   and max(_metric_steps(workdir)) > max(_checkpoint_steps(workdir)),
-                  run, "a checkpoint followed by a log record")
+                  run, "a checkpoint followed by a log record", deadline_s)
         os.kill(run.proc.pid, signal.SIGKILL)
         assert run.wait(timeout=30) == -signal.SIGKILL
     finally:

@@ -7,6 +7,7 @@ would build; everything not passed comes from the config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 from collections.abc import Callable, Collection
@@ -45,6 +46,11 @@ class Experiment:
     techniques: dict[str, dict] = dataclasses.field(default_factory=dict)  # for summary.json
     # summary.json fields a technique counts from a final (host) TrainState, e.g. sparsity
     state_summary: Callable[[Any], dict] | None = None
+    # `key -> {name: subtree}`: params a technique trains beside the model's (core.state.HINTS)
+    extra_params: Callable[[Any], dict] | None = None
+    # Dataset -> Dataset: what a technique adds to the training arrays before training
+    # (distillation's precomputed teacher logits)
+    train_data: Callable[[Dataset], Dataset] | None = None
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -105,18 +111,42 @@ def prune_options(config: ml_collections.ConfigDict):
     return prune.prune_options(**options)
 
 
+TEACHER_LOGITS = ("auto", "in_step", "precomputed")
+
+
 def distill_options(config: ml_collections.ConfigDict) -> dict | None:
-    """The config's distillation options (checked; the teacher must be a run directory), or None
-    where it is off."""
+    """The config's distillation options for `distill.wrap` (checked), or None where it is off.
+    The teacher must be a run directory, or come from a config file trained first."""
     block = config.techniques.distill
-    if not block.teacher:
+    if not block.teacher and not block.teacher_config:
         return None
-    if not os.path.exists(os.path.join(block.teacher, "config.json")):
+    if block.teacher_config:
+        if not os.path.isfile(block.teacher_config):
+            raise UserError(f"distill teacher_config={block.teacher_config!r}: no such config "
+                            "file")
+    elif not os.path.exists(os.path.join(block.teacher, "config.json")):
         raise UserError(f"distill teacher={block.teacher!r} holds no config.json: not a run "
-                        "directory (train the teacher first)")
-    options = {k: block[k] for k in ("temperature", "alpha", "form")}
-    distill.check_options(**options)
+                        "directory (train the teacher first, or set teacher_config)")
+    if block.teacher_logits not in TEACHER_LOGITS:
+        raise UserError(f"distill teacher_logits={block.teacher_logits!r} is unknown; allowed: "
+                        f"{', '.join(TEACHER_LOGITS)}")
+    if isinstance(block.transfer_size, bool) or block.transfer_size < 0:
+        raise UserError(f"distill transfer_size={block.transfer_size!r} must be an int >= 0")
+    options = {k: block[k] for k in ("temperature", "alpha", "form", "feature_weight")}
+    options["member"] = block.teacher_member
+    options["features"] = distill.hints.check_features(block.features, block.feature_weight)
+    distill.check_options(options["temperature"], options["alpha"], options["form"])
     return options
+
+
+def precompute_teacher_logits(config: ml_collections.ConfigDict, task: str) -> bool:
+    """Whether the teacher's logits are computed once before training (see the config's
+    techniques.distill.teacher_logits)."""
+    block = config.techniques.distill
+    if block.teacher_logits != "auto":
+        return block.teacher_logits == "precomputed"
+    augmented = any(bool(v) for v in config.data.augment.values())
+    return not augmented and not block.features and task == "classification"
 
 
 def check_techniques(config: ml_collections.ConfigDict) -> None:
@@ -155,6 +185,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     if model is None:
         model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
     techniques, state_metrics, state_summary = {}, None, None
+    float_model = model  # AQT's ops hide the layer order the default skips are read from
     quantization = quantize_options(config)
     if quantization is not None:
         model = quantize.wrap(model, sample_x=sample_input(dataset),
@@ -177,21 +208,45 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         check_loss_signature(loss_fn)
         default_hparams = {}
     distillation = distill_options(config)
+    extra_params, train_data = None, None
     if distillation is not None:
         from jaxopt_lab.core.run import load_run  # run.py builds experiments too
 
-        teacher = load_run(config.techniques.distill.teacher)
+        directory = config.techniques.distill.teacher
+        if not directory:
+            raise UserError("techniques.distill.teacher is empty: train_and_evaluate trains a "
+                            "teacher_config first and names its directory there")
+        teacher = load_run(directory)
+        features = distillation["features"]
+        if features:
+            # The student's own loss captures the hinted layers for the wrapper to read.
+            capture = distill.hints.capture_patterns([s for s, _ in features])
+            if loss_fn is not task.loss_fn:
+                raise UserError("distill features need the task's own loss (it captures the "
+                                "student's layers); with your loss_fn, use distill.wrap")
+            loss_fn = make_task(dataset.task, model, augment, capture).loss_fn
+            extra_params = distill.hints.init_hints(
+                model, sample_input(dataset),
+                distill.teacher_fn(teacher, distillation["member"],
+                                   distill.hints.capture_patterns([t for _, t in features])),
+                features)
         loss_fn = distill.wrap(loss_fn, teacher, **distillation)
+        if precompute_teacher_logits(config, dataset.task):
+            forward = distill.teacher_fn(teacher, distillation["member"])
+            train_data = functools.partial(distill.with_teacher_logits, forward=forward)
         default_hparams = {**default_hparams, distill.TEMPERATURE: distillation["temperature"],
                            distill.ALPHA: distillation["alpha"]}
-        techniques["distill"] = {**distillation, "teacher": config.techniques.distill.teacher,
-                                 **distill.describe_teacher(
-                                     teacher, config.techniques.distill.teacher)}
+        techniques["distill"] = {
+            **{k: v for k, v in distillation.items() if k != "features"},
+            "features": [list(pair) for pair in features], "teacher": directory,
+            "transfer_size": config.techniques.distill.transfer_size,
+            "teacher_logits": "precomputed" if train_data else "in_step",
+            **distill.describe_teacher(teacher, directory, distillation["member"])}
     tx = build_optimizer(config.optim, config.train.steps, swept)
     pruning = prune_options(config)
     if pruning is not None:
         # The default skip traces the model: resolve it once, for the transform and the record.
-        skip = prune.resolve_skip(pruning, model, sample_input(dataset))
+        skip = prune.resolve_skip(pruning, float_model, sample_input(dataset))
         tx = prune.wrap(tx, model=model, sample_x=sample_input(dataset), seed=config.seed,
                         **{**dataclasses.asdict(pruning), "skip": skip})
         techniques["prune"] = {**pruning.describe(), "skip": list(skip)}
@@ -207,6 +262,8 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         state_metrics=state_metrics,
         techniques=techniques,
         state_summary=state_summary,
+        extra_params=extra_params,
+        train_data=train_data,
     )
 
 
@@ -222,7 +279,12 @@ def prepare_dataset(config: ml_collections.ConfigDict, dataset=None) -> Dataset:
         dataset = load_dataset(config.data.name, config.data.dir or None,
                                synthetic_shape=tuple(config.data.synthetic_shape),
                                synthetic_size=config.data.synthetic_size, seed=config.seed)
-    return with_validation(as_dataset(dataset), config.data.validation_fraction)
+    dataset = with_validation(as_dataset(dataset), config.data.validation_fraction)
+    size = config.techniques.distill.transfer_size
+    if size and (config.techniques.distill.teacher or config.techniques.distill.teacher_config):
+        dataset = distill.with_transfer(dataset, distill.transfer_inputs(
+            dataset.name, size, config.data.dir or None))
+    return dataset
 
 
 def population_members(config: ml_collections.ConfigDict, experiment: Experiment) -> list[dict]:

@@ -116,9 +116,20 @@ def default_config() -> ml_collections.ConfigDict:
 
     d = c.techniques.distill = ml_collections.ConfigDict()  # soft targets at the loss seam
     d.teacher = ""  # a run directory whose model teaches (its newest checkpoint); "" = off
+    d.teacher_member = -1  # a population teacher: the member that teaches
+    # a config file: the teacher is trained from it first, into `teacher` (or WORKDIR/teacher
+    # where that is ""), unless a finished run is there
+    d.teacher_config = ""
+    d.teacher_overrides = ()  # "--config.KEY=VALUE" strings applied to teacher_config
     d.temperature = 4.0  # softmax temperature of both; a per-trial value
     d.alpha = 0.9  # weight of the soft loss; 1 - alpha weighs the hard one; a per-trial value
     d.form = "kl"  # kl | cross_entropy (same gradients; the logged value differs by a constant)
+    d.features = ()  # (student layer, teacher layer) pairs of module paths: FitNets hints
+    d.feature_weight = 1.0  # weight of the hints' mean squared error
+    d.transfer_size = 0  # unlabeled inputs from the data set's generator, labelled by the teacher
+    # auto: computed once before training when nothing changes them (no augmentation, no
+    # features, a classification task), else in the step | in_step | precomputed
+    d.teacher_logits = "auto"
     return c
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxopt_lab.core.feed import shard_batch
+from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import EvalFn
 
 
@@ -58,7 +59,7 @@ def make_evaluator(eval_fn: EvalFn, arrays: dict[str, np.ndarray], batch_size: i
     eval_step = jax.jit(jax.vmap(sums, in_axes=(0, 0, None)) if members else sums)
 
     def evaluate(state):
-        parts = [eval_step(state.params, state.model_state, b) for b in batches]
+        parts = [eval_step(model_params(state.params), state.model_state, b) for b in batches]
         total = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *parts))
         count = np.asarray(total.pop("count"))
         means = {f"{split}_{name}": np.asarray(value) / count for name, value in total.items()}

@@ -63,12 +63,13 @@ from jaxopt_lab.core.population import (
     stop_members,
 )
 from jaxopt_lab.core.rundir import check_workdir, record_run
-from jaxopt_lab.core.state import init_sharded_state, sample_input
+from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
 from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.data.pipeline import make_grain_loader
 from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.distill import train_teacher_first
 
 # `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping.
 MemberStopper = Callable[[int, list[dict]], Sequence[int]]
@@ -132,6 +133,8 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Ru
                         f"training examples of {dataset.name}")
     experiment = build_experiment(config, dataset, model=model, loss_fn=loss_fn, eval_fn=eval_fn,
                                   hparams=hparams, swept=swept_keys(config))
+    if experiment.train_data is not None:
+        dataset = experiment.train_data(dataset)
     members = population_members(config, experiment)
     train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh,
                                  experiment.state_metrics)
@@ -342,7 +345,7 @@ def _measurements(run: _Run) -> dict:
     shapes) on this process's first device; host copies, so no collective is involved."""
     state = jax.tree.map(lambda a: a[0], run.state) if run.members else run.state
     variables = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
-                             {"params": state.params, **state.model_state})
+                             {"params": model_params(state.params), **state.model_state})
     return measure_model(run.experiment.model, variables, sample_input(run.dataset))
 
 
@@ -360,7 +363,7 @@ def _state_summaries(run: _Run) -> list[dict]:
 def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
     evaluations = run.last_eval or _evaluate(run)
     num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
-                     for x in jax.tree.leaves(run.state.params))
+                     for x in jax.tree.leaves(model_params(run.state.params)))
     summary = {
         "steps": int(run.carry.step), "train_wall_s": train_wall_s,
         "steps_per_s": steps_run / train_wall_s if train_wall_s > 0 else 0.0,
@@ -417,6 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         metrics); the members it returns are stopped.
     Pass the same objects again to resume.
     """
+    config = train_teacher_first(config, workdir)
     run = _build(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
                  eval_fn=eval_fn, hparams=hparams)
     _restore(run)

@@ -183,7 +183,8 @@ def population_init(experiment, sample_x, mesh, members: Sequence[Mapping[str, A
             state = create_train_state(
                 experiment.model, sample_x, experiment.tx, experiment.reducer.init, mesh.size,
                 values.get("seed", seed), hparams=experiment.hparams,
-                data_seed=values.get("data.seed", data_seed))
+                data_seed=values.get("data.seed", data_seed),
+                extra_params=experiment.extra_params)
             states.append(set_values(state, {k: v for k, v in values.items()
                                              if k not in STATE_KEYS}))
         return make_population(states)

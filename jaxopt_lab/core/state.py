@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,6 +14,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core.tasks import train_kwargs
+
+# A params subtree a technique trains beside the model's own (distillation's hint maps): in the
+# TrainState, trained and checkpointed, but not the model's, so `model_params` drops it.
+HINTS = "distill_hints"
+TECHNIQUE_PARAMS = (HINTS,)
+
+
+def model_params(params: Any) -> Any:
+    """`params` without the techniques' own subtrees: what the model applies and exports."""
+    if not any(k in TECHNIQUE_PARAMS for k in getattr(params, "keys", lambda: ())()):
+        return params
+    return {k: v for k, v in params.items() if k not in TECHNIQUE_PARAMS}
 
 
 @struct.dataclass
@@ -30,16 +43,20 @@ class TrainState:
 def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformation,
                        comm_init, num_data_devices: int, seed: int, *,
                        hparams: dict[str, float] | None = None,
-                       data_seed: int | None = None) -> TrainState:
+                       data_seed: int | None = None,
+                       extra_params: Callable[[jax.Array], dict] | None = None) -> TrainState:
     """Initializes the model, optimizer and communication state from one seed.
 
     `comm_init(params)` gives one device's communication state; it is stacked over the
     data-parallel devices because each device keeps its own (e.g. error-feedback residuals).
-    `data_seed` (default `seed`) orders the data; `hparams` are the loss's and reducer's values.
+    `data_seed` (default `seed`) orders the data; `hparams` are the loss's and reducer's values;
+    `extra_params(key)` gives the techniques' own params subtrees (TECHNIQUE_PARAMS).
     """
     init_key, state_key = jax.random.split(jax.random.key(seed))
     variables = model.init(init_key, sample_x, **train_kwargs(model, False))
     params = variables["params"]
+    if extra_params is not None:
+        params = {**params, **extra_params(jax.random.fold_in(init_key, 1))}
     model_state = {k: v for k, v in variables.items() if k != "params"}
     comm_state = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_data_devices, *jnp.shape(x))), comm_init(params)
@@ -65,7 +82,8 @@ def _init_and_shardings(experiment, sample_x, mesh: Mesh, seed: int, data_seed: 
     def init():
         return create_train_state(experiment.model, sample_x, experiment.tx,
                                   experiment.reducer.init, mesh.size, seed,
-                                  hparams=experiment.hparams, data_seed=data_seed)
+                                  hparams=experiment.hparams, data_seed=data_seed,
+                                  extra_params=experiment.extra_params)
 
     abstract = jax.eval_shape(init)
     return init, abstract, state_shardings(abstract, mesh)

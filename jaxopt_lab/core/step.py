@@ -26,9 +26,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core.state import TrainState
-from jaxopt_lab.core.tasks import LossFn
+from jaxopt_lab.core.tasks import DATA_AXIS, LossFn
 
-DATA_AXIS = "data"
+__all__ = ["DATA_AXIS", "Reducer", "data_mean", "make_train_step", "pmean_reducer"]
 _REDUCER_STREAM = 1  # the reducer's key is the loss's folded with this: independent streams
 
 

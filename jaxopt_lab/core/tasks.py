@@ -32,6 +32,10 @@ EvalFn = Callable[[Any, Any, dict], dict[str, jax.Array]]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 LABEL_SMOOTHING = "loss.label_smoothing"  # the hparams key (a config path, as all hparams keys are)
+# An optional batch key, float [B]: 1 for an example with a label, 0 for one without (a
+# distillation transfer example), whose label is a placeholder the loss must not train on.
+LABELED = "labeled"
+DATA_AXIS = "data"  # the mesh axis the step's per-device region runs over
 EVAL_SEED = 0  # evaluation is deterministic; AQT still asks for a "params" stream
 
 
@@ -131,14 +135,38 @@ def _smoothed_cross_entropy(logits, labels, hparams):
     return (1.0 - e) * ce + e * uniform
 
 
+def labeled_mean(values: jax.Array, batch: dict) -> jax.Array:
+    """The mean of per-example (or per-token [B, T]) values over the examples that have a label:
+    all of them unless the batch says otherwise under LABELED.
+
+    Inside the step's per-device region the divisor is the labelled count averaged over the
+    devices, not this device's own: the devices' mean gradient is then the gradient of the whole
+    batch's labelled mean, however the labels fell among the shards.
+    """
+    if LABELED not in batch:
+        return jnp.mean(values)
+    weights = jnp.broadcast_to(
+        batch[LABELED].reshape(-1, *([1] * (values.ndim - 1))), values.shape)
+    count = _mean_over_devices(jnp.sum(weights))
+    safe = jnp.where(count > 0, count, 1.0)
+    return jnp.sum(values * weights) / safe
+
+
+def _mean_over_devices(x: jax.Array) -> jax.Array:
+    try:
+        return jax.lax.pmean(x, DATA_AXIS)
+    except NameError:  # called outside the step (a test, a notebook): one device's batch
+        return x
+
+
 def _cross_entropy_loss(model, augment: Augment | None, capture: Sequence[str]) -> LossFn:
     """Mean (label-smoothed) softmax cross-entropy and accuracy over every labelled position: one
     per example for classes, one per token for a language model."""
 
     def loss_fn(params, model_state, batch, rng, hparams):
         logits, aux = _forward(model, augment, capture, params, model_state, batch, rng)
-        loss = jnp.mean(_smoothed_cross_entropy(logits, batch["label"], hparams))
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        loss = labeled_mean(_smoothed_cross_entropy(logits, batch["label"], hparams), batch)
+        accuracy = labeled_mean(jnp.argmax(logits, -1) == batch["label"], batch)
         return loss, {**aux, "metrics": {"accuracy": accuracy}}
 
     return loss_fn
@@ -167,7 +195,7 @@ def regression(model, augment: Augment | None = None, capture: Sequence[str] = (
     def loss_fn(params, model_state, batch, rng, hparams):
         del hparams
         outputs, aux = _forward(model, augment, capture, params, model_state, batch, rng)
-        return jnp.mean(_squared_error(outputs, batch["label"])), {**aux, "metrics": {}}
+        return labeled_mean(_squared_error(outputs, batch["label"]), batch), {**aux, "metrics": {}}
 
     def eval_fn(params, model_state, batch):
         outputs, _, _ = apply_model(model, params, model_state, batch["x"], None, train=False)

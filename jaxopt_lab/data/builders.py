@@ -55,6 +55,23 @@ class Targets(tfds.features.Tensor):
         self.num_classes = num_classes
 
 
+def make_mnist1d(**args) -> dict[str, np.ndarray]:
+    """The `mnist1d` package's generator with its default arguments but `args` (num_samples,
+    seed, train_split, shuffle_seq, ...): {"x", "y", "x_test", "y_test"}."""
+    import mnist1d.data  # heavy (scipy): only needed when data are generated
+
+    dataset_args = mnist1d.data.get_dataset_args()
+    for name, value in args.items():
+        setattr(dataset_args, name, value)
+    # make_dataset seeds the global `random` and `np.random`; leave the caller's streams alone.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        return mnist1d.data.make_dataset(dataset_args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class Mnist1d(_LocalBuilder, skip_registration=True):
     """MNIST-1D (Greydanus 2020, arXiv:2011.14439): 10-class 1-D signals of length 40.
 
@@ -83,17 +100,7 @@ class Mnist1d(_LocalBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # generated locally
-        import mnist1d.data  # heavy (scipy) and only needed the one time the data is built
-
-        args = mnist1d.data.get_dataset_args()
-        args.shuffle_seq = self.builder_config.name == "shuffled"
-        # make_dataset seeds the global `random` and `np.random`; leave the caller's streams alone.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            data = mnist1d.data.make_dataset(args)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        data = make_mnist1d(shuffle_seq=self.builder_config.name == "shuffled")
         return {
             "train": self._generate_examples(data["x"], data["y"]),
             "test": self._generate_examples(data["x_test"], data["y_test"]),

@@ -154,7 +154,8 @@ def make_trainer(config: ml_collections.ConfigDict, dataset=None, *, model: nn.M
     def init(seed: int, data_seed: int) -> TrainState:
         return create_train_state(experiment.model, sample_input(dataset), experiment.tx,
                                   experiment.reducer.init, mesh.size, seed,
-                                  hparams=experiment.hparams, data_seed=data_seed)
+                                  hparams=experiment.hparams, data_seed=data_seed,
+                                  extra_params=experiment.extra_params)
 
     def train(states: TrainState, steps: int) -> TrainState:
         size = jax.tree.leaves(states)[0].shape[0]

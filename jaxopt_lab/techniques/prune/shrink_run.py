@@ -27,7 +27,7 @@ from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.run import evaluate_run, load_run
 from jaxopt_lab.core.rundir import prepare_workdir
-from jaxopt_lab.core.state import init_sharded_state, sample_input
+from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import model_hparams
@@ -54,7 +54,7 @@ def shrink_run(workdir: str, member: int | None = None) -> dict:
     returns (and writes) its summary.json."""
     run = load_run(workdir)
     state = _one_state(run, member, workdir)
-    original = {"params": state.params, **state.model_state}
+    original = {"params": model_params(state.params), **state.model_state}
     model, variables = shrink(run.experiment.model, original)
     values = run.members[member] if run.members else {}
     config = shrunk_config(run.config, model, values)

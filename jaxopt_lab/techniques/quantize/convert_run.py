@@ -23,7 +23,7 @@ from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.evaluate import make_evaluator, padded_batches
 from jaxopt_lab.core.measure import latency_ms, model_bytes
 from jaxopt_lab.core.run import load_run
-from jaxopt_lab.core.state import sample_input
+from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.quantize import (
@@ -65,7 +65,7 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
     scheme = pick_scheme(scheme)
     activations = scheme == "w8a8"
     sample_x = sample_input(run.dataset)
-    variables = {"params": run.state.params, **run.state.model_state}
+    variables = {"params": model_params(run.state.params), **run.state.model_state}
     trained = run.experiment.techniques.get("quantize")
     if trained is not None:
         if options:
@@ -90,7 +90,7 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
     save_serving(os.path.join(out_dir, "serving"), serving)
     test = run.dataset.test
     serve = jax.jit(serve_fn(model))
-    float_variables = {"params": run.state.params, **run.state.model_state}
+    float_variables = {"params": model_params(run.state.params), **run.state.model_state}
     summary = {
         "method": method,
         "scheme": qoptions.scheme,

@@ -6,7 +6,9 @@
 `wrap` returns a loss of the seam's signature. The teacher's variables are closed over: constants
 of the compiled step, never trained, never in the student's optimizer state or checkpoint. The
 teacher reads `aux["inputs"]`, the inputs after the student's on-device augmentation, so both see
-the same example and augmentation does not become noise in the targets.
+the same example and augmentation does not become noise in the targets; where the batch carries
+precomputed teacher logits (`transfer.TEACHER_LOGITS`: no augmentation, so they never change) it
+reads those instead.
 
 Soft-target KD (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
 loss = alpha · T² · D(teacher_T, student_T) + (1 − alpha) · hard loss, with p_T = softmax(z / T).
@@ -15,51 +17,45 @@ cross-entropy ("cross_entropy"): they differ by the teacher's entropy, a constan
 alike but log different values. Temperature and alpha are read from `hparams` where the state has
 them (TEMPERATURE, ALPHA: per-trial values a population varies), else the given defaults.
 
-The config path: `techniques.distill.teacher` (a run directory), temperature, alpha, form. Not
-built yet: feature hints, transfer sets, the experiments.
+Feature hints (Romero et al. 2015, "FitNets"): `features` pairs a student layer with a teacher
+layer (module paths); a learned linear map of the student's activation regresses the teacher's,
+weighted by `feature_weight`. The maps live in params[hints.HINTS], trained and checkpointed with
+the student and dropped from what is exported (`core.state.model_params`).
+
+Transfer sets (unlabeled examples, soft loss only) are in `transfer.py`; teachers (from a run
+directory, or trained first) in `teacher.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.core.tasks import LossFn, apply_model
+from jaxopt_lab.core.tasks import LossFn
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.distill import hints
+from jaxopt_lab.techniques.distill.teacher import (
+    describe_teacher,
+    teacher_fn,
+    train_teacher_first,
+)
+from jaxopt_lab.techniques.distill.transfer import (
+    TEACHER_LOGITS,
+    transfer_inputs,
+    with_teacher_logits,
+    with_transfer,
+)
+
+__all__ = ["ALPHA", "TEACHER_LOGITS", "TEMPERATURE", "check_options", "describe_teacher",
+           "soft_loss", "teacher_fn", "train_teacher_first", "transfer_inputs",
+           "with_teacher_logits", "with_transfer", "wrap"]
 
 TEMPERATURE = "techniques.distill.temperature"  # hparams keys (config paths, as all are)
 ALPHA = "techniques.distill.alpha"
 FORMS = ("kl", "cross_entropy")
-
-
-def teacher_logits_fn(teacher: Any):
-    """`x -> logits` of a teacher given as a (module, variables) pair or a `core.run.Run`, in
-    inference mode, with no gradient reaching its variables."""
-    if hasattr(teacher, "experiment") and hasattr(teacher, "state"):
-        if teacher.members:
-            raise UserError("distill: the teacher run is a population; pick one member's "
-                            "variables and pass (module, variables)")
-        module = teacher.experiment.model
-        variables = {"params": teacher.state.params, **teacher.state.model_state}
-    else:
-        try:
-            module, variables = teacher
-        except (TypeError, ValueError):
-            raise UserError("distill: teacher must be a Run (core.run.load_run) or a "
-                            "(module, variables) pair") from None
-    variables = jax.tree.map(jax.lax.stop_gradient, dict(variables))
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-
-    def logits(x):
-        outputs, _, _ = apply_model(module, params, state, x, None, train=False)
-        return jax.lax.stop_gradient(outputs)
-
-    return logits
 
 
 def soft_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: jax.Array,
@@ -85,34 +81,35 @@ def check_options(temperature: float, alpha: float, form: str) -> None:
         raise UserError(f"distill alpha={alpha!r} must be a number in [0, 1]")
 
 
-def describe_teacher(run, workdir: str) -> dict:
-    """summary.json's teacher fields: its test accuracy (from its own summary in `workdir`, where
-    it has one) and its parameter count, beside the student's."""
-    path = os.path.join(workdir, "summary.json")
-    fields = {"teacher_params": sum(int(x.size) for x in jax.tree.leaves(run.state.params))}
-    if os.path.exists(path):
-        with open(path) as f:
-            accuracy = json.load(f).get("test_accuracy")
-        if accuracy is not None:
-            fields["teacher_test_accuracy"] = accuracy
-    return fields
-
-
 def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = 4.0, alpha: float = 0.9,
-         form: str = "kl") -> LossFn:
-    """`loss_fn` (which must return aux["logits"] and aux["inputs"]) distilled from `teacher`.
+         form: str = "kl", member: int = -1, features: Sequence[Sequence[str]] = (),
+         feature_weight: float = 1.0) -> LossFn:
+    """`loss_fn` (which must return aux["logits"] and aux["inputs"]; with `features`, also
+    aux["intermediates"] of the student layers: build it with `capture`) distilled from `teacher`
+    (a `core.run.Run`, its population member `member`, or a (module, variables) pair).
 
-    Logs `distill_soft_loss` and `distill_hard_loss` beside the loss's own metrics.
+    Logs `distill_soft_loss`, `distill_hard_loss` and, with features, `distill_hint_loss`.
     """
     check_options(temperature, alpha, form)
-    teacher_logits = teacher_logits_fn(teacher)
+    features = hints.check_features(features, feature_weight)
+    forward = teacher_fn(teacher, member, capture=[t for _, t in features])
 
     def distilled(params, model_state, batch, rng, hparams):
-        hard, aux = loss_fn(params, model_state, batch, rng, hparams)
+        hard, aux = loss_fn(hints.model_part(params), model_state, batch, rng, hparams)
         t = hparams.get(TEMPERATURE, jnp.float32(temperature))
         a = hparams.get(ALPHA, jnp.float32(alpha))
-        soft = soft_loss(aux["logits"], teacher_logits(aux["inputs"]), t, form)
+        if TEACHER_LOGITS in batch and not features:
+            teacher_logits, teacher_features = batch[TEACHER_LOGITS], {}
+        else:
+            teacher_logits, teacher_features = forward(aux["inputs"])
+        soft = soft_loss(aux["logits"], teacher_logits, t, form)
         metrics = {**aux["metrics"], "distill_soft_loss": soft, "distill_hard_loss": hard}
-        return a * soft + (1.0 - a) * hard, {**aux, "metrics": metrics}
+        loss = a * soft + (1.0 - a) * hard
+        if features:
+            hint = hints.hint_loss(params, aux.get("intermediates", {}), teacher_features,
+                                   features)
+            metrics["distill_hint_loss"] = hint
+            loss = loss + feature_weight * hint
+        return loss, {**aux, "metrics": metrics}
 
     return distilled
