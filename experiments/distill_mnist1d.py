@@ -136,11 +136,11 @@ def write(r: dict, seeds: int, out: Path) -> None:
          "paired_differences": comparisons}, indent=2) + "\n")
     lines = [
         "# Distillation on MNIST-1D", "",
-        f"Written by `experiments/distill_mnist1d.py` on {machine()}. Test accuracy, mean ± std "
+        (f"Written by `experiments/distill_mnist1d.py` on {machine()}. Test accuracy, mean ± std "
         f"over {seeds} seeds (one population per row). Teachers: {TEACHER_STEPS} steps; "
         f"students: {STUDENT_STEPS} steps, Adam 1e-2, batch 100; member 0 of a teacher "
         "population teaches (its accuracy in the last column). KD: T 4, alpha 0.9; transfer: "
-        f"{TRANSFER} fresh generator samples, soft loss only.", "",
+        f"{TRANSFER} fresh generator samples, soft loss only."), "",
         "| run | parameters | test accuracy | teacher (member 0) |", "|---|---|---|---|"]
     teacher_of = {"mlp_kd": "teacher_cnn25", "mlp_kd_transfer": "teacher_cnn25",
                   "tiny_cnn_kd_transfer": "teacher_cnn25"}
@@ -155,9 +155,9 @@ def write(r: dict, seeds: int, out: Path) -> None:
               "| comparison | Δ |", "|---|---|"]
     for name, d in comparisons.items():
         lines.append(f"| {name} | {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} |")
-    lines += ["", f"Small CNN: {figures['small_cnn_params']:,} parameters, "
-              f"{figures['small_cnn_params_fraction']:.3f} of the wide CNN's; its best distilled "
-              f"variant is {small_kd}.", ""]
+    lines += ["", (f"Small CNN: {figures['small_cnn_params']:,} parameters, "
+                   f"{figures['small_cnn_params_fraction']:.3f} of the wide CNN's; its best "
+                   f"distilled variant is {small_kd}."), ""]
     (out / "distill_mnist1d.md").write_text("\n".join(lines))
     plot(r, out / "distill_mnist1d.png")
 

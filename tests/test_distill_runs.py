@@ -25,8 +25,8 @@ from jaxopt_lab.core.config import validate
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.run import load_run
-from jaxopt_lab.core.tasks import LABELED
 from jaxopt_lab.core.state import HINTS, init_sharded_state, sample_input
+from jaxopt_lab.core.tasks import LABELED
 from jaxopt_lab.techniques.distill.teacher import TEACHER_SUBDIR
 
 pytestmark = pytest.mark.slow  # whole runs and subprocesses
@@ -144,3 +144,12 @@ def test_the_composed_student_trains_from_one_config_and_resumes_exactly_after_k
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert summary["techniques"]["distill"]["teacher_logits"] == "in_step"  # augmented inputs
     _assert_same_run(workdir, reference.workdir)
+
+
+def test_a_teacher_of_another_data_set_is_one_line(tmp_path, teacher):
+    result = run_cli("train", "--config", "configs/digits_cnn.py", *QUIET, "--workdir",
+                     str(tmp_path / "s"), f"{D}.teacher={teacher}")
+    assert result.returncode != 0
+    assert "was trained on 'mnist1d' (inputs (40,), 10 outputs); the student's 'digits'" in (
+        result.stderr)
+    assert "Traceback" not in result.stderr

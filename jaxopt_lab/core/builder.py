@@ -217,6 +217,13 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
             raise UserError("techniques.distill.teacher is empty: train_and_evaluate trains a "
                             "teacher_config first and names its directory there")
         teacher = load_run(directory)
+        if (teacher.dataset.input_shape, teacher.dataset.num_classes) != (
+                dataset.input_shape, dataset.num_classes):
+            raise UserError(
+                f"distill teacher={directory!r} was trained on {teacher.dataset.name!r} (inputs "
+                f"{teacher.dataset.input_shape}, {teacher.dataset.num_classes} outputs); the "
+                f"student's {dataset.name!r} has inputs {dataset.input_shape}, "
+                f"{dataset.num_classes} outputs")
         features = distillation["features"]
         if features:
             # The student's own loss captures the hinted layers for the wrapper to read.

@@ -69,7 +69,7 @@ def with_transfer(dataset: Dataset, x: np.ndarray) -> Dataset:
     merged = {"x": np.concatenate([train["x"], x.astype(train["x"].dtype)]),
               "label": np.concatenate([label, placeholder]),
               LABELED: np.concatenate([np.ones(n, np.float32), np.zeros(extra, np.float32)])}
-    for key, values in train.items():
+    for key in train:
         if key not in merged:
             raise UserError(f"transfer set: training key {key!r} has no value for an "
                             "unlabeled example")
