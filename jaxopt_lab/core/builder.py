@@ -26,7 +26,7 @@ from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import NOT_HPARAMS, build_model
-from jaxopt_lab.techniques import distill, prune, quantize
+from jaxopt_lab.techniques import compress, distill, prune, quantize
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
@@ -149,10 +149,16 @@ def precompute_teacher_logits(config: ml_collections.ConfigDict, task: str) -> b
     return not augmented and not block.features and task == "classification"
 
 
+def compress_options(config: ml_collections.ConfigDict):
+    """The config's compression options (checked), or None where gradients go uncompressed."""
+    options = compress.compress_options(**config.techniques.compress.to_dict())
+    return None if options.method == "none" else options
+
+
 def check_techniques(config: ml_collections.ConfigDict) -> None:
     """Every technique block's values, before anything is built (`validate` calls this)."""
     for name, check in (("quantize", quantize_options), ("prune", prune_options),
-                        ("distill", distill_options)):
+                        ("distill", distill_options), ("compress", compress_options)):
         try:
             check(config)
         except UserError as e:
@@ -170,13 +176,14 @@ def _combined(*fns: Callable | None) -> Callable | None:
 def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
                      model: nn.Module | None = None, loss_fn: LossFn | None = None,
                      eval_fn: EvalFn | None = None, hparams: dict[str, float] | None = None,
-                     swept: Collection[str] = ()) -> Experiment:
+                     reducer: Reducer | None = None, swept: Collection[str] = ()) -> Experiment:
     """Composes model, loss, evaluation, reduction and update from a validated config.
 
     Args:
       config, dataset: the run's; `dataset.task` picks the default loss and evaluation.
-      model, loss_fn, eval_fn: a caller's own, used instead of the config's. A loss without an
-        eval_fn is evaluated with the data set's task on the model.
+      model, loss_fn, eval_fn, reducer: a caller's own, used instead of the config's. A loss
+        without an eval_fn is evaluated with the data set's task on the model; a reducer is a
+        `core.step.Reducer` (gradient communication), e.g. one of `techniques.compress`.
       hparams: the per-trial values a caller's own loss reads (with the config's loss, its
         `loss.label_smoothing`).
       swept: the config keys a population varies (a swept optimizer value stays in the graph).
@@ -259,11 +266,15 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         techniques["prune"] = {**pruning.describe(), "skip": list(skip)}
         state_metrics = _combined(state_metrics, prune.sparsity_metrics)
         state_summary = prune.sparsity_summary
+    compression = compress_options(config)
+    if reducer is None and compression is not None:
+        reducer = compress.make_reducer(**dataclasses.asdict(compression))
+        techniques["compress"] = compression.describe()
     return Experiment(
         model=model,
         loss_fn=loss_fn,
         eval_fn=eval_fn or task.eval_fn,
-        reducer=pmean_reducer(),
+        reducer=reducer or pmean_reducer(),
         tx=tx,
         hparams={**default_hparams, **(hparams or {})},
         state_metrics=state_metrics,

@@ -24,7 +24,7 @@ from jaxopt_lab.models import MODELS, model_hparams
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle", "reduce_on_plateau")
 # The techniques with a block under `techniques` (core/builder.py composes them).
-TECHNIQUES: tuple[str, ...] = ("quantize", "prune", "distill")
+TECHNIQUES: tuple[str, ...] = ("quantize", "prune", "distill", "compress")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -130,6 +130,16 @@ def default_config() -> ml_collections.ConfigDict:
     # auto: computed once before training when nothing changes them (no augmentation, no
     # features, a classification task), else in the step | in_step | precomputed
     d.teacher_logits = "auto"
+
+    k = c.techniques.compress = ml_collections.ConfigDict()  # at the communication seam
+    k.method = "none"  # none (exact all-reduce) | topk | randomk | powersgd | signsgd | qsgd | int8
+    k.ratio = 0.01  # topk / randomk: kept fraction of each tensor
+    k.rank = 2  # powersgd: rank of the approximation
+    k.start_step = 10  # powersgd: exact all-reduce for this many steps first
+    k.levels = 16  # qsgd: quantization levels (16: 4 bits)
+    # None: the method's own default (on; off for the unbiased qsgd and the near-exact int8)
+    k.error_feedback = ml_collections.config_dict.placeholder(bool)
+    k.min_size = 1024  # tensors with fewer elements are all-reduced as they are
     return c
 
 
@@ -291,14 +301,15 @@ def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
                 yield f"config key {name!r} must be a block of keys, got {value!r}"
             else:
                 yield from _schema_errors(value, default, f"{name}.")
+        elif default is None:  # a placeholder: None or a value of its declared type
+            kind = schema.get_ref(key).get_type()
+            if value is not None and not _type_ok(value, kind()):
+                yield f"config key {name!r} must be a {kind.__name__} or None, got {value!r}"
         elif not _type_ok(value, default):
-            wanted = "a tuple or None" if default is None else type(default).__name__
-            yield f"config key {name!r} must be {wanted}, got {value!r}"
+            yield f"config key {name!r} must be {type(default).__name__}, got {value!r}"
 
 
 def _type_ok(value, default) -> bool:
-    if default is None:  # an optional tuple (a technique's `skip`): None or a sequence
-        return value is None or isinstance(value, (tuple, list))
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, float):

@@ -56,7 +56,7 @@ from jaxopt_lab.core.feed import (
 )
 from jaxopt_lab.core.interrupt import Preempted, StopSignals
 from jaxopt_lab.core.measure import measure_model
-from jaxopt_lab.core.metrics import MetricsWriter
+from jaxopt_lab.core.metrics import MetricsWriter, read_metrics
 from jaxopt_lab.core.population import (
     population_init,
     population_step,
@@ -64,7 +64,7 @@ from jaxopt_lab.core.population import (
 )
 from jaxopt_lab.core.rundir import check_workdir, record_run
 from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
-from jaxopt_lab.core.step import make_train_step
+from jaxopt_lab.core.step import Reducer, make_train_step
 from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.data.pipeline import make_grain_loader
 from jaxopt_lab.data.sources import Dataset
@@ -117,7 +117,7 @@ class _Run:
         return self.carry.members if self.members else self.carry
 
 
-def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Run:
+def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams, reducer) -> _Run:
     initialize_distributed()
     mesh = data_mesh()
     if config.data.batch_size % mesh.size:
@@ -132,7 +132,7 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams) -> _Ru
         raise UserError(f"data.batch_size={config.data.batch_size} exceeds the {num_train} "
                         f"training examples of {dataset.name}")
     experiment = build_experiment(config, dataset, model=model, loss_fn=loss_fn, eval_fn=eval_fn,
-                                  hparams=hparams, swept=swept_keys(config))
+                                  hparams=hparams, reducer=reducer, swept=swept_keys(config))
     if experiment.train_data is not None:
         dataset = experiment.train_data(dataset)
     members = population_members(config, experiment)
@@ -360,6 +360,21 @@ def _state_summaries(run: _Run) -> list[dict]:
             for i in range(len(run.members))]
 
 
+def _communication(workdir: str) -> dict:
+    """comm_bytes_per_step (the mean over the run's logged steps, per device) and comm_ratio
+    (the exact all-reduce's bytes over those), from metrics.jsonl (the first member's)."""
+    records = [r for r in read_metrics(workdir) if r.get("member", 0) == 0 and "comm_bytes" in r]
+    if not records:
+        return {}
+    steps = np.diff([0] + [r["step"] for r in records])
+    sent = float(np.dot(steps, [r["comm_bytes"] for r in records]) / steps.sum())
+    summary = {"comm_bytes_per_step": sent}
+    if all("comm_bytes_uncompressed" in r for r in records) and sent > 0:
+        full = float(np.dot(steps, [r["comm_bytes_uncompressed"] for r in records]) / steps.sum())
+        summary["comm_ratio"] = full / sent
+    return summary
+
+
 def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
     evaluations = run.last_eval or _evaluate(run)
     num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
@@ -370,7 +385,7 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
         "num_params": num_params, "steps_per_call": run.steps_per_call, "devices": run.mesh.size,
         "processes": jax.process_count(), "resumed_from": run.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
-        "techniques": run.experiment.techniques,
+        "techniques": run.experiment.techniques, **_communication(run.workdir),
     }
     is_chief = jax.process_index() == 0
     if run.config.train.measure and is_chief:
@@ -399,7 +414,7 @@ def _best_member(members: list[dict]) -> int | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model=None,
                        dataset=None, loss_fn: LossFn | None = None, eval_fn: EvalFn | None = None,
-                       hparams: dict[str, float] | None = None,
+                       hparams: dict[str, float] | None = None, reducer: Reducer | None = None,
                        stop_members: MemberStopper | None = None) -> dict:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
 
@@ -416,13 +431,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         the data set's task's evaluation.
       hparams: per-trial scalars your loss reads from its `hparams` argument (a population may
         vary them by name).
+      reducer: a `core.step.Reducer` of your own (gradient communication); default: the
+        config's `techniques.compress`, an exact all-reduce unless it names a compressor.
       stop_members: for a population, called at every evaluation with (step, per-member
         metrics); the members it returns are stopped.
     Pass the same objects again to resume.
     """
     config = train_teacher_first(config, workdir)
     run = _build(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
-                 eval_fn=eval_fn, hparams=hparams)
+                 eval_fn=eval_fn, hparams=hparams, reducer=reducer)
     _restore(run)
     train_wall_s, steps_run = _train(run, stop_members)
     return _finish(run, train_wall_s, steps_run)

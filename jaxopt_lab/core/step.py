@@ -59,7 +59,7 @@ def pmean_reducer() -> Reducer:
     def reduce(grads, comm_state, rng, hparams):
         del rng, hparams
         nbytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
-        stats = {"comm_bytes": jnp.float32(nbytes)}
+        stats = {"comm_bytes": jnp.float32(nbytes), "comm_bytes_uncompressed": jnp.float32(nbytes)}
         return data_mean(grads), comm_state, stats
 
     return Reducer(init=lambda params: (), reduce=reduce)

@@ -1,0 +1,73 @@
+"""Sparsification: each device sends k = max(1, ceil(ratio * size)) entries of each tensor.
+
+Top-k keeps the entries of largest magnitude (Lin et al. 2018, "Deep Gradient Compression"; Aji &
+Heafield 2017); random-k keeps k entries drawn uniformly without replacement (Stich et al. 2018,
+"Sparsified SGD with Memory"). Both are biased (they send only part of the gradient), which error
+feedback repairs: what was not sent stays in the residual and is added back next step.
+
+Each device picks its own indices (its own top-k; random-k from its own key, which differs per
+device and step) and sends (int32 indices, float32 values): 8k bytes per tensor. Devices sharing
+random-k's indices could all-reduce the values alone (4k bytes) but would keep the same k
+coordinates of the whole model per step instead of up to n x k; sharing is left for later.
+Random-k sends the k entries unscaled: without error feedback that shrinks the mean gradient by
+k / size (the unbiased variant, scaled by size / k, has size / k times the variance).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt_lab.core.step import Reducer
+from jaxopt_lab.techniques.compress.exchange import Codec, elementwise_reducer
+from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check
+
+
+def kept(ratio: float, size: int) -> int:
+    """k = max(1, ceil(ratio * size)); `ratio * size` rounded to 6 decimals first, so a product
+    such as 0.07 * 100 = 7.000000000000001 keeps 7, not 8."""
+    return max(1, math.ceil(round(ratio * size, 6)))
+
+
+def _sparse_codec(ratio: float, choose) -> Codec:
+    """`choose(x, k, key)` gives the k distinct indices a device sends."""
+
+    def encode(x, key):
+        index = choose(x, kept(ratio, x.size), key).astype(jnp.int32)
+        value = x[index]
+        sent = jnp.zeros_like(x).at[index].set(value, unique_indices=True)
+        return {"index": index, "value": value}, sent
+
+    def add_decoded(acc, payload):
+        # One device's indices are distinct, so this scatter-add has no collisions.
+        return acc.at[payload["index"]].add(payload["value"], unique_indices=True)
+
+    return Codec(encode, add_decoded)
+
+
+def _largest(x, k, key):
+    del key
+    return jax.lax.top_k(jnp.abs(x), k)[1]
+
+
+def _uniform(x, k, key):
+    return jax.random.choice(key, x.size, (k,), replace=False)
+
+
+def topk(ratio: float = 0.01, error_feedback: bool = True,
+         min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
+    """Top-k sparsification by magnitude, per tensor, with error feedback by default."""
+    check(ratio=ratio, error_feedback=error_feedback, min_size=min_size)
+    return elementwise_reducer(_sparse_codec(ratio, _largest), error_feedback=error_feedback,
+                               min_size=min_size)
+
+
+def randomk(ratio: float = 0.01, error_feedback: bool = True,
+            min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
+    """Random-k sparsification from the reducer's key (per device and step), with error
+    feedback by default."""
+    check(ratio=ratio, error_feedback=error_feedback, min_size=min_size)
+    return elementwise_reducer(_sparse_codec(ratio, _uniform), error_feedback=error_feedback,
+                               min_size=min_size)
