@@ -164,6 +164,7 @@ def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Cal
     can run several times slower. Measured here, not assumed.
     """
     rates = []
+    one_in_flight = jax.default_backend() == "cpu" and jax.local_device_count() > 1  # see loop
     for k in candidates:
         fn = build(k)
         trial = jax.tree.map(jnp.copy, state)
@@ -173,6 +174,8 @@ def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Cal
         calls = max(1, budget_steps // k)
         start = time.perf_counter()
         for _ in range(calls):
+            if one_in_flight:
+                jax.block_until_ready(trial)
             trial, _ = fn(trial, source)
         jax.block_until_ready(trial)
         rates.append(calls * k / (time.perf_counter() - start))
