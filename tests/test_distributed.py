@@ -324,3 +324,18 @@ def test_launch_devices_per_process_overrides_inherited_xla_flags(runs):
     result = runs["inherited_device_flags"]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "must be divisible by the 2 devices of the mesh" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_four_simulated_devices_train_a_heavy_step_without_deadlock(tmp_path):
+    """With compiled calls queued ahead, XLA:CPU's devices on 2 cores deadlocked in the
+    all-reduce of the 128-channel CNN (some devices entered the next step's collective holding
+    the threads the last one needed): the loop keeps one call in flight on CPU."""
+    from helpers import QUIET, run_cli, summary_of
+
+    result = run_cli("train", "--config", "configs/mnist1d_cnn.py", *QUIET,
+                     "--config.model.channels=128", "--config.train.steps=60",
+                     "--config.train.steps_per_call=1", "--workdir", str(tmp_path / "run"),
+                     devices=4, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert summary_of(tmp_path / "run")["devices"] == 4
