@@ -53,7 +53,9 @@ def _largest(x, k, key):
 
 
 def _uniform(x, k, key):
-    return jax.random.choice(key, x.size, (k,), replace=False)
+    # The k largest of iid uniform keys are a uniform k-subset: a top-k, where
+    # `random.choice(replace=False)` permutes the whole tensor (14x slower steps on the wide CNN).
+    return jax.lax.top_k(jax.random.uniform(key, x.shape), k)[1]
 
 
 def topk(ratio: float = 0.01, error_feedback: bool = True,
