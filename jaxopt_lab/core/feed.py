@@ -156,6 +156,14 @@ def zero_totals(step_fn: Callable, carry, source, streamed: bool) -> dict:
             "first_nonfinite": jnp.full(shape, NO_STEP, jnp.int32)}
 
 
+def one_call_in_flight() -> bool:
+    """Whether to wait for each compiled call before the next. XLA:CPU runs a process's devices
+    on one thread pool: with calls queued ahead, devices that entered the next step's all-reduce
+    held the threads the last device needed to finish this one, a deadlock (4 simulated devices
+    on 2 cores, the 128-channel CNN). Accelerators queue as usual."""
+    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
 def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Callable[[int], object],
                         candidates: tuple[int, ...] = (1, 32), budget_steps: int = 128) -> int:
     """Times each K on a copy of the state and returns the fastest (the same on every process).
@@ -164,7 +172,7 @@ def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Cal
     can run several times slower. Measured here, not assumed.
     """
     rates = []
-    one_in_flight = jax.default_backend() == "cpu" and jax.local_device_count() > 1  # see loop
+    one_in_flight = one_call_in_flight()
     for k in candidates:
         fn = build(k)
         trial = jax.tree.map(jnp.copy, state)

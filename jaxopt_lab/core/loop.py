@@ -48,6 +48,7 @@ from jaxopt_lab.core.feed import (
     compile_k_steps,
     device_sampler,
     make_logged_train_fn,
+    one_call_in_flight,
     pick_steps_per_call,
     replicate,
     sampled_step,
@@ -55,8 +56,7 @@ from jaxopt_lab.core.feed import (
     zero_totals,
 )
 from jaxopt_lab.core.interrupt import Preempted, StopSignals
-from jaxopt_lab.core.measure import measure_model
-from jaxopt_lab.core.metrics import MetricsWriter, read_metrics
+from jaxopt_lab.core.metrics import MetricsWriter
 from jaxopt_lab.core.population import (
     population_init,
     population_step,
@@ -65,6 +65,7 @@ from jaxopt_lab.core.population import (
 from jaxopt_lab.core.rundir import check_workdir, record_run
 from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
 from jaxopt_lab.core.step import Reducer, make_train_step
+from jaxopt_lab.core.summary import best_member, communication, measurements, state_summaries
 from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.data.pipeline import make_grain_loader
 from jaxopt_lab.data.sources import Dataset
@@ -204,11 +205,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     run.steps_per_call = steps_per_call
     train_fns = {}
 
-    # XLA:CPU runs a process's devices on one thread pool: with calls queued ahead, some
-    # devices start the next step's all-reduce and hold the threads that the last device needs to
-    # finish this one, a deadlock (seen with 4 simulated devices on 2 cores and a 128-channel
-    # CNN). One call in flight at a time there; accelerators queue as usual.
-    one_in_flight = jax.default_backend() == "cpu" and jax.local_device_count() > 1
+    one_in_flight = one_call_in_flight()
 
     def call(carry, totals, k):
         if k not in train_fns:
@@ -348,41 +345,6 @@ def _postfix(records: list[dict | None], evaluations: list[dict]) -> dict:
     return postfix
 
 
-def _measurements(run: _Run) -> dict:
-    """model_bytes, FLOPs per example and latency of one model (a population's members share
-    shapes) on this process's first device; host copies, so no collective is involved."""
-    state = jax.tree.map(lambda a: a[0], run.state) if run.members else run.state
-    variables = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
-                             {"params": model_params(state.params), **state.model_state})
-    return measure_model(run.experiment.model, variables, sample_input(run.dataset))
-
-
-def _state_summaries(run: _Run) -> list[dict]:
-    """The techniques' summary fields (sparsity, ...), one dict per member (one for a run)."""
-    if run.experiment.state_summary is None:
-        return [{} for _ in run.members or [None]]
-    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), run.state)
-    if not run.members:
-        return [run.experiment.state_summary(host)]
-    return [run.experiment.state_summary(jax.tree.map(lambda a, i=i: a[i], host))
-            for i in range(len(run.members))]
-
-
-def _communication(workdir: str) -> dict:
-    """comm_bytes_per_step (the mean over the run's logged steps, per device) and comm_ratio
-    (the exact all-reduce's bytes over those), from metrics.jsonl (the first member's)."""
-    records = [r for r in read_metrics(workdir) if r.get("member", 0) == 0 and "comm_bytes" in r]
-    if not records:
-        return {}
-    steps = np.diff([0] + [r["step"] for r in records])
-    sent = float(np.dot(steps, [r["comm_bytes"] for r in records]) / steps.sum())
-    summary = {"comm_bytes_per_step": sent}
-    if all("comm_bytes_uncompressed" in r for r in records) and sent > 0:
-        full = float(np.dot(steps, [r["comm_bytes_uncompressed"] for r in records]) / steps.sum())
-        summary["comm_ratio"] = full / sent
-    return summary
-
-
 def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
     evaluations = run.last_eval or _evaluate(run)
     num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
@@ -393,31 +355,23 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
         "num_params": num_params, "steps_per_call": run.steps_per_call, "devices": run.mesh.size,
         "processes": jax.process_count(), "resumed_from": run.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
-        "techniques": run.experiment.techniques, **_communication(run.workdir),
+        "techniques": run.experiment.techniques, **communication(run.workdir),
     }
     is_chief = jax.process_index() == 0
     if run.config.train.measure and is_chief:
-        summary.update(_measurements(run))
-    counted = _state_summaries(run)
+        summary.update(measurements(run))
+    counted = state_summaries(run)
     if run.members:
         active = np.asarray(jax.device_get(run.carry.active))
         summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i],
                                **counted[i]} for i, values in enumerate(run.members)]
-        summary["best_member"] = _best_member(summary["members"])
+        summary["best_member"] = best_member(summary["members"])
     else:
         summary = {**evaluations[0], **counted[0], **summary}
     if is_chief:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
-
-
-def _best_member(members: list[dict]) -> int | None:
-    """The member with the lowest validation loss: selection is on validation, never on test."""
-    losses = [m.get("validation_loss", math.nan) for m in members]
-    if all(math.isnan(x) for x in losses):
-        return None
-    return int(np.nanargmin(losses))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model=None,

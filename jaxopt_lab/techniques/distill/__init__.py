@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import LossFn
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.distill import hints
@@ -95,7 +96,7 @@ def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = 4.0, alpha: floa
     forward = teacher_fn(teacher, member, capture=[t for _, t in features])
 
     def distilled(params, model_state, batch, rng, hparams):
-        hard, aux = loss_fn(hints.model_part(params), model_state, batch, rng, hparams)
+        hard, aux = loss_fn(model_params(params), model_state, batch, rng, hparams)
         t = hparams.get(TEMPERATURE, jnp.float32(temperature))
         a = hparams.get(ALPHA, jnp.float32(alpha))
         if TEACHER_LOGITS in batch and not features:

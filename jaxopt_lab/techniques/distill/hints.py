@@ -16,14 +16,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.core.state import HINTS, model_params
+from jaxopt_lab.core.state import HINTS
 from jaxopt_lab.core.tasks import apply_model
 from jaxopt_lab.errors import UserError
 
-__all__ = ["HINTS", "capture_patterns", "check_features", "hint_loss", "init_hints",
-           "model_part"]
-
-model_part = model_params  # what the student's own loss and model see
+__all__ = ["HINTS", "capture_patterns", "check_features", "hint_loss", "init_hints"]
 
 
 def check_features(features: Sequence[Sequence[str]], weight: float

@@ -1,0 +1,57 @@
+"""What summary.json says of a finished run beyond its evaluation: the model's measurements,
+the techniques' own counts from the final state, the bytes its gradients cost, and a population's
+best member. The loop's `_finish` assembles them."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxopt_lab.core.measure import measure_model
+from jaxopt_lab.core.metrics import read_metrics
+from jaxopt_lab.core.state import model_params, sample_input
+
+
+def measurements(run) -> dict:
+    """model_bytes, FLOPs per example and latency of one model (a population's members share
+    shapes) on this process's first device; host copies, so no collective is involved."""
+    state = jax.tree.map(lambda a: a[0], run.state) if run.members else run.state
+    variables = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
+                             {"params": model_params(state.params), **state.model_state})
+    return measure_model(run.experiment.model, variables, sample_input(run.dataset))
+
+
+def state_summaries(run) -> list[dict]:
+    """The techniques' summary fields (sparsity, ...), one dict per member (one for a run)."""
+    if run.experiment.state_summary is None:
+        return [{} for _ in run.members or [None]]
+    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), run.state)
+    if not run.members:
+        return [run.experiment.state_summary(host)]
+    return [run.experiment.state_summary(jax.tree.map(lambda a, i=i: a[i], host))
+            for i in range(len(run.members))]
+
+
+def communication(workdir: str) -> dict:
+    """comm_bytes_per_step (the mean over the run's logged steps, per device) and comm_ratio
+    (the exact all-reduce's bytes over those), from metrics.jsonl (the first member's)."""
+    records = [r for r in read_metrics(workdir) if r.get("member", 0) == 0 and "comm_bytes" in r]
+    if not records:
+        return {}
+    steps = np.diff([0] + [r["step"] for r in records])
+    sent = float(np.dot(steps, [r["comm_bytes"] for r in records]) / steps.sum())
+    summary = {"comm_bytes_per_step": sent}
+    if all("comm_bytes_uncompressed" in r for r in records) and sent > 0:
+        full = float(np.dot(steps, [r["comm_bytes_uncompressed"] for r in records]) / steps.sum())
+        summary["comm_ratio"] = full / sent
+    return summary
+
+
+def best_member(members: list[dict]) -> int | None:
+    """The member with the lowest validation loss: selection is on validation, never on test."""
+    losses = [m.get("validation_loss", math.nan) for m in members]
+    if all(math.isnan(x) for x in losses):
+        return None
+    return int(np.nanargmin(losses))
