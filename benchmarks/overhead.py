@@ -1,11 +1,15 @@
 """Framework overhead: the jaxopt_lab training loop against a plain hand-written jit loop.
 
 Same model, same on-device data and batch order, same optimizer, in one process, alternating the
-two so machine noise hits both. Also K=1 against K=50 scanned steps per call.
+variants so machine noise hits all. Compared like with like: at K=1 against the hand-written
+per-step loop, at the K the automatic choice picks and at K=50 against a hand-written loop
+scanned at that K.
 
     .venv/bin/python benchmarks/overhead.py [--steps 3000] [--repeats 3] [--models cnn1d mlp]
+                                            [--json rows.json]
 
-Writes the table into benchmarks/RESULTS.md (replacing its "overhead" section), machine named.
+Writes the table into benchmarks/RESULTS.md (replacing its "overhead" section, or on an
+accelerator its "overhead-<backend>" section), machine named.
 With --breakdown, instead adds the framework's parts one at a time to the hand-written step and
 writes the "overhead-breakdown" section: where the framework's time goes.
 """
@@ -13,6 +17,8 @@ writes the "overhead-breakdown" section: where the framework's time goes.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import platform
 import statistics
@@ -60,12 +66,14 @@ LADDER = (
 
 
 def handwritten_steps_per_s(model_name: str, steps: int, features: tuple[str, ...] = (),
-                            seed: int = 0) -> float:
-    """The baseline: what a user would write by hand with jax, flax and optax.
+                            seed: int = 0, steps_per_call: int = 1) -> float:
+    """The baseline: what a careful user would write by hand with jax, flax and optax.
 
-    It draws its batches with the same on-device shuffle as the framework, so the two differ
-    only in the training loop around the model. `features` adds framework parts one by one
-    (see LADDER), to find where the framework's time goes.
+    It draws its batches with the same on-device shuffle as the framework, donates its
+    parameters and optimizer state as the framework donates its state, and with
+    `steps_per_call` > 1 scans that many steps per call, so the two differ only in the training
+    loop around the model. `features` adds framework parts one by one (see LADDER), to find where
+    the framework's time goes.
     """
     data = load_dataset("mnist1d")
     model = build_model(model_name, data.num_classes)
@@ -93,12 +101,12 @@ def handwritten_steps_per_s(model_name: str, steps: int, features: tuple[str, ..
             return data_mean(loss), logits, data_mean(grads)
 
         loss_and_grads = jax.shard_map(
-            per_device, mesh=jax.make_mesh((1,), (DATA_AXIS,)),
+            per_device, mesh=data_mesh(),
             in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P(DATA_AXIS), P()),
             check_vma=False)
 
-    @jax.jit
-    def step(params, opt_state, i):
+    def one_step(carry, i):
+        params, opt_state = carry
         epoch_key = jax.random.fold_in(jax.random.key(seed), i // per_epoch)
         idx = permuted_indices(epoch_key, (i % per_epoch) * batch + jnp.arange(batch), n)
         loss, logits, grads = loss_and_grads(params, x[idx], y[idx])
@@ -107,16 +115,26 @@ def handwritten_steps_per_s(model_name: str, steps: int, features: tuple[str, ..
         if "metrics" in features:
             metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y[idx])
             metrics["grad_norm"] = optax.global_norm(grads)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        return (optax.apply_updates(params, updates), opt_state), metrics
 
+    k = steps_per_call
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def call(carry, first):
+        if k == 1:
+            return one_step(carry, first)
+        return jax.lax.scan(one_step, carry, first + jnp.arange(k))
+
+    carry = (params, opt_state)
     for i in range(WARMUP_CALLS):
-        params, opt_state, metrics = step(params, opt_state, i)
+        carry, metrics = call(carry, i * k)
     jax.block_until_ready(metrics)
+    calls = max(1, steps // k)
     start = time.perf_counter()
-    for i in range(1, steps + 1):
-        params, opt_state, metrics = step(params, opt_state, i)
+    for i in range(1, calls + 1):
+        carry, metrics = call(carry, i * k)
     jax.block_until_ready(metrics)
-    return steps / (time.perf_counter() - start)
+    return calls * k / (time.perf_counter() - start)
 
 
 def framework_call_steps_per_s(model_name: str, steps: int) -> float:
@@ -158,15 +176,16 @@ def _config(model_name: str, steps: int, steps_per_call: int):
     return config
 
 
-def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> float:
-    """Steady-state rate of `train_and_evaluate`: log windows after the first (which compiles)."""
+def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> tuple[float, int]:
+    """Steady-state rate of `train_and_evaluate` (log windows after the first, which compiles)
+    and the K it ran at (`steps_per_call=0`: the automatic choice's)."""
     config = _config(model_name, steps, steps_per_call)
     with tempfile.TemporaryDirectory() as workdir:
-        train_and_evaluate(config, workdir)
+        summary = train_and_evaluate(config, workdir)
         windows = read_metrics(workdir)[1:]
     # Total steps over total time of the steady windows.
     seconds = sum(config.train.log_every / w["steps_per_s"] for w in windows)
-    return len(windows) * config.train.log_every / seconds
+    return len(windows) * config.train.log_every / seconds, summary["steps_per_call"]
 
 
 def machine_name() -> str:
@@ -190,7 +209,7 @@ def breakdown_table(models: list[str], steps: int, repeats: int) -> list[str]:
             for i, (_, features) in enumerate(LADDER):
                 rates[i].append(handwritten_steps_per_s(model, steps, features))
             rates[-2].append(framework_call_steps_per_s(model, steps))
-            rates[-1].append(framework_steps_per_s(model, steps, 1))
+            rates[-1].append(framework_steps_per_s(model, steps, 1)[0])
             print(model, [f"{r[-1]:.0f}" for r in rates], flush=True)
         ratios = [[r / h for r, h in zip(rung, rates[0])] for rung in rates[1:]]
         lines.append(f"| {model} | {statistics.median(rates[0]):.0f} steps/s | "
@@ -198,26 +217,54 @@ def breakdown_table(models: list[str], steps: int, repeats: int) -> list[str]:
     return lines
 
 
-def overhead_table(models: list[str], steps: int, repeats: int) -> list[str]:
+SCANNED_K = 50  # the scanned comparison: the largest K the automatic choice considers
+
+
+def overhead_rows(models: list[str], steps: int, repeats: int) -> list[dict]:
+    """Per model: the framework loop against its like hand-written loop at K=1, at the K the
+    automatic choice picks, and at K=50 scanned; medians and ranges over interleaved repeats."""
     rows = []
     for model in models:
-        rates = {"hand": [], "k1": [], "k50": []}
+        rates = {name: [] for name in ("hand_k1", "fw_k1", "fw_auto", "hand_auto", "fw_k50",
+                                       "hand_k50")}
+        chosen = []
         for _ in range(repeats):  # interleaved, so drift hits every variant alike
-            rates["hand"].append(handwritten_steps_per_s(model, steps))
-            rates["k1"].append(framework_steps_per_s(model, steps, 1))
-            rates["k50"].append(framework_steps_per_s(model, steps, 50))
-            print(model, {k: f"{v[-1]:.0f}" for k, v in rates.items()}, flush=True)
-        ratios = [f / h for f, h in zip(rates["k1"], rates["hand"])]
-        scan = [s / f for s, f in zip(rates["k50"], rates["k1"])]
-        rows.append((model, statistics.median(rates["hand"]), statistics.median(rates["k1"]),
-                     _median_and_range(ratios), statistics.median(rates["k50"]),
-                     statistics.median(scan)))
+            rates["hand_k1"].append(handwritten_steps_per_s(model, steps))
+            rates["fw_k1"].append(framework_steps_per_s(model, steps, 1)[0])
+            rate, k = framework_steps_per_s(model, steps, 0)
+            rates["fw_auto"].append(rate)
+            chosen.append(k)
+            rates["hand_auto"].append(rates["hand_k1"][-1] if k == 1 else
+                                      handwritten_steps_per_s(model, steps, steps_per_call=k))
+            rates["fw_k50"].append(framework_steps_per_s(model, steps, SCANNED_K)[0])
+            rates["hand_k50"].append(handwritten_steps_per_s(model, steps,
+                                                             steps_per_call=SCANNED_K))
+            print(model, {k: f"{v[-1]:.0f}" for k, v in rates.items()}, f"auto K={chosen[-1]}",
+                  flush=True)
+        row = {"model": model, "auto_k": chosen,
+               **{f"{name}_steps_per_s": statistics.median(v) for name, v in rates.items()}}
+        for label, fw, hand in (("k1", "fw_k1", "hand_k1"), ("auto", "fw_auto", "hand_auto"),
+                                ("k50", "fw_k50", "hand_k50")):
+            ratios = [f / h for f, h in zip(rates[fw], rates[hand])]
+            row[f"ratio_{label}"] = statistics.median(ratios)
+            row[f"ratio_{label}_range"] = [min(ratios), max(ratios)]
+        rows.append(row)
+    return rows
+
+
+def overhead_table(rows: list[dict]) -> list[str]:
+    def ratio(row, label):
+        low, high = row[f"ratio_{label}_range"]
+        return f"{row[f'ratio_{label}']:.3f} ({low:.2f}–{high:.2f})"
+
     return [
-        ("| model | hand-written steps/s | framework K=1 steps/s | ratio K=1 / hand (range) | "
-         "framework K=50 steps/s | K=50 / K=1 |"),
-        "|---|---|---|---|---|---|",
-        *[f"| {m} | {h:.0f} | {f:.0f} | {r} | {s:.0f} | {x:.2f}× |"
-          for m, h, f, r, s, x in rows],
+        ("| model | hand-written K=1 steps/s | framework K=1 steps/s | K=1: framework / hand | "
+         "automatic K (per repeat) | at that K: framework / hand | "
+         f"K={SCANNED_K}: framework / hand |"),
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['model']} | {r['hand_k1_steps_per_s']:.0f} | {r['fw_k1_steps_per_s']:.0f} | "
+          f"{ratio(r, 'k1')} | {', '.join(map(str, r['auto_k']))} | {ratio(r, 'auto')} | "
+          f"{ratio(r, 'k50')} |" for r in rows],
     ]
 
 
@@ -235,6 +282,7 @@ def main() -> None:
                         help="instead: add the framework's parts one at a time to the "
                              "hand-written step (section 'overhead-breakdown')")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--json", help="also write the overhead rows to this JSON file")
     args = parser.parse_args()
 
     command = (f"`benchmarks/overhead.py{' --breakdown' if args.breakdown else ''} "
@@ -249,11 +297,19 @@ def main() -> None:
              "its own hand-written run; the ladder columns are cumulative."), "",
             *breakdown_table(args.models, args.steps, args.repeats)]))
         return
-    print(write_section(Path(args.out), "overhead", [
-        "## Overhead: framework loop vs hand-written jit loop", "", command, common,
-        ("Framework rate = steady-state log windows (compile excluded); ratio = framework / "
-        "hand-written (1.00 = no overhead; goal ≥ 0.97)."), "",
-        *overhead_table(args.models, args.steps, args.repeats)]))
+    rows = overhead_rows(args.models, args.steps, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_name(), "steps": args.steps,
+                                               "repeats": args.repeats, "rows": rows}, indent=2))
+    tag = "overhead" if jax.default_backend() == "cpu" else f"overhead-{jax.default_backend()}"
+    print(write_section(Path(args.out), tag, [
+        f"## Overhead: framework loop vs hand-written jit loop ({jax.default_backend()})", "",
+        command, common,
+        ("Framework rate = steady-state log windows (compile excluded). The hand-written loop "
+         "donates its parameters and optimizer state and, at K > 1, scans K steps per call, "
+         "like the framework. Ratio = framework / hand-written within one repeat, median "
+         "(lowest–highest); 1.00 = no overhead, goal ≥ 0.97."), "",
+        *overhead_table(rows)]))
 
 
 if __name__ == "__main__":

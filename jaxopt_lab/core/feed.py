@@ -7,19 +7,17 @@ Two feeds share one shape, `train_fn(state, source) -> (state, metrics[K])`:
 - streamed: `source` is K batches stacked on a leading axis, from the grain pipeline, put on the
   devices a few calls ahead (`StreamedFeed`).
 K > 1 runs the steps in `lax.scan`; whether that is faster depends on backend and model, so
-`pick_steps_per_call` measures it.
+`core/callsize.py` measures it while the run trains.
 """
 
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -162,34 +160,6 @@ def one_call_in_flight() -> bool:
     held the threads the last device needed to finish this one, a deadlock (4 simulated devices
     on 2 cores, the 128-channel CNN). Accelerators queue as usual."""
     return jax.default_backend() == "cpu" and jax.local_device_count() > 1
-
-
-def pick_steps_per_call(build: Callable[[int], Callable], state, source_for: Callable[[int], object],
-                        candidates: tuple[int, ...] = (1, 32), budget_steps: int = 128) -> int:
-    """Times each K on a copy of the state and returns the fastest (the same on every process).
-
-    Scanning removes per-step dispatch, which wins on accelerators; on XLA:CPU a scanned conv step
-    can run several times slower. Measured here, not assumed.
-    """
-    rates = []
-    one_in_flight = one_call_in_flight()
-    for k in candidates:
-        fn = build(k)
-        trial = jax.tree.map(jnp.copy, state)
-        source = source_for(k)
-        trial, _ = fn(trial, source)  # compile
-        jax.block_until_ready(trial)
-        calls = max(1, budget_steps // k)
-        start = time.perf_counter()
-        for _ in range(calls):
-            if one_in_flight:
-                jax.block_until_ready(trial)
-            trial, _ = fn(trial, source)
-        jax.block_until_ready(trial)
-        rates.append(calls * k / (time.perf_counter() - start))
-    best = int(np.argmax(rates))
-    best = int(multihost_utils.broadcast_one_to_all(np.int32(best)))
-    return candidates[best]
 
 
 class StreamedFeed:

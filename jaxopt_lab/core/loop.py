@@ -39,17 +39,16 @@ from jaxopt_lab.core.builder import (
     swept_keys,
     with_model_recorded,
 )
+from jaxopt_lab.core.callsize import CallSizeChooser
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
 from jaxopt_lab.core.evaluate import make_evaluator
 from jaxopt_lab.core.feed import (
     NO_STEP,
     StreamedFeed,
-    compile_k_steps,
     device_sampler,
     make_logged_train_fn,
     one_call_in_flight,
-    pick_steps_per_call,
     replicate,
     sampled_step,
     shard_batch,
@@ -109,7 +108,7 @@ class _Run:
     evaluators: dict[str, Callable]  # split -> evaluate(state or stacked members)
     checkpointer: Checkpointer
     resumed_from: int | None = None
-    steps_per_call: int = 1
+    call_size: dict = dataclasses.field(default_factory=lambda: {"steps_per_call": 1})
     last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member
 
     @property
@@ -191,18 +190,12 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     writer.truncate_after(int(run.carry.step))
     total = config.train.steps
 
-    # The streamed feed's shape, for measuring and tracing: the first batch, stacked per step.
+    # The streamed feed's shape, for tracing: the first batch, as one step's stack.
     first = {n: v[:config.data.batch_size] for n, v in run.dataset.train.items()}
-
-    def fixed_source(k):
-        return shard_batch({n: np.stack([v] * k) for n, v in first.items()}, mesh,
-                           leading_axes=1) if streamed else run.source
-
-    finished = int(run.carry.step) >= total  # a rerun of a finished run measures nothing
-    steps_per_call = config.train.steps_per_call or (1 if finished else pick_steps_per_call(
-        lambda k: compile_k_steps(run.step_fn, k, streamed), run.carry, fixed_source,
-        candidates=(1, _auto_steps_per_call(config.train))))
-    run.steps_per_call = steps_per_call
+    one_call_source = (shard_batch({n: v[None] for n, v in first.items()}, mesh, leading_axes=1)
+                       if streamed else run.source)
+    chooser = CallSizeChooser(_auto_steps_per_call(config.train), int(run.carry.step), total,
+                              fixed=config.train.steps_per_call)
     train_fns = {}
 
     one_in_flight = one_call_in_flight()
@@ -215,7 +208,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
         return train_fns[k](carry, run.streamed.next(k) if streamed else run.source, totals)
 
     # Placed like the step's outputs, so the second call does not trace again.
-    zeros = jax.device_put(zero_totals(run.step_fn, run.carry, fixed_source(1), streamed),
+    zeros = jax.device_put(zero_totals(run.step_fn, run.carry, one_call_source, streamed),
                            NamedSharding(mesh, P()))
 
     def fresh_totals():  # the train function donates its totals: each window gets new buffers
@@ -247,9 +240,10 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
             while step < total:
                 # The per-step path stays this short: on a small CPU, host work between
                 # dispatches slows the steps themselves, not only the loop.
-                k = steps_per_call if total - step >= steps_per_call else 1
+                k = chooser.next_k(step)
                 run.carry, totals = call(run.carry, totals, k)
                 step += k
+                chooser.after_call(step, run.carry)
                 bar.update(k)
                 if step < boundary:
                     continue
@@ -286,6 +280,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                     raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step "
                                     f"{step} in {checkpointer.directory}; rerun the same command "
                                     "to resume", StopSignals.EXIT_CODES[signum])
+            run.call_size = chooser.summary()
             return time.perf_counter() - start_time, step - start_step
         finally:
             bar.close()
@@ -352,7 +347,7 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
     summary = {
         "steps": int(run.carry.step), "train_wall_s": train_wall_s,
         "steps_per_s": steps_run / train_wall_s if train_wall_s > 0 else 0.0,
-        "num_params": num_params, "steps_per_call": run.steps_per_call, "devices": run.mesh.size,
+        "num_params": num_params, **run.call_size, "devices": run.mesh.size,
         "processes": jax.process_count(), "resumed_from": run.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
         "techniques": run.experiment.techniques, **communication(run.workdir),
