@@ -20,7 +20,7 @@ import optax
 from jaxopt_lab.core.optim import build_optimizer, check_swept
 from jaxopt_lab.core.population import member_values
 from jaxopt_lab.core.state import sample_input
-from jaxopt_lab.core.step import Reducer, pmean_reducer
+from jaxopt_lab.core.step import Reducer, pmean_reducer, sharded_mean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
@@ -163,6 +163,10 @@ def check_techniques(config: ml_collections.ConfigDict) -> None:
             check(config)
         except UserError as e:
             raise UserError(str(e).replace(f"{name} ", f"techniques.{name}.", 1)) from None
+    if config.train.shard_params and config.techniques.compress.method != "none":
+        raise UserError(f"techniques.compress.method={config.techniques.compress.method!r} cannot "
+                        "reduce sharded gradients (train.shard_params=True): a compressor "
+                        "exchanges whole tensors; set one of them off")
 
 
 def _combined(*fns: Callable | None) -> Callable | None:
@@ -270,6 +274,11 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     if reducer is None and compression is not None:
         reducer = compress.make_reducer(**dataclasses.asdict(compression))
         techniques["compress"] = compression.describe()
+    if config.train.shard_params:
+        if reducer is not None and not reducer.sharded:
+            raise UserError("train.shard_params=True needs a sharded reducer: yours returns whole "
+                            "gradients (see core.step.sharded_mean_reducer)")
+        reducer = reducer or sharded_mean_reducer()
     return Experiment(
         model=model,
         loss_fn=loss_fn,

@@ -78,6 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000
     c.train.progress = True
     c.train.measure = True  # summary.json: model_bytes, FLOPs, latency at batch 1 and 256
+    c.train.grad_accum_steps = 1  # microbatches per device and step, one update (core/accumulate.py)
+    c.train.shard_params = False  # params and optimizer state sharded over devices (core/fsdp.py)
 
     # A population: config keys and one value per member, trained as one vmapped program in one
     # run directory, e.g. (("optim.lr", (1e-3, 3e-3, 1e-2)), ("seed", (0, 1, 2))). Keys: seed,
@@ -364,7 +366,8 @@ def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> Non
 
     check_techniques(config)
     _check_positive(config, "data.batch_size", "train.steps", "train.eval_every", "train.log_every",
-                    "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size")
+                    "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",
+                    "train.grad_accum_steps")
     if config.train.steps_per_call < 0:
         raise UserError("train.steps_per_call must be >= 0 (0 picks it by measurement)")
     for name in ("data.workers", "data.prefetch"):

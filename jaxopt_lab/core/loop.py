@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxopt_lab.core.accumulate import check_microbatches
 from jaxopt_lab.core.builder import (
     Experiment,
     build_experiment,
@@ -55,6 +56,7 @@ from jaxopt_lab.core.feed import (
     zero_totals,
 )
 from jaxopt_lab.core.interrupt import Preempted, StopSignals
+from jaxopt_lab.core.measure import compiled_memory
 from jaxopt_lab.core.metrics import MetricsWriter
 from jaxopt_lab.core.population import (
     population_init,
@@ -64,7 +66,7 @@ from jaxopt_lab.core.population import (
 from jaxopt_lab.core.rundir import check_workdir, record_run
 from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
 from jaxopt_lab.core.step import Reducer, make_train_step
-from jaxopt_lab.core.summary import best_member, communication, measurements, state_summaries
+from jaxopt_lab.core.summary import best_member, communication, state_fields
 from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.data.pipeline import make_grain_loader
 from jaxopt_lab.data.sources import Dataset
@@ -109,6 +111,7 @@ class _Run:
     checkpointer: Checkpointer
     resumed_from: int | None = None
     call_size: dict = dataclasses.field(default_factory=lambda: {"steps_per_call": 1})
+    step_memory: dict = dataclasses.field(default_factory=dict)  # compiled_memory of one call
     last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member
 
     @property
@@ -123,6 +126,7 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams, reduce
     if config.data.batch_size % mesh.size:
         raise UserError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                         f"{mesh.size} devices of the mesh")
+    check_microbatches(config.data.batch_size // mesh.size, config.train.grad_accum_steps)
     if model is not None:
         config = with_model_recorded(config, model)
     check_workdir(workdir, config)
@@ -137,7 +141,8 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams, reduce
         dataset = experiment.train_data(dataset)
     members = population_members(config, experiment)
     train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh,
-                                 experiment.state_metrics)
+                                 experiment.state_metrics,
+                                 grad_accum_steps=config.train.grad_accum_steps)
     sample_x = sample_input(dataset)
     configured_data_seed = config.data.seed if config.data.seed >= 0 else None
     if members:
@@ -201,11 +206,15 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     one_in_flight = one_call_in_flight()
 
     def call(carry, totals, k):
+        source = run.streamed.next(k) if streamed else run.source
         if k not in train_fns:
             train_fns[k] = make_logged_train_fn(run.step_fn, k, streamed)
+            # The compilation the call below reuses: its memory costs nothing more.
+            run.step_memory = run.step_memory or compiled_memory(train_fns[k], carry, source,
+                                                                 totals)
         if one_in_flight:
             jax.block_until_ready(carry)
-        return train_fns[k](carry, run.streamed.next(k) if streamed else run.source, totals)
+        return train_fns[k](carry, source, totals)
 
     # Placed like the step's outputs, so the second call does not trace again.
     zeros = jax.device_put(zero_totals(run.step_fn, run.carry, one_call_source, streamed),
@@ -351,11 +360,11 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
         "processes": jax.process_count(), "resumed_from": run.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
         "techniques": run.experiment.techniques, **communication(run.workdir),
+        "step_memory": run.step_memory,
     }
     is_chief = jax.process_index() == 0
-    if run.config.train.measure and is_chief:
-        summary.update(measurements(run))
-    counted = state_summaries(run)
+    measured, counted = state_fields(run)
+    summary.update(measured)
     if run.members:
         active = np.asarray(jax.device_get(run.carry.active))
         summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i],

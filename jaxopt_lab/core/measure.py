@@ -218,3 +218,22 @@ def measure_model(
     for b in batch_sizes:
         result[f"latency_ms_batch{b}"] = latency_ms(apply, sample_x, b, variables=variables)
     return result
+
+
+def compiled_memory(jitted: Any, *args: Any) -> dict[str, int]:
+    """Bytes per device of `jitted`'s compiled program for `args` (XLA's memory analysis;
+    `jax.stages.Compiled.memory_analysis`): arguments, outputs, temporaries, and `peak_bytes` =
+    their sum less the outputs that reuse donated arguments' buffers. {} where the backend gives
+    none. `args` may be arrays (donated ones too: only their shapes and shardings are read) or
+    ShapeDtypeStructs; where `jitted` was called with such arguments, its compilation is reused.
+    """
+    stats = jitted.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return {}
+    sizes = {"argument_bytes": stats.argument_size_in_bytes,
+             "output_bytes": stats.output_size_in_bytes,
+             "temp_bytes": stats.temp_size_in_bytes,
+             "alias_bytes": stats.alias_size_in_bytes}
+    peak = (sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"]
+            - sizes["alias_bytes"])
+    return {**{k: int(v) for k, v in sizes.items()}, "peak_bytes": int(peak)}

@@ -191,6 +191,6 @@ def population_init(experiment, sample_x, mesh, members: Sequence[Mapping[str, A
 
     abstract = jax.eval_shape(init)
     replicated = NamedSharding(mesh, P())
-    shardings = Population(step=replicated, members=state_shardings(abstract.members, mesh, 1),
-                           active=replicated)
+    members = state_shardings(abstract.members, mesh, 1, shard_params=experiment.reducer.sharded)
+    shardings = Population(step=replicated, members=members, active=replicated)
     return init, shardings

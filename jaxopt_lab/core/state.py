@@ -13,6 +13,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxopt_lab.core import fsdp
 from jaxopt_lab.core.tasks import train_kwargs
 
 # A params subtree a technique trains beside the model's own (distillation's hint maps): in the
@@ -86,16 +87,27 @@ def _init_and_shardings(experiment, sample_x, mesh: Mesh, seed: int, data_seed: 
                                   extra_params=experiment.extra_params)
 
     abstract = jax.eval_shape(init)
-    return init, abstract, state_shardings(abstract, mesh)
+    return init, abstract, state_shardings(abstract, mesh,
+                                           shard_params=experiment.reducer.sharded)
 
 
-def state_shardings(abstract: TrainState, mesh: Mesh, leading_axes: int = 0) -> TrainState:
+def state_shardings(abstract: TrainState, mesh: Mesh, leading_axes: int = 0,
+                    shard_params: bool = False) -> TrainState:
     """Everything replicated, comm_state split over the "data" axis after `leading_axes` (1 for a
-    population's stacked state)."""
+    population's stacked state); with `shard_params`, params and opt_state split by
+    `core.fsdp.leaf_spec` (for a sharded reducer's step)."""
     lead = [None] * leading_axes
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-    return shardings.replace(comm_state=jax.tree.map(
+    shardings = shardings.replace(comm_state=jax.tree.map(
         lambda _: NamedSharding(mesh, P(*lead, mesh.axis_names[0])), abstract.comm_state))
+    if not shard_params:
+        return shardings
+
+    def split(tree):
+        return jax.tree.map(lambda x: NamedSharding(
+            mesh, fsdp.leaf_spec(x.shape, mesh.size, leading_axes)), tree)
+
+    return shardings.replace(params=split(abstract.params), opt_state=split(abstract.opt_state))
 
 
 def init_sharded_state(experiment, sample_x, mesh: Mesh, seed: int,

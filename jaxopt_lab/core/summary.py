@@ -8,26 +8,45 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.core.state import model_params, sample_input
 
 
-def measurements(run) -> dict:
+def state_fields(run) -> tuple[dict, list[dict]]:
+    """(`measurements` where train.measure asks, on the chief process, else {};
+    `state_summaries`), from one host copy of the final state. Every process calls it: sharded
+    parameters (train.shard_params) are gathered from all of them."""
+    measure = run.config.train.measure
+    if run.experiment.state_summary is None and not measure:
+        return {}, state_summaries(run, None)
+    # The measurements read only the model's variables: the optimizer state stays on the devices.
+    state = run.state if run.experiment.state_summary else run.state.replace(opt_state=None)
+    host = jax.tree.map(_host_copy, state)
+    measured = measurements(run, host) if measure and jax.process_index() == 0 else {}
+    return measured, state_summaries(run, host)
+
+
+def _host_copy(a: jax.Array) -> np.ndarray:
+    if a.sharding.is_fully_replicated:
+        return np.asarray(a.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def measurements(run, host) -> dict:
     """model_bytes, FLOPs per example and latency of one model (a population's members share
-    shapes) on this process's first device; host copies, so no collective is involved."""
-    state = jax.tree.map(lambda a: a[0], run.state) if run.members else run.state
-    variables = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
-                             {"params": model_params(state.params), **state.model_state})
+    shapes) on this process's first device, from the host copy of the state."""
+    state = jax.tree.map(lambda a: a[0], host) if run.members else host
+    variables = {"params": model_params(state.params), **state.model_state}
     return measure_model(run.experiment.model, variables, sample_input(run.dataset))
 
 
-def state_summaries(run) -> list[dict]:
+def state_summaries(run, host) -> list[dict]:
     """The techniques' summary fields (sparsity, ...), one dict per member (one for a run)."""
     if run.experiment.state_summary is None:
         return [{} for _ in run.members or [None]]
-    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), run.state)
     if not run.members:
         return [run.experiment.state_summary(host)]
     return [run.experiment.state_summary(jax.tree.map(lambda a, i=i: a[i], host))

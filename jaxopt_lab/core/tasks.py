@@ -35,6 +35,9 @@ LABEL_SMOOTHING = "loss.label_smoothing"  # the hparams key (a config path, as a
 # An optional batch key, float [B]: 1 for an example with a label, 0 for one without (a
 # distillation transfer example), whose label is a placeholder the loss must not train on.
 LABELED = "labeled"
+# Set by gradient accumulation (`core/accumulate.py`) on each microbatch of a batch with LABELED:
+# the labelled examples per microbatch, averaged over the step's microbatches and devices.
+LABELED_COUNT = "labeled_count"
 DATA_AXIS = "data"  # the mesh axis the step's per-device region runs over
 EVAL_SEED = 0  # evaluation is deterministic; AQT still asks for a "params" stream
 
@@ -141,13 +144,17 @@ def labeled_mean(values: jax.Array, batch: dict) -> jax.Array:
 
     Inside the step's per-device region the divisor is the labelled count averaged over the
     devices, not this device's own: the devices' mean gradient is then the gradient of the whole
-    batch's labelled mean, however the labels fell among the shards.
+    batch's labelled mean, however the labels fell among the shards. Under gradient accumulation
+    the batch's LABELED_COUNT carries that average over the step's microbatches too.
     """
     if LABELED not in batch:
         return jnp.mean(values)
     weights = jnp.broadcast_to(
         batch[LABELED].reshape(-1, *([1] * (values.ndim - 1))), values.shape)
-    count = _mean_over_devices(jnp.sum(weights))
+    if LABELED_COUNT in batch:  # per example: a token loss [B, T] counts T positions each
+        count = batch[LABELED_COUNT] * (values.size // values.shape[0])
+    else:
+        count = _mean_over_devices(jnp.sum(weights))
     safe = jnp.where(count > 0, count, 1.0)
     return jnp.sum(values * weights) / safe
 
