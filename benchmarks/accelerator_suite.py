@@ -81,10 +81,16 @@ def machine() -> dict:
 
 def run_script(argv: list[str], timeout_s: float) -> dict:
     """Runs `python3 argv` from the repository root, echoing its output as it comes; returns the
-    exit code, wall time and the last lines (killed after `timeout_s`)."""
+    exit code, wall time and the last lines (killed after `timeout_s`).
+
+    This process holds 75 % of a GPU's memory (XLA's default preallocation), so the child
+    allocates as it goes from the rest. A TPU is held by one process at a time: there the
+    subprocess parts fail, with their error recorded; run those scripts on their own.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                           if p))
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
