@@ -7,15 +7,15 @@ run of at most ~5 minutes, written as one JSON and one section of benchmarks/RES
 Parts, in this order (each wrapped: one failing records its error and the others still run; the
 JSON and the section are rewritten after every part, so a run cut short keeps what it measured):
   peak        an n×n×n bf16 matmul (8192³): the measured peak that % of peak refers to;
-  steps       ResNet-18 (basic blocks [2, 2, 2, 2], widths 64–512, 32×32 inputs) and a ViT-S
-              (dim 384, depth 12, 6 heads, MLP 1536, 4×4 patches) on synthetic data: the
-              framework's train step (config -> build_experiment -> make_train_step -> the loop's
-              compiled call) against a hand-written Flax step (jit of value_and_grad + optax), in
-              float32 and bfloat16 (`train.compute_dtype`), interleaved; TFLOP/s from FLOPs counted
-              in the hand-written step's jaxpr (core/measure.py);
-  population  1,024 MNIST-1D MLP trials as one vmapped program against one trial, K steps scanned;
+  resnet      ResNet-18 (basic blocks [2, 2, 2, 2], widths 64–512, 32×32 inputs) on synthetic
+              data: the framework's train step (config -> build_experiment -> make_train_step ->
+              the loop's compiled call) against a hand-written Flax step (jit of value_and_grad +
+              optax), in float32 and bfloat16 (`train.compute_dtype`), interleaved; TFLOP/s from
+              FLOPs counted in the hand-written step's jaxpr (core/measure.py);
   overhead    benchmarks/overhead.py (framework loop vs hand-written loop, MLP and CNN, at K=1 and
               the chosen K), as a subprocess; its table is embedded in this section;
+  population  1,024 MNIST-1D MLP trials as one vmapped program against one trial, K steps scanned;
+  vit         a ViT-S (dim 384, depth 12, 6 heads, MLP 1536, 4×4 patches on 32×32) as `resnet`;
   quantize    benchmarks/quantize_gpu.py --repeats 3, as a subprocess (off by default: --quantize).
 A part that would start after --budget-s is recorded as skipped.
 """
@@ -43,20 +43,21 @@ from results_file import write_section
 from suite_steps import compare_steps, matmul_peak, one_line, population_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("peak", "steps", "population", "overhead", "quantize")
+# In order of what the issue's goals need most: a run cut short loses the last ones.
+PARTS = ("peak", "resnet", "overhead", "population", "vit", "quantize")
 VIT_S = {"patch_size": 4, "dim": 384, "depth": 12, "heads": 6, "mlp_dim": 1536}
 # Per mode: matmul n; (model, hparams, input shape, batch) per step model; population trials and
 # K; overhead.py's arguments; repeats and the least seconds per repeat.
 SIZES = {
     "full": {"peak_n": 8192,
-             "steps": [("resnet18", {}, (32, 32, 3), 512), ("vit", VIT_S, (32, 32, 3), 256)],
+             "resnet": ("resnet18", {}, (32, 32, 3), 512), "vit": ("vit", VIT_S, (32, 32, 3), 256),
              "trials": 1024, "steps_per_call": 50,
              "overhead_args": ["--steps", "1000", "--repeats", "2"],
              "repeats": 5, "min_repeat_s": 0.3},
     "tiny": {"peak_n": 256,  # a CIFAR ResNet-8 for ResNet-18: its conv-BN path, compiled fast
-             "steps": [("resnet", {"depth": 8, "width": 4}, (8, 8, 3), 8),
-                       ("vit", {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2,
-                                "mlp_dim": 32}, (8, 8, 3), 8)],
+             "resnet": ("resnet", {"depth": 8, "width": 4}, (8, 8, 3), 8),
+             "vit": ("vit", {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32},
+                     (8, 8, 3), 8),
              "trials": 4, "steps_per_call": 5,
              "overhead_args": ["--steps", "40", "--repeats", "1"],
              "repeats": 2, "min_repeat_s": 0.02},
@@ -182,20 +183,21 @@ def section(report: dict, tiny: bool) -> list[str]:
         part = parts.get(name)
         if part is None:
             continue
-        title = {"peak": "Peak", "steps": "Train step: framework vs hand-written Flax",
+        title = {"peak": "Peak", "resnet": "ResNet train step: framework vs hand-written Flax",
+                 "vit": "ViT train step: framework vs hand-written Flax",
                  "population": "A population as one program vs one trial",
                  "overhead": "Framework loop vs hand-written loop (benchmarks/overhead.py)",
                  "quantize": "Quantization (benchmarks/quantize_gpu.py)"}[name]
         lines += ["", f"### {title}", ""]
         if part.get("skipped"):
             lines.append(f"Skipped: {part['skipped']}.")
-        elif part.get("error") and name not in ("steps",):
+        elif part.get("error"):
             lines.append(f"Failed: {part['error']}")
         if name == "peak" and "tflops" in part:
             lines.append(f"bf16 matmul {part['n']}³: {part['median_ms']:.3f} ms, "
                          f"{part['tflops']:.3g} TFLOP/s (the peak that % of peak refers to).")
-        elif name == "steps" and part.get("rows"):
-            lines += step_lines(part["rows"])
+        elif name in ("resnet", "vit") and "variants" in part:
+            lines += step_lines([part])
         elif name == "population" and "variants" in part:
             lines.append(f"{part['trials']} MNIST-1D MLPs (batch {part['batch']} each, own seed "
                          f"and data order) vmapped, against one; {part['steps_per_call']} steps "
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-quantize", dest="quantize", action="store_false",
                         help="the default: quantize_gpu.py was run on its own")
     parser.add_argument("--repeats", type=int, help="timed repeats (default: 5, tiny 2)")
-    parser.add_argument("--budget-s", type=float, default=240.0,
+    parser.add_argument("--budget-s", type=float, default=270.0,
                         help="no part starts after this many seconds; subprocesses are killed")
     parser.add_argument("--overhead-args", help="overhead.py's arguments, e.g. "
                         "'--steps 1000 --repeats 3' (--json and --out are added)")
@@ -283,21 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     def peak() -> dict:
         return matmul_peak(sizes["peak_n"], repeats, sizes["min_repeat_s"])
 
-    def steps() -> dict:
-        peak_tflops = report["parts"].get("peak", {}).get("tflops")
-        rows, part = [], {"rows": []}
-        for name, hparams, shape, batch in sizes["steps"]:
-            if left() <= 0:
-                rows.append({"model": name, "batch": batch, "error": "out of budget, skipped"})
-                continue
-            try:
-                rows.append(compare_steps(name, hparams, shape, batch, repeats,
-                                          sizes["min_repeat_s"], peak_tflops))
-            except Exception as error:  # noqa: BLE001 -- the next model still runs
-                rows.append({"model": name, "batch": batch, "error": one_line(error)})
-            part["rows"] = rows
-            print(*step_lines(rows[-1:]), sep="\n", flush=True)
-        return part
+    def train_steps(part: str) -> Callable[[], dict]:
+        def run() -> dict:
+            model, hparams, shape, batch = sizes[part]
+            return compare_steps(model, hparams, shape, batch, repeats, sizes["min_repeat_s"],
+                                 report["parts"].get("peak", {}).get("tflops"))
+        return run
 
     def population() -> dict:
         return population_throughput(sizes["trials"], sizes["steps_per_call"], repeats,
@@ -322,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                              if result["returncode"] == 0 else ""]
         return result
 
-    for name, fn in zip(PARTS, (peak, steps, population, overhead, quantize)):
+    for name, fn in zip(PARTS, (peak, train_steps("resnet"), overhead, population,
+                                train_steps("vit"), quantize)):
         run_part(name, fn)
     report["elapsed_s"] = time.perf_counter() - start
     print(f"\nsuite done in {report['elapsed_s']:.0f} s"

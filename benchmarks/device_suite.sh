@@ -6,9 +6,11 @@
 #
 # Expected: about 5 minutes, mostly compiling (XLA autotunes each fusion; ResNet-18 and ViT-S
 # train steps take tens of seconds each, four of each). The suite's own budget (--budget-s,
-# default 240 s) starts no part after it and kills its subprocesses there; every part's rows are
-# printed as they finish (tee-d to $OUT/accelerator_suite.log) and the JSON and the section are
-# rewritten after each part, so a run cut short still brings back what it measured.
+# default 270 s) starts no part after it and kills its subprocesses there; the parts run in the
+# order the goals need them (peak, ResNet-18, overhead, population, ViT-S), every part's
+# rows are printed as they finish (tee-d to $OUT/accelerator_suite.log), and the JSON and the
+# section are rewritten after each part, so a run cut short still brings back what it measured.
+# timeout_s leaves room for the last part started before the budget ran out.
 #
 # That machine's image has Python 3.12 with jax/jaxlib (0.11.x), flax, optax and orbax; the rest
 # of what jaxopt_lab imports travels as wheels in .whl/ (git-ignored, hence carry=[".whl"]),
