@@ -119,7 +119,7 @@ def section_body(path: Path) -> list[str]:
         return []
     lines = [line for line in path.read_text().splitlines()
              if not line.startswith("<!-- ") and not line.startswith("# Benchmark results")]
-    return ["#" + line if line.startswith("## ") else line for line in lines]
+    return ["##" + line if line.startswith("## ") else line for line in lines]
 
 
 # --- the section ----------------------------------------------------------------------------------
