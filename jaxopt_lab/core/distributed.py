@@ -2,7 +2,10 @@
 
 The same code runs on one device, on N local devices and on N processes. `jaxopt-lab launch`
 starts local processes and tells each who it is through JAXOPT_LAB_* variables; on a TPU pod or a
-SLURM cluster JAX's own auto-detection (`jax.distributed.initialize()` with no arguments) applies.
+SLURM cluster JAX's own auto-detection (`jax.distributed.initialize()` with no arguments) applies:
+where the environment shows a cluster (JAX_COORDINATOR_ADDRESS, GKE's TPU_WORKER_HOSTNAMES, SLURM
+with several tasks), or where JAXOPT_LAB_DISTRIBUTED=auto asks for it — a TPU VM slice made with
+`gcloud compute tpus tpu-vm create` sets none of these variables (JAX reads its metadata server).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxopt_lab.core.step import DATA_AXIS
+from jaxopt_lab.errors import UserError
 
 COORDINATOR_ENV = "JAXOPT_LAB_COORDINATOR"
 NUM_PROCESSES_ENV = "JAXOPT_LAB_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAXOPT_LAB_PROCESS_ID"
+DISTRIBUTED_ENV = "JAXOPT_LAB_DISTRIBUTED"  # "auto": join the cluster JAX detects
 
 
 def _cluster_detected() -> bool:
@@ -40,6 +45,15 @@ def initialize_distributed() -> None:
             num_processes=int(os.environ[NUM_PROCESSES_ENV]),
             process_id=int(os.environ[PROCESS_ID_ENV]),
         )
+    elif os.environ.get(DISTRIBUTED_ENV):
+        if os.environ[DISTRIBUTED_ENV] != "auto":
+            raise UserError(f"{DISTRIBUTED_ENV}={os.environ[DISTRIBUTED_ENV]!r} is unknown; "
+                            "allowed: auto (or unset)")
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as error:
+            raise UserError(f"{DISTRIBUTED_ENV}=auto, but JAX detected no cluster to join "
+                            f"(Cloud TPU, GKE, SLURM, Open MPI): {error}") from None
     elif _cluster_detected():
         jax.distributed.initialize()
 
