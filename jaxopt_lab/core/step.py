@@ -11,7 +11,8 @@ collections); see `core/tasks.py` for the rest. `hparams` is `TrainState.hparams
 scalars of the loss and the reducer. The per-device part (loss, gradient, reduction) runs inside
 `jax.shard_map` over the mesh's "data" axis, so a reducer sees exactly its own device's gradients,
 its own state and its own key. `state_metrics(state)`, where given, adds scalars computed from the
-new state (a technique's sparsity from its masks, say) to the step's metrics.
+new state (a technique's sparsity from its masks, say) to the step's metrics. A state with a
+loss scale (float16, `core/precision.py`) scales the loss and skips updates whose gradients overflow.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxopt_lab.core.precision import (
+    all_finite,
+    current_scale,
+    scaled_value_and_grad,
+    skip_nonfinite,
+)
 from jaxopt_lab.core.state import TrainState
 from jaxopt_lab.core.tasks import DATA_AXIS, LossFn
 
@@ -70,31 +77,32 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Composes the seams into a pure step; jit, scan and vmap it from outside."""
 
-    def per_device(params, model_state, comm_state, rng, hparams, step, batch):
+    def per_device(params, model_state, comm_state, rng, hparams, step, batch, loss_scale):
         # The keys are derived here, inside the per-device region, so a loss or reducer that never
         # uses its key (no dropout, no augmentation) lets XLA drop the derivation entirely.
         rng = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
         rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, aux), grads = scaled_value_and_grad(loss_fn, loss_scale)(
             params, model_state, batch, rng, hparams)
+        finite = None if loss_scale is None else all_finite(grads)  # float16: skip overflows
         local_comm = jax.tree.map(lambda x: x[0], comm_state)
         grads, local_comm, comm_stats = reducer.reduce(
             grads, local_comm, jax.random.fold_in(rng, _REDUCER_STREAM), hparams)
         comm_state = jax.tree.map(lambda x: x[None], local_comm)
         metrics = data_mean({"loss": loss, **aux["metrics"], **comm_stats})
         model_state = data_mean(aux["model_state"])
-        return grads, model_state, comm_state, metrics
+        return grads, model_state, comm_state, metrics, finite
 
     sharded = jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(P(), P(), P(DATA_AXIS), P(), P(), P(), P(DATA_AXIS)),
-        out_specs=(P(), P(), P(DATA_AXIS), P()),
+        in_specs=(P(), P(), P(DATA_AXIS), P(), P(), P(), P(DATA_AXIS), P()),
+        out_specs=(P(), P(), P(DATA_AXIS), P(), P()),
         check_vma=False)  # gradients stay per device: the reducer does the communicating
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        grads, model_state, comm_state, metrics = sharded(
+        grads, model_state, comm_state, metrics, finite = sharded(
             state.params, state.model_state, state.comm_state, state.rng, state.hparams,
-            state.step, batch)
+            state.step, batch, current_scale(state))
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
         # One norm per step: on small models each extra reduction over the parameters costs
@@ -102,6 +110,8 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state, comm_state=comm_state)
+        if finite is not None:
+            new_state, metrics = skip_nonfinite(state, new_state, finite, metrics)
         if state_metrics is not None:
             metrics.update(state_metrics(new_state))
         return new_state, metrics
