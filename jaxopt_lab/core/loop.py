@@ -56,6 +56,7 @@ from jaxopt_lab.core.feed import (
     zero_totals,
 )
 from jaxopt_lab.core.interrupt import Preempted, StopSignals
+from jaxopt_lab.core.measure import compiled_memory_bytes
 from jaxopt_lab.core.metrics import MetricsWriter
 from jaxopt_lab.core.population import (
     population_init,
@@ -110,6 +111,7 @@ class _Run:
     checkpointer: Checkpointer
     resumed_from: int | None = None
     steps_per_call: int = 1
+    train_step_memory_bytes: int | None = None  # the compiled train call's (core/measure.py)
     last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member
 
     @property
@@ -286,6 +288,10 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                     raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step "
                                     f"{step} in {checkpointer.directory}; rerun the same command "
                                     "to resume", StopSignals.EXIT_CODES[signum])
+            if train_fns:  # compiled already: its memory is read from the cache
+                k, fn = next(iter(train_fns.items()))
+                run.train_step_memory_bytes = compiled_memory_bytes(
+                    fn.lower(run.carry, fixed_source(k), fresh_totals()).compile())
             return time.perf_counter() - start_time, step - start_step
         finally:
             bar.close()
@@ -355,6 +361,7 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
         "num_params": num_params, "steps_per_call": run.steps_per_call, "devices": run.mesh.size,
         "processes": jax.process_count(), "resumed_from": run.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
+        "train_step_memory_bytes": run.train_step_memory_bytes,
         "techniques": run.experiment.techniques, **communication(run.workdir),
     }
     is_chief = jax.process_index() == 0

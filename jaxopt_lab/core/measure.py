@@ -11,6 +11,13 @@ Following the convention of papers' FLOP counts, only `dot_general` and `conv_ge
 counted, at 2 FLOPs per multiply-accumulate; elementwise ops, which matmuls and convs dominate,
 are not.
 
+`compiled_memory_bytes` reads the device memory a compiled program needs from XLA's own buffer
+assignment (`compiled.memory_analysis()`): summary.json's `train_step_memory_bytes` is the loop's
+compiled train call's, which is how remat's saving shows. XLA:CPU's default scheduler favours
+concurrency over memory and can keep recomputed activations alive as long as stored ones; GPU and
+TPU schedulers, or XLA:CPU with `--xla_cpu_enable_concurrency_optimized_scheduler=false`, place
+the recomputation where it saves memory.
+
 Latency is the median of warm, compiled runs: these machines are shared and noisy, and a median
 ignores the odd slow run that a mean would average in.
 """
@@ -166,6 +173,17 @@ def _module_path(name_stack: str) -> str:
         if module and (not parts or parts[-1] != module):
             parts.append(module)
     return "/".join(parts[1:])
+
+
+def compiled_memory_bytes(compiled: Any) -> int | None:
+    """Device bytes XLA assigns a compiled program (`jax.jit(f).lower(...).compile()`): its
+    arguments, outputs and temporaries, less the outputs written into donated arguments; None
+    where the backend does not say."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 def latency_ms(
