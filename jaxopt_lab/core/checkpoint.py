@@ -47,8 +47,9 @@ def _as_saved(tree, saved):
     was written and empty unless a feature uses it (`TrainState.loss_scale`), so that older
     checkpoints still restore."""
     if isinstance(tree, dict) and hasattr(saved, "keys"):
-        return {k: _as_saved(v, saved[k]) for k, v in tree.items()
-                if k in saved.keys() or jax.tree.leaves(v)}
+        keys = set(saved.keys())
+        return {k: _as_saved(v, saved[k]) if k in keys else v for k, v in tree.items()
+                if k in keys or jax.tree.leaves(v)}
     if isinstance(tree, list) and isinstance(saved, list | tuple) and len(tree) == len(saved):
         return [_as_saved(v, s) for v, s in zip(tree, saved, strict=True)]
     return tree

@@ -29,15 +29,16 @@ NONE, FULL = "none", "full"
 
 def _is_policy(name: str) -> bool:
     """A ready policy, called as policy(prim, *avals, **params); not a factory such as
-    save_only_these_names(*names), which needs arguments a config cannot give."""
+    save_only_these_names(*names), which needs arguments a config cannot give (and takes no
+    keyword parameters of a primitive)."""
     value = getattr(jax.checkpoint_policies, name)
     if name.startswith("_") or not callable(value):
         return False
     try:
-        first = next(iter(inspect.signature(value).parameters.values()), None)
+        parameters = inspect.signature(value).parameters.values()
     except (TypeError, ValueError):
         return False
-    return first is not None and (first.name == "prim" or first.kind is first.VAR_POSITIONAL)
+    return any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def remat_choices() -> tuple[str, ...]:
