@@ -81,9 +81,8 @@ print(json.dumps(out))
 @pytest.mark.slow  # compiles two ResNet-20 steps in a subprocess (~35 s)
 def test_remat_lowers_the_train_steps_memory_on_the_resnet():
     """XLA's buffer assignment of the compiled train step, as summary.json reports it. XLA:CPU's
-    default scheduler favours concurrency and keeps recomputed activations alive as long as
-    stored ones; with its memory-minimizing scheduler (what GPU and TPU schedulers aim at), the
-    ResNet-20's step needs clearly less with a remat policy."""
+    default scheduler favours concurrency over memory and shows little of the saving; with its
+    memory-minimizing scheduler the ResNet-20's step needs clearly less with a remat policy."""
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false",
                PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", _MEMORY], env=env, cwd=ROOT, text=True,
