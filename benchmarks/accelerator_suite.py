@@ -133,8 +133,8 @@ def _ratio(r: dict | None) -> str:
 
 
 def step_lines(rows: list[dict]) -> list[str]:
-    lines = ["| model | batch | variant | median ms | examples/s | TFLOP/s | % of peak | "
-             "compile s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | batch | variant | median ms | examples/s | TFLOP/s | % of peak | "
+             "compile s |"), "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "variants" not in row:
             lines.append(f"| {row['model']} | {row.get('batch', '')} | failed: "

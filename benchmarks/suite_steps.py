@@ -32,8 +32,12 @@ from jaxopt_lab.core.feed import (
 )
 from jaxopt_lab.core.measure import count_flops
 from jaxopt_lab.core.population import Population, population_step
-from jaxopt_lab.core.state import create_train_state, init_sharded_state, sample_input
-from jaxopt_lab.core.state import state_shardings
+from jaxopt_lab.core.state import (
+    create_train_state,
+    init_sharded_state,
+    sample_input,
+    state_shardings,
+)
 from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.core.tasks import train_kwargs
 from jaxopt_lab.data.shuffle import permuted_indices

@@ -74,7 +74,7 @@ def _aqt_int8() -> aqt_config.DotGeneral:
 
 # Smaller variants for the tests that compile: XLA:CPU takes seconds to compile a ResNet-20 or a
 # ViT; their default sizes are still checked, through jax.eval_shape, which compiles nothing.
-SMALL = {"resnet": {"depth": 8, "width": 4}, "vit": {"dim": 16, "depth": 1, "mlp_dim": 32},
+SMALL = {"resnet": {"depth": 8, "width": 4}, "resnet18": {"width": 4}, "vit": {"dim": 16, "depth": 1, "mlp_dim": 32},
          "transformer_lm": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}}
 
 
@@ -91,7 +91,7 @@ def _init(name: str) -> tuple[nn.Module, dict]:
 def test_default_size_logits_shape_in_train_and_eval(name):
     model, x = build_model(name, NUM_CLASSES), _input(name)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    assert ("batch_stats" in variables) == (name == "resnet")
+    assert ("batch_stats" in variables) == name.startswith("resnet")
     for train in (False, True):
         logits, _ = jax.eval_shape(
             functools.partial(model.apply, train=train, mutable=["batch_stats"]), variables, x
@@ -112,7 +112,7 @@ def test_runs_in_train_and_eval(name):
     for out in (logits, train_logits):
         assert out.shape == _logits_shape(name)
         assert jnp.isfinite(out).all()
-    if name == "resnet":  # training updates the running statistics; eval uses them
+    if name.startswith("resnet"):  # training updates the running statistics; eval uses them
         assert not jnp.allclose(
             updates["batch_stats"]["BatchNorm_0"]["mean"],
             variables["batch_stats"]["BatchNorm_0"]["mean"],
@@ -135,6 +135,21 @@ def test_cnn1d_has_the_papers_parameter_count():
         ("params", "Dense_0", "kernel"): 125 * 10,
         ("params", "Dense_0", "bias"): 10,
     }
+
+
+def test_resnet18_is_the_cifar_resnet18():
+    """Four stages of two basic blocks at 64-512 channels with a 3×3 stem: 11,173,962 parameters
+    for 10 classes, the count torchvision's resnet18 has once its stem is made 3×3 (kuangliu's
+    pytorch-cifar ResNet18)."""
+    model = build_model("resnet18", 10)
+    x = jnp.zeros((1, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == 11_173_962
+    assert params["Conv_0"]["kernel"].shape == (3, 3, 3, 64)
+    blocks = sorted(k for k in params if k.startswith("_BasicBlock_"))
+    assert len(blocks) == 8
+    assert [params[b]["Conv_1"]["kernel"].shape[-1] for b in sorted(blocks, key=lambda k: int(
+        k.rsplit("_", 1)[1]))] == [64, 64, 128, 128, 256, 256, 512, 512]
 
 
 @pytest.mark.parametrize("name", MNIST1D_MODELS)
@@ -175,6 +190,7 @@ def test_seams_reach_every_layer_with_a_kernel(name):
         "cnn1d": 1,
         "cnn2d": 1,
         "resnet": 1,
+        "resnet18": 1,
         "vit": 1 + 2 * (4 + 2 + 2) + 1,  # embed, depth × (q, k, v, out, 2 MLP, 2 attention), head
         "transformer_lm": 2 * (4 + 2 + 2) + 1,  # depth × (q, k, v, out, 2 MLP, 2 attention), head
     }
@@ -266,6 +282,8 @@ def test_model_hparams_lists_only_tunable_fields():
             "num_classes",
             "dot_general_cls",
             "conv_general_dilated_cls",
+            "dtype",
+            "remat",
             "parent",
             "name",
         } & set(model_hparams(name))
@@ -289,6 +307,7 @@ def test_model_hparams_lists_only_tunable_fields():
         ("resnet", {"depth": 8, "inner_widths": (4,)}, "needs 3 widths for depth 8"),
         ("vit", {"depth": 2, "layer_heads": (4,)}, "model.layer_heads=.* needs one entry per"),
         ("resnet", {"depth": 18}, "model.depth=18 is not a CIFAR ResNet depth"),
+        ("resnet18", {"stage_sizes": (2, 0)}, r"model.stage_sizes=\(2, 0\) needs one block count"),
         ("vit", {"pool": "max"}, "model.pool='max' is unknown; allowed: cls, mean"),
         ("vit", {"dim": 30, "heads": 4}, "model.dim=30 is not divisible by model.heads=4"),
     ],

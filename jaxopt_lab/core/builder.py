@@ -19,13 +19,14 @@ import optax
 
 from jaxopt_lab.core.optim import build_optimizer, check_swept
 from jaxopt_lab.core.population import member_values
+from jaxopt_lab.core.precision import compute_dtype, loss_scale_summary, scales_loss
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.step import Reducer, pmean_reducer, sharded_mean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
 from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models import NOT_HPARAMS, build_model
+from jaxopt_lab.models import NOT_HPARAMS, build_model, with_execution
 from jaxopt_lab.techniques import compress, distill, prune, quantize
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
@@ -185,7 +186,8 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
 
     Args:
       config, dataset: the run's; `dataset.task` picks the default loss and evaluation.
-      model, loss_fn, eval_fn, reducer: a caller's own, used instead of the config's. A loss
+      model, loss_fn, eval_fn, reducer: a caller's own, used instead of the config's (a model
+        computes in train.compute_dtype with train.remat where they are not the defaults). A loss
         without an eval_fn is evaluated with the data set's task on the model; a reducer is a
         `core.step.Reducer` (gradient communication), e.g. one of `techniques.compress`.
       hparams: the per-trial values a caller's own loss reads (with the config's loss, its
@@ -193,9 +195,14 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
       swept: the config keys a population varies (a swept optimizer value stays in the graph).
     Techniques plug in here, each at its own seam; `validate` rejects any that are not available.
     """
+    execution = {"dtype": compute_dtype(config.train.compute_dtype), "remat": config.train.remat}
     if model is None:
-        model = build_model(config.model.name, dataset.num_classes, **model_kwargs(config))
-    techniques, state_metrics, state_summary = {}, None, None
+        model = build_model(config.model.name, dataset.num_classes, **execution,
+                            **model_kwargs(config))
+    else:
+        model = with_execution(model, **execution)
+    techniques, state_metrics = {}, None
+    state_summary = loss_scale_summary if scales_loss(model) else None
     float_model = model  # AQT's ops hide the layer order the default skips are read from
     quantization = quantize_options(config)
     if quantization is not None:
@@ -269,7 +276,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
                         **{**dataclasses.asdict(pruning), "skip": skip})
         techniques["prune"] = {**pruning.describe(), "skip": list(skip)}
         state_metrics = _combined(state_metrics, prune.sparsity_metrics)
-        state_summary = prune.sparsity_summary
+        state_summary = _combined(state_summary, prune.sparsity_summary)
     compression = compress_options(config)
     if reducer is None and compression is not None:
         reducer = compress.make_reducer(**dataclasses.asdict(compression))

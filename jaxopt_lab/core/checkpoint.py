@@ -41,6 +41,29 @@ def _leaf_signature(tree) -> collections.Counter:
     return collections.Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
+def _as_saved(tree, saved):
+    """`tree` (serialized: nested dicts and lists) without the entries that hold no arrays and
+    that `saved`, a checkpoint's metadata tree, lacks: a state field added after the checkpoint
+    was written and empty unless a feature uses it (`TrainState.loss_scale`), so that older
+    checkpoints still restore."""
+    if isinstance(tree, dict) and hasattr(saved, "keys"):
+        keys = set(saved.keys())
+        return {k: _as_saved(v, saved[k]) if k in keys else v for k, v in tree.items()
+                if k in keys or jax.tree.leaves(v)}
+    if isinstance(tree, list) and isinstance(saved, list | tuple) and len(tree) == len(saved):
+        return [_as_saved(v, s) for v, s in zip(tree, saved, strict=True)]
+    return tree
+
+
+def _with_empty(restored, tree):
+    """`restored` with the empty entries of `tree` that `_as_saved` left out put back."""
+    if isinstance(tree, dict) and isinstance(restored, dict):
+        return {k: _with_empty(restored[k], v) if k in restored else v for k, v in tree.items()}
+    if isinstance(tree, list) and isinstance(restored, list | tuple):
+        return [_with_empty(r, v) for r, v in zip(restored, tree, strict=True)]
+    return restored
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int):
         self.directory = os.path.abspath(directory)
@@ -105,8 +128,13 @@ class Checkpointer:
 
     def _restore_step(self, target_state, step: int, data_iterator):
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        target = _as_saved(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True),
+                           self._manager.item_metadata(step)["state"])
         state = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        state = ocp.tree.deserialize_tree(
+            _with_empty(state, ocp.tree.serialize_tree(abstract, keep_empty_nodes=True)),
+            abstract, keep_empty_nodes=True)
         if data_iterator is None:
             return state
         has_position = os.path.isdir(os.path.join(self.directory, str(step), "data"))

@@ -17,6 +17,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from jaxopt_lab.core.precision import check_precision
 from jaxopt_lab.data.sources import check_dataset_name
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import MODELS, model_hparams
@@ -80,6 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.measure = True  # summary.json: model_bytes, FLOPs, latency at batch 1 and 256
     c.train.grad_accum_steps = 1  # microbatches per device and step, one update (core/accumulate.py)
     c.train.shard_params = False  # params and optimizer state sharded over devices (core/fsdp.py)
+    c.train.compute_dtype = "float32"  # float32 | bfloat16 | float16 (loss-scaled); params: float32
+    c.train.remat = "none"  # none | full | a jax.checkpoint_policies name (models/remat.py)
 
     # A population: config keys and one value per member, trained as one vmapped program in one
     # run directory, e.g. (("optim.lr", (1e-3, 3e-3, 1e-2)), ("seed", (0, 1, 2))). Keys: seed,
@@ -365,6 +368,7 @@ def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> Non
     from jaxopt_lab.core.builder import check_techniques  # the one importer of techniques
 
     check_techniques(config)
+    check_precision(config.train)
     _check_positive(config, "data.batch_size", "train.steps", "train.eval_every", "train.log_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",
                     "train.grad_accum_steps")

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxopt_lab.core.precision import diverged
 from jaxopt_lab.core.step import DATA_AXIS
 from jaxopt_lab.data.shuffle import permuted_indices
 
@@ -123,8 +124,9 @@ def make_logged_train_fn(step_fn: Callable, steps_per_call: int, streamed: bool)
         first_step = carry.step
         carry, metrics = k_steps(carry, source)
         steps = first_step + 1 + jnp.arange(steps_per_call)
-        # NaN/inf gradients are what turn parameters NaN/inf, so this names the first bad step.
-        bad = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
+        # NaN/inf gradients are what turn parameters NaN/inf, so this names the first bad step
+        # (a float16 overflow the loss scale skipped is not one).
+        bad = diverged(metrics)
         active = metrics.pop("active", None)
         if active is None:
             sums = jax.tree.map(lambda t, m: t + jnp.sum(m, axis=0), totals["sums"], metrics)

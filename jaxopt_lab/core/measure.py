@@ -11,6 +11,13 @@ Following the convention of papers' FLOP counts, only `dot_general` and `conv_ge
 counted, at 2 FLOPs per multiply-accumulate; elementwise ops, which matmuls and convs dominate,
 are not.
 
+`compiled_memory` reads the device memory a compiled program needs from XLA's own buffer
+assignment (`compiled.memory_analysis()`): summary.json's `step_memory` is the loop's compiled
+train call's (per device), which is where remat's and sharded parameters' savings show. On XLA:CPU it shows little with the
+default scheduler, which favours concurrency over memory; with
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` the ResNet's drop is clear
+(`tests/test_remat.py`). Accelerators were not measured here.
+
 Latency is the median of warm, compiled runs: these machines are shared and noisy, and a median
 ignores the odd slow run that a mean would average in.
 """

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core.config import check_population
 from jaxopt_lab.core.optim import INJECTED
+from jaxopt_lab.core.precision import diverged
 from jaxopt_lab.core.state import TrainState, create_train_state, state_shardings
 from jaxopt_lab.errors import UserError
 
@@ -151,13 +152,14 @@ def population_step(step_fn: Callable) -> Callable:
     """`(population, source) -> (population, metrics per member)` from a one-trial
     `step_fn(state, source)`; the source (data or a batch) is shared by all members.
 
-    A member's update is kept only while it is active and its loss and gradient norm are finite;
-    metrics gain "active" (after the step) and "was_active" (before) for the logged train fn.
+    A member's update is kept only while it is active and has not diverged (its loss and gradient
+    norm are finite, or they are not for a float16 overflow its loss scale skipped); metrics gain
+    "active" (after the step) and "was_active" (before) for the logged train fn.
     """
 
     def member(state, active, source):
         new, metrics = step_fn(state, source)
-        ok = active & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        ok = active & ~diverged(metrics)
         state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         return state, ok, {**metrics, "active": ok, "was_active": active}
 

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core import fsdp
+from jaxopt_lab.core.precision import initial_loss_scale
 from jaxopt_lab.core.tasks import train_kwargs
 
 # A params subtree a technique trains beside the model's own (distillation's hint maps): in the
@@ -39,6 +40,8 @@ class TrainState:
     rng: jax.Array  # uint32 key data (raw, so checkpoints need no typed-key support)
     data_rng: jax.Array  # uint32 key data: seeds each epoch's order of the on-device data
     hparams: dict[str, jax.Array]  # float32 scalars passed to the loss and the reducer
+    # float16's dynamic loss scale (core/precision.py); None, no leaves, for other dtypes
+    loss_scale: Any = None
 
 
 def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformation,
@@ -51,7 +54,8 @@ def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformat
     `comm_init(params)` gives one device's communication state; it is stacked over the
     data-parallel devices because each device keeps its own (e.g. error-feedback residuals).
     `data_seed` (default `seed`) orders the data; `hparams` are the loss's and reducer's values;
-    `extra_params(key)` gives the techniques' own params subtrees (TECHNIQUE_PARAMS).
+    `extra_params(key)` gives the techniques' own params subtrees (TECHNIQUE_PARAMS). A model
+    computing in float16 gets a loss scale.
     """
     init_key, state_key = jax.random.split(jax.random.key(seed))
     variables = model.init(init_key, sample_x, **train_kwargs(model, False))
@@ -71,6 +75,7 @@ def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformat
         rng=jax.random.key_data(state_key),
         data_rng=jax.random.key_data(jax.random.key(seed if data_seed is None else data_seed)),
         hparams={k: jnp.float32(v) for k, v in (hparams or {}).items()},
+        loss_scale=initial_loss_scale(model),
     )
 
 

@@ -17,6 +17,8 @@ Two ways to fit a larger model or batch, both off by default: `grad_accum_steps`
 batch in microbatches before the one reduction and update (`core/accumulate.py`); a sharded
 reducer (`sharded_mean_reducer`) holds parameters and optimizer state sharded over "data"
 (ZeRO-3 / FSDP, `core/fsdp.py`).
+A state with a loss scale (float16, `core/precision.py`) scales the loss and skips updates whose
+gradients overflow.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core import fsdp
-from jaxopt_lab.core.accumulate import GradFn, accumulate
+from jaxopt_lab.core.accumulate import accumulate
+from jaxopt_lab.core.precision import (
+    all_finite,
+    current_scale,
+    scaled_value_and_grad,
+    skip_nonfinite,
+)
 from jaxopt_lab.core.state import TrainState
 from jaxopt_lab.core.tasks import DATA_AXIS, LossFn
 
-__all__ = ["DATA_AXIS", "Reducer", "data_mean", "loss_and_grads", "make_train_step",
+__all__ = ["DATA_AXIS", "Reducer", "data_mean", "make_train_step",
            "pmean_reducer", "sharded_mean_reducer"]
 _REDUCER_STREAM = 1  # the reducer's key is the loss's folded with this: independent streams
 
@@ -90,11 +98,6 @@ def sharded_mean_reducer() -> Reducer:
     return Reducer(init=lambda params: (), reduce=reduce, sharded=True)
 
 
-def loss_and_grads(loss_fn: LossFn) -> GradFn:
-    """One device's `((loss, aux), grads)` of one (micro)batch: what accumulation scans."""
-    return jax.value_and_grad(loss_fn, has_aux=True)
-
-
 def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransformationExtraArgs,
                     mesh: Mesh, state_metrics: Callable[[TrainState], dict] | None = None, *,
                     grad_accum_steps: int = 1
@@ -105,34 +108,36 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
     With a `sharded` reducer the state's params and opt_state must be placed by
     `core.state.state_shardings(..., shard_params=True)`.
     """
-    grads_of = accumulate(loss_and_grads(loss_fn), grad_accum_steps)
 
-    def per_device(specs, params, model_state, comm_state, rng, hparams, step, batch):
+    def per_device(specs, params, model_state, comm_state, rng, hparams, step, batch, loss_scale):
         # The keys are derived here, inside the per-device region, so a loss or reducer that never
         # uses its key (no dropout, no augmentation) lets XLA drop the derivation entirely.
         rng = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
         rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
         if reducer.sharded:
             params = fsdp.gather(params, specs)
+        # One device's ((loss, aux), grads), microbatch by microbatch where asked.
+        grads_of = accumulate(scaled_value_and_grad(loss_fn, loss_scale), grad_accum_steps)
         (loss, aux), grads = grads_of(params, model_state, batch, rng, hparams)
+        finite = None if loss_scale is None else all_finite(grads)  # float16: skip overflows
         local_comm = jax.tree.map(lambda x: x[0], comm_state)
         grads, local_comm, comm_stats = reducer.reduce(
             grads, local_comm, jax.random.fold_in(rng, _REDUCER_STREAM), hparams)
         comm_state = jax.tree.map(lambda x: x[None], local_comm)
         metrics = data_mean({"loss": loss, **aux["metrics"], **comm_stats})
         model_state = data_mean(aux["model_state"])
-        return grads, model_state, comm_state, metrics
+        return grads, model_state, comm_state, metrics, finite
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         specs = fsdp.tree_specs(state.params, mesh.shape[DATA_AXIS]) if reducer.sharded else P()
         sharded = jax.shard_map(
             functools.partial(per_device, specs), mesh=mesh,
-            in_specs=(specs, P(), P(DATA_AXIS), P(), P(), P(), P(DATA_AXIS)),
-            out_specs=(specs, P(), P(DATA_AXIS), P()),
+            in_specs=(specs, P(), P(DATA_AXIS), P(), P(), P(), P(DATA_AXIS), P()),
+            out_specs=(specs, P(), P(DATA_AXIS), P(), P()),
             check_vma=False)  # gradients stay per device: the reducer does the communicating
-        grads, model_state, comm_state, metrics = sharded(
+        grads, model_state, comm_state, metrics, finite = sharded(
             state.params, state.model_state, state.comm_state, state.rng, state.hparams,
-            state.step, batch)
+            state.step, batch, current_scale(state))
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
         if reducer.sharded:  # GSPMD splits the update; the new state stays where the old was
@@ -142,6 +147,8 @@ def make_train_step(loss_fn: LossFn, reducer: Reducer, tx: optax.GradientTransfo
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state, comm_state=comm_state)
+        if finite is not None:
+            new_state, metrics = skip_nonfinite(state, new_state, finite, metrics)
         if state_metrics is not None:
             metrics.update(state_metrics(new_state))
         return new_state, metrics

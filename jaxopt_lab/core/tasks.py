@@ -55,7 +55,7 @@ def apply_model(model, params, model_state, x, rng: jax.Array | None, *, train: 
     intermediates).
 
     Streams: "dropout", and "params", from which AQT draws its stochastic-rounding noise at apply
-    time. `capture` are regular expressions over module paths ("Dense_0", "block_1/.*"); the
+    time. The outputs come back in float32 whatever the model computes in. `capture` are regular expressions over module paths ("Dense_0", "block_1/.*"); the
     matching modules' outputs come back by path.
     """
     rng = jax.random.key(EVAL_SEED) if rng is None else rng
@@ -75,9 +75,12 @@ def apply_model(model, params, model_state, x, rng: jax.Array | None, *, train: 
     out = model.apply({"params": params, **model_state}, x, mutable=mutable or False,
                       rngs={"dropout": dropout_key, "params": noise_key},
                       **train_kwargs(model, train), **extra)
+    outputs, collections = out if mutable else (out, {})
+    # Whatever the model computes in (train.compute_dtype), the loss and its softmax run in float32.
+    outputs = jax.tree.map(lambda y: y.astype(jnp.float32)
+                           if jnp.issubdtype(y.dtype, jnp.floating) else y, outputs)
     if not mutable:
-        return out, model_state, {}
-    outputs, collections = out
+        return outputs, model_state, {}
     captured = collections.pop("intermediates", {})
     intermediates = {"/".join(path[:-1]): value[0] for path, value in _flat_items(captured)}
     new_state = {**model_state, **collections} if train else model_state

@@ -1,8 +1,10 @@
 """Flax models and their registry; every model takes the quantization seams.
 
-Each model is a linen dataclass with `num_classes`, its tunable hyperparameters (with defaults) and
+Each model is a linen dataclass with `num_classes`, its tunable hyperparameters (with defaults),
 two seams, `dot_general_cls` (passed to every Dense/DenseGeneral) and `conv_general_dilated_cls`
-(passed to every Conv); with both None a model is plain Flax. `__call__(x, train=False)` returns
+(passed to every Conv), with both None a plain Flax model, and two execution fields: `dtype`, the
+computation dtype (Flax's `dtype` of every layer; parameters stay float32, Flax's `param_dtype`),
+and `remat` (`models/remat.py`). `__call__(x, train=False)` returns
 logits [B, num_classes] ([B, T, num_classes] for the language model); BatchNorm statistics, where
 a model has them, are in `batch_stats`.
 
@@ -13,6 +15,7 @@ registers nothing.
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
@@ -21,7 +24,8 @@ from jaxopt_lab.models.cnn1d import CNN1D
 from jaxopt_lab.models.cnn2d import CNN2D
 from jaxopt_lab.models.logreg import LogReg
 from jaxopt_lab.models.mlp import MLP
-from jaxopt_lab.models.resnet import ResNet
+from jaxopt_lab.models.remat import check_remat
+from jaxopt_lab.models.resnet import ResNet, ResNet18
 from jaxopt_lab.models.transformer_lm import TransformerLM
 from jaxopt_lab.models.vit import ViT
 
@@ -33,10 +37,12 @@ __all__ = [
     "NOT_HPARAMS",
     "LogReg",
     "ResNet",
+    "ResNet18",
     "TransformerLM",
     "ViT",
     "build_model",
     "model_hparams",
+    "with_execution",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -45,14 +51,18 @@ MODELS: dict[str, type[nn.Module]] = {
     "cnn1d": CNN1D,
     "cnn2d": CNN2D,
     "resnet": ResNet,
+    "resnet18": ResNet18,
     "vit": ViT,
     "transformer_lm": TransformerLM,
 }
 
-# Dataclass fields that are not tunable: the task's output size, the seams, and Flax's own.
+# Dataclass fields that are not tunable: the task's output size, the seams, how the model
+# executes (set from train.compute_dtype and train.remat), and Flax's own.
 NOT_HPARAMS = frozenset(
-    {"num_classes", "dot_general_cls", "conv_general_dilated_cls", "parent", "name"}
+    {"num_classes", "dot_general_cls", "conv_general_dilated_cls", "dtype", "remat", "parent",
+     "name"}
 )
+
 
 
 def _model_cls(name: str) -> type[nn.Module]:
@@ -113,15 +123,44 @@ def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def with_execution(model: nn.Module, *, dtype: Any = jnp.float32,
+                   remat: str = "none") -> nn.Module:
+    """`model` computing in `dtype` with `remat`; unchanged where both are the defaults, so a
+    module without the fields runs as it is, and one set up by its caller keeps its own values.
+
+    Raises:
+      UserError: a non-default value for a module that has no such field.
+    """
+    check_remat(remat)
+    asked = {}
+    if jnp.dtype(dtype) != jnp.dtype(jnp.float32):
+        asked["dtype"] = dtype
+    if remat != "none":
+        asked["remat"] = remat
+    fields = {f.name for f in dataclasses.fields(model)}
+    for key, value in asked.items():
+        if key not in fields:
+            setting, shown = (("train.compute_dtype", jnp.dtype(value).name) if key == "dtype"
+                              else ("train.remat", value))
+            raise UserError(f"{setting}={shown!r} needs a `{key}` field on model "
+                            f"{type(model).__name__}, which has none: add one and pass it to its "
+                            "layers as the registry's models do (jaxopt_lab/models), or keep "
+                            f"{setting} at its default")
+    return model.clone(**asked) if asked else model
+
+
 def build_model(
     name: str,
     num_classes: int,
     *,
+    dtype: Any = jnp.float32,
+    remat: str = "none",
     dot_general_cls: Any = None,
     conv_general_dilated_cls: Any = None,
     **hparams: Any,
 ) -> nn.Module:
-    """Model `name` with `num_classes` outputs, the given seams and hyperparameters.
+    """Model `name` with `num_classes` outputs, the given seams and hyperparameters, computing in
+    `dtype` (parameters stay float32) with `remat` (`models/remat.py`).
 
     Hyperparameters not given keep their defaults (see `model_hparams`); lists, as they may arrive
     from a config, are accepted where a tuple is expected.
@@ -146,5 +185,6 @@ def build_model(
     for seam, value in seams.items():
         if value is not None and seam not in fields:
             raise UserError(f"model {name!r} has no {seam} seam to inject into")
-    return cls(num_classes=num_classes, **{k: v for k, v in seams.items() if k in fields},
-               **hparams)
+    model = cls(num_classes=num_classes, **{k: v for k, v in seams.items() if k in fields},
+                **hparams)
+    return with_execution(model, dtype=dtype, remat=remat)

@@ -3,13 +3,23 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models.pytorch_init import pytorch_init
+from jaxopt_lab.models.remat import checkpointed
 
 # (kernel, stride, padding) of the paper's three Conv1d layers; a length-40 signal ends at length 5.
 _CONVS = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
+
+
+def _conv(module: "CNN1D", x: jax.Array, channels: int, kernel: int, stride: int,
+          padding: int) -> jax.Array:
+    """Conv → ReLU, the block `remat` recomputes."""
+    return nn.relu(nn.Conv(channels, (kernel,), strides=stride, padding=padding,
+                           conv_general_dilated_cls=module.conv_general_dilated_cls,
+                           dtype=module.dtype, **pytorch_init(x.shape[-1] * kernel))(x))
 
 
 class CNN1D(nn.Module):
@@ -24,6 +34,8 @@ class CNN1D(nn.Module):
 
     num_classes: int
     channels: int | tuple[int, ...] = 25
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    remat: str = "none"  # see models/remat.py: each conv is a block
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
 
@@ -45,17 +57,9 @@ class CNN1D(nn.Module):
         del train  # no dropout or batch norm
         if x.ndim == 2:
             x = x[..., None]
+        conv = checkpointed(_conv, self.remat, static_argnums=(2, 3, 4, 5))
         for channels, (kernel, stride, padding) in zip(self.channels_per_conv, _CONVS, strict=True):
-            x = nn.Conv(
-                channels,
-                (kernel,),
-                strides=stride,
-                padding=padding,
-                conv_general_dilated_cls=self.conv_general_dilated_cls,
-                **pytorch_init(x.shape[-1] * kernel),
-            )(x)
-            x = nn.relu(x)
+            x = conv(self, x, channels, kernel, stride, padding)
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(
-            self.num_classes, dot_general_cls=self.dot_general_cls, **pytorch_init(x.shape[-1])
-        )(x)
+        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, dtype=self.dtype,
+                        **pytorch_init(x.shape[-1]))(x)

@@ -3,7 +3,17 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
+
+from jaxopt_lab.models.remat import checkpointed
+
+
+def _conv(module: "CNN2D", x: jax.Array, features: int) -> jax.Array:
+    """3×3 conv → ReLU → 2×2 max-pool, the block `remat` recomputes."""
+    x = nn.Conv(features, (3, 3), conv_general_dilated_cls=module.conv_general_dilated_cls,
+                dtype=module.dtype)(x)
+    return nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
 
 
 class CNN2D(nn.Module):
@@ -16,6 +26,8 @@ class CNN2D(nn.Module):
 
     num_classes: int
     features: tuple[int, ...] = (32, 64)
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    remat: str = "none"  # see models/remat.py: each conv with its pooling is a block
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
 
@@ -24,8 +36,9 @@ class CNN2D(nn.Module):
         del train  # no dropout or batch norm
         if x.ndim == 3:
             x = x[..., None]
+        conv = checkpointed(_conv, self.remat, static_argnums=(2,))
         for features in self.features:
-            x = nn.Conv(features, (3, 3), conv_general_dilated_cls=self.conv_general_dilated_cls)(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = conv(self, x, features)
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls)(x)
+        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls,
+                        dtype=self.dtype)(x)

@@ -1,18 +1,28 @@
-"""A CIFAR-style ResNet (He et al., "Deep Residual Learning for Image Recognition", 2016, §4.2).
+"""ResNets of basic blocks with a CIFAR stem (He et al., "Deep Residual Learning for Image
+Recognition", 2016).
 
-Three stages of basic blocks at `width`, 2·`width` and 4·`width` channels, the last two starting
-with stride 2; depth = 6n + 2 (20 → 3 blocks per stage). Meant for throughput work, so it also
-runs on tiny inputs (8×8 → 8, 4, 2 spatially). `stage_widths` and `inner_widths` override the
-widths per stage and per block: a channel-pruned ResNet shrunk by `prune.shrink` has uneven ones.
+`ResNet` is the paper's CIFAR family (§4.2): three stages at `width`, 2·`width` and 4·`width`
+channels, depth = 6n + 2 (20 → 3 blocks per stage). Meant for throughput work, so it also runs on
+tiny inputs (8×8 → 8, 4, 2 spatially). `stage_widths` and `inner_widths` override the widths per
+stage and per block: a channel-pruned ResNet shrunk by `prune.shrink` has uneven ones.
+
+`ResNet18` is the ImageNet ResNet-18 (four stages of two basic blocks at 64, 128, 256 and 512
+channels) with the same CIFAR stem, the usual shape for 32×32 images: a 3×3 stride-1 conv and no
+max-pool in place of the 7×7 stride-2 conv and max-pool meant for 224×224 inputs.
+
+Both start each stage after the first with a stride-2 block and end in a global mean and a Dense
+layer; every basic block is one block for `remat`.
 """
 
 import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.remat import checkpointed
 
 # BatchNorm's shift makes a conv bias redundant; He init suits the ReLUs that follow.
 _Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal())
@@ -30,11 +40,13 @@ class _BasicBlock(nn.Module):
     strides: int
     conv_general_dilated_cls: Any
     inner_features: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(_Conv, conv_general_dilated_cls=self.conv_general_dilated_cls)
-        norm = functools.partial(_BatchNorm, use_running_average=not train)
+        conv = functools.partial(_Conv, conv_general_dilated_cls=self.conv_general_dilated_cls,
+                                 dtype=self.dtype)
+        norm = functools.partial(_BatchNorm, use_running_average=not train, dtype=self.dtype)
         y = nn.relu(norm()(conv(self.inner_features, (3, 3), self.strides)(x)))
         y = norm()(conv(self.features, (3, 3))(y))
         # Decided by the block's arguments, not by whether shapes happen to match, so a shrunk
@@ -42,6 +54,31 @@ class _BasicBlock(nn.Module):
         if self.strides != 1 or x.shape[-1] != self.features:
             x = norm()(conv(self.features, (1, 1), self.strides)(x))
         return nn.relu(x + y)
+
+
+def _block(module: nn.Module, x: jax.Array, features: int, strides: int, inner: int,
+           train: bool) -> jax.Array:
+    return _BasicBlock(features, strides, module.conv_general_dilated_cls, inner,
+                       dtype=module.dtype)(x, train)
+
+
+def _forward(module: nn.Module, x: jax.Array, train: bool, stage_widths: tuple[int, ...],
+             stage_sizes: tuple[int, ...], inner_widths: tuple[int, ...]) -> jax.Array:
+    """3×3 conv-BN-ReLU stem → stages of basic blocks → global mean → Dense, in `module`'s
+    scope (so both ResNets name their layers alike: Conv_0, BatchNorm_0, _BasicBlock_i, Dense_0)."""
+    if x.ndim == 3:
+        x = x[..., None]
+    x = _Conv(stage_widths[0], (3, 3), conv_general_dilated_cls=module.conv_general_dilated_cls,
+              dtype=module.dtype)(x)
+    x = nn.relu(_BatchNorm(use_running_average=not train, dtype=module.dtype)(x))
+    block = checkpointed(_block, module.remat, static_argnums=(2, 3, 4, 5))
+    inner = iter(inner_widths)
+    for stage, (features, blocks) in enumerate(zip(stage_widths, stage_sizes, strict=True)):
+        for b in range(blocks):
+            x = block(module, x, features, 2 if stage and not b else 1, next(inner), train)
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(module.num_classes, dot_general_cls=module.dot_general_cls,
+                    dtype=module.dtype)(x)
 
 
 class ResNet(nn.Module):
@@ -59,6 +96,8 @@ class ResNet(nn.Module):
     width: int = 16
     stage_widths: tuple[int, ...] = ()
     inner_widths: tuple[int, ...] = ()
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    remat: str = "none"  # see models/remat.py
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
 
@@ -94,19 +133,33 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if x.ndim == 3:
-            x = x[..., None]
-        stages = self.widths_per_stage
-        x = _Conv(stages[0], (3, 3), conv_general_dilated_cls=self.conv_general_dilated_cls)(x)
-        x = nn.relu(_BatchNorm(use_running_average=not train)(x))
-        inner = iter(self.inner_widths_per_block)
-        for stage, features in enumerate(stages):
-            for block in range(self.blocks_per_stage):
-                x = _BasicBlock(
-                    features,
-                    strides=2 if stage and not block else 1,
-                    conv_general_dilated_cls=self.conv_general_dilated_cls,
-                    inner_features=next(inner),
-                )(x, train)
-        x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls)(x)
+        return _forward(self, x, train, self.widths_per_stage, (self.blocks_per_stage,) * 3,
+                        self.inner_widths_per_block)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32×32 images: CIFAR stem → 4 stages of `stage_sizes` basic blocks at
+    `width`·(1, 2, 4, 8) channels → global mean → Dense (11.2 M parameters for 10 classes).
+
+    BatchNorm statistics live in `batch_stats`. Input is [B, H, W] or [B, H, W, C].
+    """
+
+    num_classes: int
+    width: int = 64
+    stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    remat: str = "none"  # see models/remat.py
+    dot_general_cls: Any = None
+    conv_general_dilated_cls: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.stage_sizes or min(self.stage_sizes) < 1:
+            raise UserError(f"model.stage_sizes={self.stage_sizes!r} needs one block count >= 1 "
+                            "per stage, e.g. (2, 2, 2, 2)")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        widths = tuple(self.width * 2**stage for stage in range(len(self.stage_sizes)))
+        inner = tuple(w for w, n in zip(widths, self.stage_sizes, strict=True) for _ in range(n))
+        return _forward(self, x, train, widths, self.stage_sizes, inner)

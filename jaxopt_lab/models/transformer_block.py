@@ -9,6 +9,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
@@ -33,6 +34,7 @@ class TransformerBlock(nn.Module):
     mlp_dim: int
     dot_general_cls: Any
     head_dim: int | None = None
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -45,8 +47,18 @@ class TransformerBlock(nn.Module):
             out_dot_general_cls=self.dot_general_cls,
             qk_attn_weights_einsum_cls=einsum,
             attn_weights_value_einsum_cls=einsum,
-        )(nn.LayerNorm()(x), mask=mask)
+            dtype=self.dtype,
+        )(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
         x = x + y
-        y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls)(nn.LayerNorm()(x))
-        y = nn.Dense(x.shape[-1], dot_general_cls=self.dot_general_cls)(nn.gelu(y))
+        dense = functools.partial(nn.Dense, dot_general_cls=self.dot_general_cls, dtype=self.dtype)
+        y = dense(self.mlp_dim)(nn.LayerNorm(dtype=self.dtype)(x))
+        y = dense(x.shape[-1])(nn.gelu(y))
         return x + y
+
+
+def apply_block(module: nn.Module, x: jax.Array, mask: jax.Array | None, heads: int,
+                mlp_dim: int, head_dim: int | None) -> jax.Array:
+    """`module`'s next TransformerBlock on `x`, with its seam and dtype: the function both
+    Transformers lift through `remat` (`models/remat.py`), so the blocks keep their names."""
+    return TransformerBlock(heads, mlp_dim, module.dot_general_cls, head_dim,
+                            dtype=module.dtype)(x, mask)

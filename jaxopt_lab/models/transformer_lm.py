@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models.transformer_block import TransformerBlock, check_heads
+from jaxopt_lab.models.remat import checkpointed
+from jaxopt_lab.models.transformer_block import apply_block, check_heads
 
 
 class TransformerLM(nn.Module):
@@ -30,6 +31,8 @@ class TransformerLM(nn.Module):
     heads: int = 4
     mlp_dim: int = 512
     max_len: int = 128
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    remat: str = "none"  # see models/remat.py: each Transformer block is a block
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
 
@@ -51,13 +54,15 @@ class TransformerLM(nn.Module):
                 f"the input has {length} tokens, more than model.max_len={self.max_len}; "
                 "allowed: a max_len at least the sequence length"
             )
-        h = nn.Embed(self.num_classes, self.dim, name="embed")(x)
+        h = nn.Embed(self.num_classes, self.dim, dtype=self.dtype, name="embed")(x)
         positions = self.param(
             "pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, self.dim)
         )
-        h = h + positions[:, :length]
+        h = h + positions[:, :length].astype(self.dtype)
         mask = nn.make_causal_mask(x)  # [B, 1, T, T]: query t sees keys <= t
+        block = checkpointed(apply_block, self.remat, static_argnums=(3, 4, 5))
         for _ in range(self.depth):
-            h = TransformerBlock(self.heads, self.mlp_dim, self.dot_general_cls)(h, mask)
-        h = nn.LayerNorm()(h)
-        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(h)
+            h = block(self, h, mask, self.heads, self.mlp_dim, None)
+        h = nn.LayerNorm(dtype=self.dtype)(h)
+        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, dtype=self.dtype,
+                        name="head")(h)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models.transformer_block import TransformerBlock, check_heads
+from jaxopt_lab.models.remat import checkpointed
+from jaxopt_lab.models.transformer_block import apply_block, check_heads
 
 _POOLS = ("cls", "mean")
 
@@ -36,6 +37,8 @@ class ViT(nn.Module):
     pool: str = "cls"
     layer_heads: tuple[int, ...] = ()  # heads per block, each dim // heads wide; () = `heads`
     layer_mlp_dims: tuple[int, ...] = ()  # MLP width per block; () = `mlp_dim`
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    remat: str = "none"  # see models/remat.py: each Transformer block is a block
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
 
@@ -72,14 +75,19 @@ class ViT(nn.Module):
             )
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)
-        x = nn.Dense(self.dim, dot_general_cls=self.dot_general_cls, name="embed")(x)
+        x = nn.Dense(self.dim, dot_general_cls=self.dot_general_cls, dtype=self.dtype,
+                     name="embed")(x)
         if self.pool == "cls":
             cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, self.dim))
-            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
-        x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.dim))
+            x = jnp.concatenate([cls, x], axis=1)
+        positions = self.param("pos_embedding", nn.initializers.normal(0.02),
+                               (1, x.shape[1], self.dim))
+        x = x + positions.astype(self.dtype)
+        block = checkpointed(apply_block, self.remat, static_argnums=(3, 4, 5))
         for heads, mlp_dim in zip(self.heads_per_block, self.mlp_dims_per_block, strict=True):
-            x = TransformerBlock(heads, mlp_dim, self.dot_general_cls,
-                                 head_dim=self.dim // self.heads)(x)
-        x = nn.LayerNorm()(x)
+            x = block(self, x, None, heads, mlp_dim, self.dim // self.heads)
+        x = nn.LayerNorm(dtype=self.dtype)(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, name="head")(x)
+        return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls, dtype=self.dtype,
+                        name="head")(x)

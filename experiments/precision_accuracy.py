@@ -1,0 +1,145 @@
+"""bfloat16 against float32 training on the digits CNN and the MNIST-1D CNN, paired by seed.
+
+    .venv/bin/python experiments/precision_accuracy.py [--seeds 5] [--variants float32,bfloat16]
+
+Each variant trains all seeds as one population (one vmapped program; member i has seed i, so
+the float32 and bfloat16 members with the same index share initialisation and data order) from
+the model's own config, with only `train.compute_dtype` changed: parameters and optimizer state
+stay float32, the loss runs in float32, the layers compute in bfloat16 (float16, with dynamic
+loss scaling, is a `--variants` choice too). The issue's goal: a mean paired difference of at
+least -0.5 points. The steps/s column is this machine's: on a CPU it says nothing about an
+accelerator's bfloat16 speed.
+
+Writes results/precision_accuracy.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, machine, stats
+
+from jaxopt_lab.core.config import load_config
+from jaxopt_lab.core.loop import train_and_evaluate
+
+# name: (config file, overrides); the configs' own step counts unless --steps says otherwise.
+MODELS = {"digits_cnn": ("digits_cnn.py", []), "mnist1d_cnn": ("mnist1d_cnn.py", [])}
+BASELINE = "float32"
+GOAL_POINTS = -0.5
+
+
+def train_variant(name: str, variant: str, seeds: int, steps: int | None, workroot: Path,
+                  fresh: bool) -> dict:
+    """The variant's summary (a population over seeds 0..seeds-1)."""
+    config_file, overrides = MODELS[name]
+    workdir = workroot / name / variant
+    if fresh:
+        shutil.rmtree(workdir, ignore_errors=True)
+    extra = [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+             f"--config.train.checkpoint_every={steps}",
+             f"--config.train.log_every={min(100, steps)}"] if steps else []
+    config = load_config(str(ROOT / "configs" / config_file), [
+        *overrides, *extra, f"--config.train.compute_dtype={variant}",
+        f"--config.population=(('seed', {tuple(range(seeds))}),)",
+        "--config.train.progress=False", "--config.train.measure=False",
+        "--config.train.steps_per_call=1"])
+    summary = train_and_evaluate(config, str(workdir))
+    summary["config_steps"] = config.train.steps
+    accuracies = [m["test_accuracy"] for m in summary["members"]]
+    print(f"{name} {variant}: {np.mean(accuracies):.4f} ({summary['steps_per_s']:.1f} steps/s)",
+          flush=True)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--variants", default="float32,bfloat16",
+                        help="compute dtypes; float32 (the baseline) is always trained")
+    parser.add_argument("--steps", type=int, default=0, help="0: each config's own")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "precision_accuracy"))
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--name", default="precision_accuracy")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete earlier runs first (otherwise a finished run is reused)")
+    args = parser.parse_args()
+    variants = [BASELINE, *[v for v in args.variants.split(",") if v != BASELINE]]
+    results = {}
+    for name in args.models.split(","):
+        summaries = {v: train_variant(name, v, args.seeds, args.steps or None,
+                                      Path(args.workdir), args.fresh) for v in variants}
+        accuracy = {v: [m["test_accuracy"] for m in s["members"]] for v, s in summaries.items()}
+        results[name] = {
+            "steps": summaries[BASELINE]["config_steps"],
+            "accuracy": {v: stats(a) for v, a in accuracy.items()},
+            "paired_difference": {v: stats([x - f for x, f in zip(a, accuracy[BASELINE],
+                                                                   strict=True)])
+                                  for v, a in accuracy.items() if v != BASELINE},
+            "steps_per_s": {v: s["steps_per_s"] for v, s in summaries.items()},
+            "skipped_steps": {v: [m["skipped_steps"] for m in s["members"]]
+                              for v, s in summaries.items() if "skipped_steps" in
+                              s["members"][0]},
+        }
+    write(results, Path(args.out), args.seeds, args.name)
+
+
+def write(results: dict, out: Path, seeds: int, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    host = machine()
+    (out / f"{name}.json").write_text(json.dumps(
+        {"machine": host, "seeds": seeds, "goal_points": GOAL_POINTS, "models": results},
+        indent=2) + "\n")
+    lines = [
+        "# Mixed precision: accuracy against float32",
+        "",
+        (f"Written by `experiments/precision_accuracy.py` on {host}. Test accuracy, mean ± std "
+         f"over {seeds} seeds; Δ is the mean paired difference to float32 (same seed), in "
+         f"points (goal: ≥ {GOAL_POINTS}). Parameters and optimizer state stay float32 in every "
+         "variant; only `train.compute_dtype` differs. steps/s is this machine's (on a CPU it "
+         "says nothing of an accelerator's bfloat16 speed)."),
+        "",
+        "| model | steps | compute dtype | test accuracy | Δ vs float32 (points) | steps/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model_name, r in results.items():
+        for variant, s in r["accuracy"].items():
+            d = r["paired_difference"].get(variant)
+            delta = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d else "—"
+            lines.append(f"| {model_name} | {r['steps']} | {variant} | {s['mean']:.4f} ± "
+                         f"{s['std']:.4f} | {delta} | {r['steps_per_s'][variant]:.1f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / f"{name}.png")
+    print("\n".join(lines))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    variants = list(next(iter(results.values()))["paired_difference"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / max(1, len(variants))
+    for j, variant in enumerate(variants):
+        means = [100 * results[n]["paired_difference"][variant]["mean"] for n in names]
+        stds = [100 * results[n]["paired_difference"][variant]["std"] for n in names]
+        ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=variant)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhline(GOAL_POINTS, color="red", linestyle="--", linewidth=0.8,
+               label=f"goal ({GOAL_POINTS} points)")
+    ax.set_xticks(np.arange(len(names)) + (len(variants) - 1) * width / 2, names)
+    ax.set_ylabel("Δ test accuracy vs float32 (points)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
