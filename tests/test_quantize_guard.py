@@ -40,6 +40,7 @@ REGISTRY = {
     "cnn1d": ({"channels": 4}, SIGNALS),
     "cnn2d": ({"features": (4, 8)}, IMAGES),
     "resnet": ({"width": 4, "depth": 8}, IMAGES),
+    "resnet18": ({"width": 4, "stage_sizes": (1, 1, 1, 1)}, IMAGES),
     "vit": ({"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "patch_size": 4}, IMAGES),
     "transformer_lm": ({"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "max_len": 8},
                        TOKENS),
