@@ -129,12 +129,18 @@ def handwritten_steps_per_s(model_name: str, steps: int, features: tuple[str, ..
     for i in range(WARMUP_CALLS):
         carry, metrics = call(carry, i * k)
     jax.block_until_ready(metrics)
-    calls = max(1, steps // k)
-    start = time.perf_counter()
-    for i in range(1, calls + 1):
-        carry, metrics = call(carry, i * k)
-    jax.block_until_ready(metrics)
-    return calls * k / (time.perf_counter() - start)
+    # Timed in windows of a tenth of the steps, synced at each end as the framework's log
+    # windows are; the median window, as for the framework.
+    calls_per_window = max(1, steps // 10 // k)
+    rates, i = [], WARMUP_CALLS
+    for _ in range(10):
+        start = time.perf_counter()
+        for _ in range(calls_per_window):
+            carry, metrics = call(carry, i * k)
+            i += 1
+        jax.block_until_ready(metrics)
+        rates.append(calls_per_window * k / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def framework_call_steps_per_s(model_name: str, steps: int) -> float:
@@ -177,15 +183,13 @@ def _config(model_name: str, steps: int, steps_per_call: int):
 
 
 def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> tuple[float, int]:
-    """Steady-state rate of `train_and_evaluate` (log windows after the first, which compiles)
-    and the K it ran at (`steps_per_call=0`: the automatic choice's)."""
+    """Steady-state rate of `train_and_evaluate`: the median of its log windows after the first
+    (which compiles); and the K it ran at (`steps_per_call=0`: the automatic choice's)."""
     config = _config(model_name, steps, steps_per_call)
     with tempfile.TemporaryDirectory() as workdir:
         summary = train_and_evaluate(config, workdir)
         windows = read_metrics(workdir)[1:]
-    # Total steps over total time of the steady windows.
-    seconds = sum(config.train.log_every / w["steps_per_s"] for w in windows)
-    return len(windows) * config.train.log_every / seconds, summary["steps_per_call"]
+    return statistics.median(w["steps_per_s"] for w in windows), summary["steps_per_call"]
 
 
 def machine_name() -> str:
@@ -305,9 +309,10 @@ def main() -> None:
     print(write_section(Path(args.out), tag, [
         f"## Overhead: framework loop vs hand-written jit loop ({jax.default_backend()})", "",
         command, common,
-        ("Framework rate = steady-state log windows (compile excluded). The hand-written loop "
-         "donates its parameters and optimizer state and, at K > 1, scans K steps per call, "
-         "like the framework. Ratio = framework / hand-written within one repeat, median "
+        ("Rates are the median of ten windows of a tenth of the steps each, synced at each end "
+         "(the framework's log windows, the first, which compiles, left out). The hand-written "
+         "loop donates its parameters and optimizer state and, at K > 1, scans K steps per "
+         "call, like the framework. Ratio = framework / hand-written within one repeat, median "
          "(lowest–highest); 1.00 = no overhead, goal ≥ 0.97."), "",
         *overhead_table(rows)]))
 

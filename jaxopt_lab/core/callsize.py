@@ -18,6 +18,7 @@ faster K was found) is reported as `steps_per_call_choice_s`.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -32,6 +33,7 @@ CHOICE_BUDGET = 0.03
 # (a scanned conv step ran 2.6x slower than an unscanned one on XLA:CPU).
 COMPILE_FACTOR = 2.0
 SLOWDOWN_FACTOR = 3.0
+MAX_K = 50  # the largest K tried: beyond it dispatch saves nothing more worth a longer compile
 BASE_STEPS = 16  # timed K=1 steps (after the compiling call) before the first decision
 TRIAL_CALLS = 2  # timed calls at K (after its compiling call)
 
@@ -61,6 +63,14 @@ class CallSizeChooser:
         self._mark = (start_step, time.perf_counter())
         self._per_step = {}  # K -> seconds per step, measured
         self._trial_calls = 0
+
+    @classmethod
+    def for_config(cls, train, start_step: int) -> CallSizeChooser:
+        """For `config.train`: the candidate is the largest K <= MAX_K dividing every log, eval
+        and checkpoint interval, so boundaries fall on call ends."""
+        interval = math.gcd(train.log_every, train.eval_every, train.checkpoint_every)
+        candidate = max(k for k in range(1, MAX_K + 1) if interval % k == 0)
+        return cls(candidate, start_step, train.steps, fixed=train.steps_per_call)
 
     @property
     def choosing(self) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -79,12 +78,6 @@ MemberStopper = Callable[[int, list[dict]], Sequence[int]]
 
 class TrainingDiverged(UserError):
     """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
-
-
-def _auto_steps_per_call(train: ml_collections.ConfigDict) -> int:
-    """The largest K <= 50 dividing every logging interval, so boundaries fall on call ends."""
-    interval = math.gcd(train.log_every, train.eval_every, train.checkpoint_every)
-    return max(k for k in range(1, 51) if interval % k == 0)
 
 
 def _any_process(flag: bool) -> bool:
@@ -199,8 +192,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
     first = {n: v[:config.data.batch_size] for n, v in run.dataset.train.items()}
     one_call_source = (shard_batch({n: v[None] for n, v in first.items()}, mesh, leading_axes=1)
                        if streamed else run.source)
-    chooser = CallSizeChooser(_auto_steps_per_call(config.train), int(run.carry.step), total,
-                              fixed=config.train.steps_per_call)
+    chooser = CallSizeChooser.for_config(config.train, int(run.carry.step))
     train_fns = {}
 
     one_in_flight = one_call_in_flight()
