@@ -59,7 +59,7 @@ SIZES = {
              "vit": ("vit", {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32},
                      (8, 8, 3), 8),
              "trials": 4, "steps_per_call": 5,
-             "overhead_args": ["--steps", "40", "--repeats", "1"],
+             "overhead_args": ["--steps", "40", "--repeats", "1", "--models", "mlp"],
              "repeats": 2, "min_repeat_s": 0.02},
 }
 

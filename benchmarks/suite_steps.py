@@ -132,9 +132,9 @@ def step_config(model: str, hparams: dict, input_shape: tuple, batch: int, dtype
     return config
 
 
-def framework_call(config) -> Call:
-    """The framework's compiled call at K=1, as the loop builds it (make_train_step, the on-device
-    sampler, metric totals), driven by a bare Python loop."""
+def _framework_step(config):
+    """The loop's pieces for `config`: data set, mesh, experiment, on-device data and the step
+    that gathers its batch from them."""
     dataset = prepare_dataset(config)
     mesh = data_mesh()
     experiment = build_experiment(config, dataset)
@@ -143,6 +143,13 @@ def framework_call(config) -> Call:
     source = replicate(dataset.train, mesh)
     step_fn = sampled_step(train_step, device_sampler(
         len(dataset.train["label"]), config.data.batch_size, mesh, config.data.shuffle))
+    return dataset, mesh, experiment, source, step_fn
+
+
+def framework_call(config) -> Call:
+    """The framework's compiled call at K=1, as the loop builds it (make_train_step, the on-device
+    sampler, metric totals), driven by a bare Python loop."""
+    dataset, mesh, experiment, source, step_fn = _framework_step(config)
     fn = make_logged_train_fn(step_fn, 1, streamed=False)
     state = init_sharded_state(experiment, sample_input(dataset), mesh, config.seed)
     held = [state, zero_totals(step_fn, state, source, streamed=False)]
@@ -250,14 +257,7 @@ def population_throughput(trials: int, steps_per_call: int, repeats: int,
     config.model = model_config("mlp")
     config.data.validation_fraction = 0.0
     validate(config)
-    dataset = prepare_dataset(config)
-    mesh = data_mesh()
-    experiment = build_experiment(config, dataset)
-    train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh,
-                                 experiment.state_metrics)
-    source = replicate(dataset.train, mesh)
-    step_fn = sampled_step(train_step, device_sampler(
-        len(dataset.train["label"]), config.data.batch_size, mesh, config.data.shuffle))
+    dataset, mesh, experiment, source, step_fn = _framework_step(config)
     sample_x = sample_input(dataset)
 
     def member(seed):  # one init traced once, vmapped over the seeds (not `trials` traces)

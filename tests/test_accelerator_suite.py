@@ -13,16 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxopt_lab.core.config import default_config
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator_suite.py"
 PARTS = ("peak", "resnet", "overhead", "population", "vit", "quantize")
-# Mixed precision (train.compute_dtype and every model's dtype) comes from another branch: until it
-# is merged, the bf16 variants are rows with their error instead of numbers.
-BF16_MERGED = "compute_dtype" in default_config().train
-# benchmarks/overhead.py gains --json in the lead's rework; until then its part fails on it.
-OVERHEAD_JSON = "--json" in (ROOT / "benchmarks" / "overhead.py").read_text()
 
 
 def _module():
@@ -56,30 +49,27 @@ def _check_ratio(ratio):
 
 
 @pytest.mark.slow
-def test_tiny_suite_measures_every_part(tmp_path):
-    report, text, stdout = _run(tmp_path)  # quantize_gpu.py --tiny has its own test
+def test_tiny_suite_measures_the_step_loop_and_population_parts(tmp_path):
+    # The ViT part runs the ResNet part's code on another model: left out here to keep the suite
+    # within its time; quantize_gpu.py --tiny has its own test.
+    report, text, stdout = _run(tmp_path, "--parts", "peak", "resnet", "overhead", "population")
     assert tuple(report["parts"]) == PARTS
+    assert report["parts"]["vit"] == {"skipped": "not asked for"}
     assert report["tiny"] and report["machine"]["platform"] == "cpu"
     parts = report["parts"]
 
     assert parts["peak"]["error"] is None and _positive(parts["peak"]["tflops"])
 
-    for row in (parts["resnet"], parts["vit"]):
+    for row in (parts["resnet"],):
         assert row["error"] is None, row
         assert row["flops_per_step"] > 0, row
         for name, variant in row["variants"].items():
-            if "bfloat16" in name and not BF16_MERGED:
-                assert "dtype" in variant["error"], variant
-                continue
             assert "error" not in variant, (name, variant)
             assert len(variant["seconds"]) == report["repeats"]
             assert all(_positive(v) for v in (variant["median_ms"], variant["examples_per_s"],
                                               variant["tflops"], variant["pct_of_peak"]))
-        for name, ratio in row["ratios"].items():
-            if "bfloat16" in name and not BF16_MERGED:
-                assert ratio is None
-            else:
-                _check_ratio(ratio)
+        for ratio in row["ratios"].values():
+            _check_ratio(ratio)
 
     population = parts["population"]
     assert population["error"] is None and population["trials"] == 4
@@ -87,11 +77,10 @@ def test_tiny_suite_measures_every_part(tmp_path):
     assert all(_positive(v["trial_steps_per_s"]) for v in population["variants"].values())
 
     overhead = parts["overhead"]
-    if OVERHEAD_JSON:
-        assert overhead["error"] is None and overhead["rows"], overhead
-        assert overhead["section"], "overhead.py's table is embedded in the suite's section"
-    else:  # failing on the flag it lacks, and the other parts unaffected
-        assert "--json" in overhead["error"]
+    assert overhead["error"] is None and overhead["rows"], overhead
+    assert overhead["section"], "overhead.py's table is embedded in the suite's section"
+    for row in overhead["rows"]["rows"]:  # overhead.py's JSON, as it wrote it
+        assert all(_positive(row[f"ratio_{label}"]) for label in ("k1", "auto", "k50")), row
 
     assert parts["quantize"] == {"skipped": "not asked for (--quantize runs it)"}
 

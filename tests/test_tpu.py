@@ -9,23 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from jaxopt_lab.core.builder import build_experiment
-from jaxopt_lab.core.config import default_config, load_config
+from jaxopt_lab.core.config import load_config
 from jaxopt_lab.data.sources import load_dataset
 from jaxopt_lab.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tpu" / "resnet18_cifar10.py"
-# Both come from the mixed-precision branch; the lead merges it with this one.
-MISSING = [name for name, present in (("train.compute_dtype", "compute_dtype" in
-                                       default_config().train),
-                                      ("the resnet18 model", "resnet18" in MODELS)) if not present]
 
 
-@pytest.mark.skipif(bool(MISSING), reason=f"needs {' and '.join(MISSING)} (mixed-precision "
-                    "branch, not merged yet)")
 def test_tpu_config_loads_validates_and_builds():
     config = load_config(str(CONFIG), ["--config.data.batch_size=512"])  # a v5e-16's override
     assert config.train.compute_dtype == "bfloat16"
