@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, stats
+from common import ROOT, machine, plot_paired_differences, stats
 
 from jaxopt_lab.core.config import load_config
 from jaxopt_lab.core.loop import train_and_evaluate
@@ -113,32 +113,8 @@ def write(results: dict, out: Path, seeds: int, name: str) -> None:
             lines.append(f"| {model_name} | {r['steps']} | {variant} | {s['mean']:.4f} ± "
                          f"{s['std']:.4f} | {delta} | {r['steps_per_s'][variant]:.1f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(results, out / f"{name}.png")
+    plot_paired_differences(results, out / f"{name}.png", "float32", GOAL_POINTS)
     print("\n".join(lines))
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    variants = list(next(iter(results.values()))["paired_difference"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / max(1, len(variants))
-    for j, variant in enumerate(variants):
-        means = [100 * results[n]["paired_difference"][variant]["mean"] for n in names]
-        stds = [100 * results[n]["paired_difference"][variant]["std"] for n in names]
-        ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=variant)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.axhline(GOAL_POINTS, color="red", linestyle="--", linewidth=0.8,
-               label=f"goal ({GOAL_POINTS} points)")
-    ax.set_xticks(np.arange(len(names)) + (len(variants) - 1) * width / 2, names)
-    ax.set_ylabel("Δ test accuracy vs float32 (points)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

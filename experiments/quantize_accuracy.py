@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from common import plot_paired_differences
 
 from jaxopt_lab.core.config import load_config
 from jaxopt_lab.core.loop import train_and_evaluate
@@ -270,30 +271,8 @@ def write(results: dict, out: Path, seeds: int, name: str) -> None:
                      f"{r['serving']['qat_w8_bit_identical']} / "
                      f"{r['serving']['qat_w8a8_bit_identical']} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(results, out / f"{name}.png")
+    plot_paired_differences(results, out / f"{name}.png", "float")
     print("\n".join(lines))
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    variants = [v for v in next(iter(results.values()))["paired_difference"]]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    width = 0.8 / len(variants)
-    for j, variant in enumerate(variants):
-        means = [100 * results[n]["paired_difference"][variant]["mean"] for n in names]
-        stds = [100 * results[n]["paired_difference"][variant]["std"] for n in names]
-        ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=variant)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-    ax.set_ylabel("Δ test accuracy vs float (points)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
