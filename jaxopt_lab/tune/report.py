@@ -280,8 +280,9 @@ def write_report(study: optuna.Study, workdir: str | Path) -> dict:
               "counts": trial_counts(study), "top_trials": top_trials(study),
               "pareto": {"axes": list(_front_values(study)), "trials": front},
               "plots": plots, "plots_skipped": skipped}
-    links = [f"![{p}]({p})" for p in plots] + [f"- {p}: skipped, {why}" for p, why in skipped.items()]
-    md = f"# Sweep report\n\n```\n{format_report(study)}\n```\n\n## Plots\n\n" + "\n\n".join(links)
+    links = "\n\n".join([f"![{p}]({p})" for p in plots]
+                        + ["\n".join(f"- {p}: skipped, {why}" for p, why in skipped.items())])
+    md = f"# Sweep report\n\n```\n{format_report(study)}\n```\n\n## Plots\n\n{links.strip()}"
     (workdir / "sweep_report.md").write_text(md + "\n")
     (workdir / "sweep_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
