@@ -161,8 +161,7 @@ def _sweep(args, overrides: list[str]) -> int:
     if args.status is not None:
         if args.config or overrides:
             raise UserError("--status DIR reads the sweep recorded in DIR: give no --config")
-        study = sweep.load(args.status).study
-        print(report.format_table(report.top_trials(study)))
+        print(report.format_report(sweep.load(args.status).study))
         return 0
     if not args.config or not args.workdir:
         raise UserError("sweep needs --config FILE and --workdir DIR (or --status DIR)")
@@ -172,8 +171,10 @@ def _sweep(args, overrides: list[str]) -> int:
 
     config = load_config(args.config, overrides)
     study = sweep.run_sweep(config, args.workdir, storage=args.storage, workers=args.workers)
-    print(report.format_table(report.top_trials(study)))
-    report.write_report(study, args.workdir)
+    print(report.format_report(study))
+    written = report.write_report(study, args.workdir)
+    for name, why in written["plots_skipped"].items():
+        print(f"{name} not drawn: {why}")
     with open(os.path.join(args.workdir, sweep.RECORD)) as f:
         storage = json.load(f)["storage"]
     print(f"sweep directory: {args.workdir} (sweep_report.md, *.png, trials/); live view: "

@@ -86,10 +86,16 @@ def storage_url(config: ml_collections.ConfigDict, workdir: str) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An RDB URL (sqlite:///, postgresql://, ...) or a journal file path."""
     if "://" in url:
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors are many; bad input here
-            raise UserError(f"sweep storage {url!r}: {' '.join(str(e).split())[:300]}") from None
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors are many; bad input here
+                text = " ".join(str(e).split())
+                # Workers starting together on a fresh database race to create its tables.
+                if attempt < 4 and ("already exists" in text or "duplicate key" in text):
+                    time.sleep(0.5 + attempt)
+                    continue
+                raise UserError(f"sweep storage {url!r}: {text[:300]}") from None
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
 
 
@@ -125,9 +131,10 @@ class Sweep:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def counted(self) -> list[optuna.trial.FrozenTrial]:
-        """The study's trials within the budget (a rare race between machines may ask more)."""
+        """The study's asked trials within the budget (a rare race between machines may ask
+        more; enqueued ones still WAITING are not asked yet)."""
         return [t for t in self.study.get_trials(deepcopy=False)
-                if not t.user_attrs.get("over_budget")]
+                if t.state != TrialState.WAITING and not t.user_attrs.get("over_budget")]
 
     def done(self) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self.counted() if t.state != TrialState.RUNNING]
