@@ -96,7 +96,7 @@ def test_bad_sweep_config_exits_2_before_any_trial(tmp_path):
     workdir = tmp_path / "sweep"
     result = subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", "sweep", "--config",
                              str(path), "--workdir", str(workdir)], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "jaxopt-lab: error: sweep.space 'optim.lr': a log range needs low > 0, got -1.0"]

@@ -51,7 +51,7 @@ def sweep(config: str, workdir, *extra: str, env: dict, wait: bool = True):
         return subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -107,7 +107,8 @@ def test_a_killed_sweep_finishes_every_trial_once(tmp_path, env, mode, extra, pa
     assert any(s["resumed_from"] is not None for s in summaries)
     assert "val_acc" in result.stdout  # the top-trials table
     status = subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", "sweep", "--status",
-                             str(workdir)], capture_output=True, text=True, timeout=120)
+                             str(workdir)], capture_output=True, text=True, timeout=120,
+                            check=False)
     assert status.returncode == 0 and "complete" in status.stdout
     assert (workdir / "best_so_far.png").exists()
 
@@ -139,7 +140,7 @@ def postgres_url():
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(data, ignore_errors=True)
 
 

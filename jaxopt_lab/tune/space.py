@@ -139,7 +139,7 @@ def check_space(config: ml_collections.ConfigDict) -> list[Dimension]:
                 raise UserError(f"sweep.space {key!r}: condition values {sorted(unknown)} are "
                                 f"not choices of {when[0]!r}")
         seen[key] = (key, kind, spec, when)
-        for value in (spec if kind == "categorical" else spec):
+        for value in spec:  # each bound or choice
             _check_value(config, key, value)
     return dims
 
@@ -158,8 +158,8 @@ def _encode(value: Any) -> Any:
 
 def decode(key: str, value: Any, config: ml_collections.ConfigDict) -> Any:
     """A trial's param back to its config value (a tuple choice from its text)."""
-    if isinstance(value, str) and isinstance(_config_value(config, key), tuple):
-        return ast.literal_eval(value)
+    if isinstance(value, str) and not isinstance(_config_value(config, key), str):
+        return ast.literal_eval(value)  # model.channels: 25 in the config, "(16, 32, 64)" here
     return value
 
 
@@ -194,15 +194,16 @@ def grid(dims: Sequence[Dimension]) -> dict[str, list]:
 
 
 def apply(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` with each key set (params as a trial holds them)."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    """A copy of `config` with each key set (params as a trial holds them); a value may change
+    its key's type (model.channels: an int or one width per conv)."""
+    tree = config.to_dict()
     for key, value in values.items():
         *parents, name = key.split(".")
-        node = config
+        node = tree
         for part in parents:
             node = node[part]
         value = decode(key, value, config)
         if isinstance(node[name], float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         node[name] = value
-    return config
+    return ml_collections.ConfigDict(tree)

@@ -18,6 +18,7 @@ import ml_collections
 import optuna
 from optuna.trial import TrialState
 
+from jaxopt_lab.core.config import validate
 from jaxopt_lab.core.loop import TrainingDiverged, train_and_evaluate
 from jaxopt_lab.core.population import STATE_KEYS, STATE_VALUES
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING
@@ -64,6 +65,7 @@ def job_config(base: ml_collections.ConfigDict, trials: Sequence[optuna.Trial],
         else:
             config = apply(config, params[0])
             config.train.progress = False
+    validate(config)
     return config
 
 
