@@ -1,4 +1,4 @@
-"""Compressed gradients through whole runs: every compressor on 4 simulated devices equals it on
+"""Compressed gradients through whole runs: compressors on 4 simulated devices equal them on
 2 processes x 2 devices, resumes exactly after kill -9 (residuals, PowerSGD's Q and step count
 are in comm_state), counts its bytes into summary.json, and a user's own Reducer plugs in from
 Python."""
@@ -40,8 +40,15 @@ def _args(method: str) -> list[str]:
             f"{C}.method={method}", f"{C}.min_size=64", *METHODS[method]]
 
 
-def test_every_compressor_on_four_devices_equals_two_processes_of_two(tmp_path, env):
-    for method in METHODS:
+# Across processes: the stateful one (PowerSGD's Q), and the two that draw random numbers per
+# device (randomk's kept indices, qsgd's rounding), which must agree however devices are split.
+# The deterministic others go through the same exchange (every method resumes below); the
+# whole suite's time on two cores is what keeps this to three.
+ACROSS_PROCESSES = ("randomk", "powersgd", "qsgd")
+
+
+def test_compressors_on_four_devices_equal_two_processes_of_two(tmp_path, env):
+    for method in ACROSS_PROCESSES:
         four = run_cli(*_args(method), "--workdir", str(tmp_path / method / "four"), devices=4,
                        env=env)
         assert four.returncode == 0, four.stderr[-3000:]
@@ -54,7 +61,8 @@ def test_every_compressor_on_four_devices_equals_two_processes_of_two(tmp_path, 
         assert b["comm_bytes_per_step"] == a["comm_bytes_per_step"], method
         assert a["comm_ratio"] > 1.5, method  # the kernels went compressed
     # comm_state has one entry per device: the checkpoints load where there are 4 devices.
-    compare = subprocess.run([sys.executable, "-c", COMPARE, str(tmp_path), *METHODS], cwd=ROOT,
+    compare = subprocess.run([sys.executable, "-c", COMPARE, str(tmp_path), *ACROSS_PROCESSES],
+                             cwd=ROOT,
                              env={**os.environ, **env, "XLA_FLAGS": FOUR}, capture_output=True,
                              text=True, timeout=300, check=False)
     assert compare.returncode == 0, compare.stderr[-3000:]

@@ -3,6 +3,7 @@ equal trials run alone, and the study's bookkeeping."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def test_tuple_choices_reach_the_config_as_tuples():
     assert space.apply(config, values).model.hidden in ((8,), (16, 16))
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", [s if s == "random" else pytest.param(s, marks=pytest.mark.slow)
+                                     for s in SAMPLERS])
 def test_every_sampler_runs_a_small_study(tmp_path, sampler):
     space_ = ((space.categorical("optim.lr", (1e-3, 1e-2, 3e-2)),
                space.categorical("optim.schedule", ("constant", "cosine")))
@@ -144,6 +146,7 @@ def test_every_sampler_runs_a_small_study(tmp_path, sampler):
     assert sorted(trials[0].intermediate_values) == [10, 20]  # evaluations before the last step
 
 
+@pytest.mark.slow
 def test_a_sweep_is_reproducible_and_seeded(tmp_path):
     first = run_sweep(tiny(sampler="tpe", seed=3), str(tmp_path / "a"), progress=False)
     again = run_sweep(tiny(sampler="tpe", seed=3), str(tmp_path / "b"), progress=False)
@@ -153,6 +156,7 @@ def test_a_sweep_is_reproducible_and_seeded(tmp_path):
     assert params(first) != params(other)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", [p for p in PRUNERS if p != "none"])
 def test_every_pruner_stops_a_hopeless_trial(tmp_path, pruner):
     """Two good trials, then learning rates too small to learn anything in 30 steps: each
@@ -172,6 +176,7 @@ def test_every_pruner_stops_a_hopeless_trial(tmp_path, pruner):
     assert '"stopped_at"' in summary
 
 
+@pytest.mark.slow
 def test_population_trials_equal_the_same_trials_run_alone(tmp_path):
     """Three trials differing in values run as one vmapped program; a fourth with another
     schedule (a shape change) runs as its own program; each equals its trial run alone."""
@@ -195,3 +200,22 @@ def test_population_trials_equal_the_same_trials_run_alone(tmp_path):
     dirs = {t.user_attrs["population_dir"] for t in results[4].values()}
     assert len(dirs) == 2  # one program per shape: constant (3 members) and cosine (1)
     assert sorted(t.user_attrs["population_index"] for t in results[4].values()) == [0, 0, 1, 2]
+
+
+@pytest.mark.slow
+def test_asha_masks_the_members_of_a_population_that_fall_behind(tmp_path):
+    """Five trials as one vmapped program: the hopeless ones are stopped (masked, told PRUNED)
+    at the first rung while the others train on in the same program."""
+    config = tiny(pruner="asha", trials=5, population=5, sampler="random")
+    config.sweep.space = (space.log_uniform("optim.lr", 1e-7, 1e-1),)
+    sweep = prepare(config, str(tmp_path / "s"))
+    for lr in (3e-2, 2e-2, 1e-7, 2e-7, 3e-7):
+        sweep.study.enqueue_trial({"optim.lr": lr})
+    study = run_sweep(config, str(tmp_path / "s"), progress=False)
+    states = [t.state for t in sorted(study.trials, key=lambda t: t.number)]
+    assert states[:2] == [TrialState.COMPLETE] * 2
+    assert states[2:].count(TrialState.PRUNED) >= 2
+    (directory,) = {t.user_attrs["population_dir"] for t in study.trials}
+    with open(os.path.join(directory, "summary.json")) as f:
+        members = json.load(f)["members"]
+    assert [m["active"] for m in members] == [s == TrialState.COMPLETE for s in states]
