@@ -170,7 +170,13 @@ def _sweep(args, overrides: list[str]) -> int:
     from jaxopt_lab.core.config import load_config
 
     config = load_config(args.config, overrides)
-    study = sweep.run_sweep(config, args.workdir, storage=args.storage, workers=args.workers)
+    from jaxopt_lab.core.interrupt import Preempted
+
+    try:
+        study = sweep.run_sweep(config, args.workdir, storage=args.storage, workers=args.workers)
+    except Preempted as e:  # SIGTERM or Ctrl-C inside a trial: its checkpoint was saved
+        print(f"{e}\nrerun the same sweep command to finish the study", file=sys.stderr)
+        return e.exit_code
     print(report.format_report(study))
     written = report.write_report(study, args.workdir)
     for name, why in written["plots_skipped"].items():

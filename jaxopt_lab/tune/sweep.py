@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from jaxopt_lab.core.config import validate
+from jaxopt_lab.core.interrupt import Preempted
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.tune.samplers import check_names, make_pruner, make_sampler
 from jaxopt_lab.tune.space import Dimension, check_space, suggest
@@ -324,6 +325,9 @@ def _worker_main(workdir: str, worker: int) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # the trial's checkpoint is saved; a rerun resumes it
+        print(e, file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -79,7 +79,6 @@ def _value(config: ml_collections.ConfigDict, key: str) -> Any:
 def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
             objectives: Sequence[tuple[str, str]], study: optuna.Study) -> None:
     """Trains the job (resuming its directory) and tells the study each trial's outcome."""
-    config = job_config(base, job.trials, job.is_population)
     run_dir = f"{workdir}/{job.directory}"
     first_metric = objectives[0][0]
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
@@ -100,6 +99,7 @@ def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
         return stopped
 
     try:
+        config = job_config(base, job.trials, job.is_population)
         summary = train_and_evaluate(config, run_dir, stop_members=stop)
     except (TrainingDiverged, UserError) as e:
         for i, trial in enumerate(job.trials):
