@@ -11,8 +11,8 @@ initialisation and data order) and a learning rate drawn log-uniformly. The sequ
 the first few of the same trials, one trial per call, through one compiled single-trial program.
 Its rate in trial-steps/s does not depend on how many trials take their turn, so a few stand for
 all (256 CNN trials in turn would take long on a CPU). A model's variants are timed in the same
-interleaved repeats (suite_steps.interleaved): compile excluded and reported apart, medians over
-repeats, each ratio taken within a repeat.
+interleaved repeats (suite_steps.interleaved), each population's window right after a sequential
+one: compile excluded and reported apart, medians over repeats, each ratio within a repeat.
 
 Writes the JSON (default benchmarks/vectorized_sweep.json) and the "vectorized_sweep-<backend>"
 section of benchmarks/RESULTS.md after every model, so a run cut short keeps what it measured.
@@ -143,32 +143,37 @@ def k_step_calls(step_fn: Callable, carries: list, source, k: int, mesh) -> tupl
 
 def measure_model(model: str, sizes: Sequence[int], k: int, repeats: int, min_repeat_s: float,
                   sequential_trials: int) -> list[dict]:
-    """One row per population size, every size and the sequential side in the same repeats."""
+    """One row per population size. In every repeat each population's window follows a window of
+    the sequential side, and its ratio is to that one: a drift in the machine's load hits both."""
     s = setup(model)
     values = sweep_values(max(*sizes, sequential_trials))
     sequential = [trial_state(s, v) for v in values[:sequential_trials]]
     params = sum(x.size for x in jax.tree.leaves(sequential[0].params))
-    names = {n: f"population of {n}" for n in sizes}
-    calls = {"sequential": k_step_calls(s.step_fn, sequential, s.source, k, s.mesh)[0]}
+    sequential_call = k_step_calls(s.step_fn, sequential, s.source, k, s.mesh)[0]
+    # Each repeat opens with a sequential window it does not use: on this CPU, the CNN's window
+    # right after the largest population's (in the repeat before) ran ~1.3x slower in every repeat.
+    calls = {"sequential, settling": sequential_call}
     for n in sizes:
-        calls[names[n]] = k_step_calls(population_step(s.step_fn),
-                                       [population_state(s, values[:n])], s.source, k, s.mesh)[0]
+        calls[f"sequential, before {n}"] = sequential_call  # compiled at the first of these
+        calls[f"population of {n}"] = k_step_calls(
+            population_step(s.step_fn), [population_state(s, values[:n])], s.source, k,
+            s.mesh)[0]
     timed = interleaved(calls, repeats, min_repeat_s)
-    seq = timed["sequential"]
     rows = []
     for n in sizes:
-        vec = timed[names[n]]
+        vec, seq = timed[f"population of {n}"], timed[f"sequential, before {n}"]
         row = {"model": model, "population": n, "params": params, "batch": s.batch,
                "steps_per_call": k, "sequential_trials": sequential_trials,
                "error": vec.get("error") or seq.get("error")}
         if row["error"] is None:
-            speed = ratio(timed, names[n], "sequential")  # time per call: sequential / vectorized
+            # time per call, sequential / vectorized, per repeat
+            speed = ratio(timed, f"population of {n}", f"sequential, before {n}")
             row.update(
                 vectorized_trial_steps_per_s=n * k / statistics.median(vec["seconds"]),
                 sequential_trial_steps_per_s=k / statistics.median(seq["seconds"]),
                 ratio=n * speed["median"], ratio_low=n * speed["low"],
                 ratio_high=n * speed["high"], compile_s=vec["compile_s"],
-                sequential_compile_s=seq["compile_s"],
+                sequential_compile_s=timed["sequential, settling"]["compile_s"],
                 vectorized_seconds_per_call=vec["seconds"],
                 sequential_seconds_per_call=seq["seconds"])
         rows.append(row)
@@ -189,8 +194,10 @@ def section(report: dict) -> list[str]:
     lines = [
         (f"## Vectorized sweep: a population in one program vs its trials one at a time "
          f"({backend})"), "",
-        (f"`benchmarks/vectorized_sweep.py {' '.join(report['argv'])}` on {report['machine']}, "
-         f"jax {jax.__version__}; {report['elapsed_s']:.0f} s in all."),
+        (f"`{' '.join(['benchmarks/vectorized_sweep.py', *report['argv']])}` on "
+         f"{report['machine']}, jax {jax.__version__}; {report['elapsed_s']:.0f} s in all; "
+         f"1-minute load average {report['load_average'][0]:.1f} at the start, "
+         f"{report['load_average'][1]:.1f} at the end (other processes share the machine)."),
         (f"MNIST-1D registry models at their default sizes, batch 100, Adam; member i has seed i "
          f"(initialisation and data order) and a learning rate drawn log-uniformly from "
          f"[{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]. Both sides run the loop's compiled call, K = {k} "
@@ -201,9 +208,10 @@ def section(report: dict) -> list[str]:
          f"depend on how many trials take their turn, so these stand for all of them: the "
          f"larger populations' trials were not each run alone."),
         (f"Warm rates (compile excluded; its seconds, first call included, in the last columns), "
-         f"medians over {report['repeats']} interleaved repeats with every variant of a model in "
-         f"each; the ratio is taken within each repeat: median (lowest–highest). Goal (issue "
-         f"10): ≥ 50× on a GPU, no slowdown (≥ 1×) on a CPU."), "",
+         f"medians over {report['repeats']} interleaved repeats; in each, every population's "
+         f"window follows one of the sequential side (after one unused, settling window), and the ratio is to that window (so the "
+         f"sequential rate is measured once per row): median (lowest–highest) over the repeats. "
+         f"Goal (issue 10): ≥ 50× on a GPU, no slowdown (≥ 1×) on a CPU."), "",
         ("| model | trials in the population | vectorized trial-steps/s | sequential "
          f"trial-steps/s ({report['sequential_trials']} trials in turn) | vectorized / "
          "sequential | compile s: population | compile s: one trial |"),
@@ -279,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
               "argv": list(sys.argv[1:] if argv is None else argv), "sizes": args.sizes,
               "models": args.models, "steps_per_call": k, "repeats": args.repeats,
               "min_repeat_s": args.min_repeat_s, "sequential_trials": args.sequential_trials,
-              "lr_range": list(LR_RANGE), "budget_s": args.budget_s, "rows": []}
+              "lr_range": list(LR_RANGE), "budget_s": args.budget_s,
+              "load_average": [os.getloadavg()[0]] * 2, "rows": []}
     print(f"device: {device.device_kind} ({device.platform}); K={k}", flush=True)
     for model in args.models:
         elapsed = time.perf_counter() - start
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows = [{"model": model, "error": one_line(error)}]
         report["rows"] += rows
         report["elapsed_s"] = time.perf_counter() - start
+        report["load_average"][1] = os.getloadavg()[0]
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         lines = section(report)
         write_section(Path(args.results), f"vectorized_sweep-{device.platform}", lines)
