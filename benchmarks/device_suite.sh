@@ -2,7 +2,7 @@
 # The one prepared run of benchmarks/accelerator_suite.py on a lent accelerator machine (the
 # device tool's nvidia-h200), from the repository root:
 #
-#   run(command="bash benchmarks/device_suite.sh", carry=[".whl"], timeout_s=420)
+#   run(command="bash benchmarks/device_suite.sh", carry=[".whl"], timeout_s=600)
 #
 # Expected: about 5 minutes, mostly compiling (XLA autotunes each fusion; ResNet-18 and ViT-S
 # train steps take tens of seconds each, four of each). The suite's own budget (--budget-s,
@@ -48,3 +48,10 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 python3 benchmarks/accelerator_suite.py --write --results "$OUT/RESULTS.md" \
     --json "$OUT/accelerator_suite.json" "$@" 2>&1 | tee "$OUT/accelerator_suite.log"
+
+# Then benchmarks/vectorized_sweep.py (populations of 1-256 MLPs and CNNs vs the same trials one at
+# a time; ~2 min on an H200, estimated): no model starts after 480 s of this script, so with the
+# suite's overrun it ends within timeout_s=600. Its JSON and section land in $OUT as above.
+python3 benchmarks/vectorized_sweep.py --budget-s $(( SECONDS < 480 ? 480 - SECONDS : 0 )) \
+    --results "$OUT/RESULTS.md" --json "$OUT/vectorized_sweep.json" 2>&1 \
+    | tee "$OUT/vectorized_sweep.log"
