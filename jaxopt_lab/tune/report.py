@@ -181,8 +181,10 @@ def format_report(study: optuna.Study, k: int = 10) -> str:
     front = [_row(t, _objectives(study))
              for t in sorted(pareto_front(study), key=lambda t: sign * t.values[0])]
     against = "" if len(study.directions) > 1 else f" (first objective vs {LATENCY})"
+    pareto = format_table(front) if front or not rows else (
+        f"(no trial recorded {LATENCY}: train.measure=False)")
     return (f"{header_line(study)}\n\ntop {len(rows)} trials:\n{format_table(rows)}\n\n"
-            f"Pareto front{against}:\n{format_table(front)}")
+            f"Pareto front{against}:\n{pareto}")
 
 
 def _varied_params(done: list[FrozenTrial]) -> list[str]:

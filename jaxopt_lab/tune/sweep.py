@@ -115,6 +115,7 @@ class Sweep:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, storage: str = "",
                  worker: int = 0):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.dims = check_sweep(config)
         self.objectives = [tuple(o) for o in config.sweep.objectives]
@@ -268,7 +269,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, storage: str =
     `workers` > 1 starts that many worker processes on this machine against the one study
     (default: `sweep.workers`); this process then only watches.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = prepare(config, workdir, storage)
     total = config.sweep.trials
     bar = tqdm(total=total, initial=min(len(sweep.done()), total), desc="sweep", unit="trial",
@@ -319,7 +319,6 @@ def _run_workers(sweep: Sweep, count: int, update) -> None:
 
 
 def _worker_main(workdir: str, worker: int) -> int:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         load(workdir, worker).work()
     except UserError as e:
