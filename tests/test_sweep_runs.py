@@ -38,7 +38,7 @@ def get_config():
 """
 
 
-def write_config(tmp_path, steps=2000, trials=3) -> str:
+def write_config(tmp_path, steps=1000, trials=3) -> str:
     path = tmp_path / "sweep.py"
     path.write_text(CONFIG.format(steps=steps, trials=trials))
     return str(path)
