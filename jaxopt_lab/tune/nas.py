@@ -203,13 +203,13 @@ def start_population(config: ml_collections.ConfigDict, widths: Sequence[Sequenc
 
 
 def train_widths(config: ml_collections.ConfigDict, widths: Sequence[Sequence[int]],
-                 workdir: str, dataset=None, **objects) -> dict:
+                 workdir: str, dataset=None) -> dict:
     """Trains `width_config`'s population of `widths` in `workdir` with the core loop; its
     start is written first unless the workdir holds a checkpoint (then it resumes).
     Returns the loop's summary (validation and test metrics per member)."""
     if not _has_checkpoint(os.path.join(workdir, "checkpoints")):
         start_population(config, widths, workdir, dataset)
-    return train_and_evaluate(config, workdir, dataset=dataset, **objects)
+    return train_and_evaluate(config, workdir, dataset=dataset)
 
 
 def _has_checkpoint(directory: str) -> bool:
