@@ -14,7 +14,8 @@ members differ only in values. The transform is made inert (`width_config`: a on
 
 A member starts as its narrow model starts: that model's own initialisation (same seed) placed
 in the leading channels, zeros elsewhere. With the same seed and data order, a member and the
-narrow model trained alone follow the same trajectory up to float rounding.
+narrow model trained alone take the same steps up to float rounding (over a long run the
+rounding differences grow, as between any two programs: results/nas_widths.md measures it).
 
     config = width_config(config, widths=[(8, 16, 64), (32, 32, 32)], seeds=[0, 1])
     summary = train_widths(config, widths, workdir)        # core.loop.train_and_evaluate
