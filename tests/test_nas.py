@@ -10,6 +10,7 @@ import pytest
 from helpers import tiny_config
 
 from jaxopt_lab.core.config import model_config
+from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
@@ -38,20 +39,25 @@ def _config(steps: int = 20):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The population of WIDTHS, and its first member trained alone (a population of one)."""
-    together, alone = tmp_path_factory.mktemp("together"), tmp_path_factory.mktemp("alone")
-    summary = train_widths(width_config(_config(), WIDTHS, SEEDS), WIDTHS, str(together))
-    train_widths(width_config(_config(), WIDTHS[:1], SEEDS[:1]), WIDTHS[:1], str(alone))
-    return summary, load_run(str(together)), load_run(str(alone))
+    """The population of WIDTHS, its first member trained alone (a population of one), and
+    that member's narrow model trained alone from the same seed."""
+    together, alone, narrow_dir = (str(tmp_path_factory.mktemp(name))
+                                   for name in ("together", "alone", "narrow"))
+    summary = train_widths(width_config(_config(), WIDTHS, SEEDS), WIDTHS, together)
+    train_widths(width_config(_config(), WIDTHS[:1], SEEDS[:1]), WIDTHS[:1], alone)
+    narrow = _config()
+    narrow.model, narrow.seed = model_config("cnn1d", channels=WIDTHS[0]), SEEDS[0]
+    train_and_evaluate(narrow, narrow_dir)
+    return summary, load_run(together), load_run(alone), load_run(narrow_dir)
 
 
 def _member(state, i):
     return jax.tree.map(lambda a: np.asarray(a[i]), state)
 
 
-@pytest.mark.slow  # the `runs` fixture: 3 loop runs, ~20 s with a warm compile cache
+@pytest.mark.slow  # the `runs` fixture: 4 loop runs, ~30 s with a warm compile cache
 def test_a_member_computes_what_its_shrunk_model_computes(runs):
-    summary, run, _ = runs
+    summary, run, _, _ = runs
     x = run.dataset.validation["x"][:200]
     for i, widths in enumerate(WIDTHS):
         model, variables = shrunk_member(run, i)
@@ -61,17 +67,27 @@ def test_a_member_computes_what_its_shrunk_model_computes(runs):
         assert "validation_accuracy" in summary["members"][i]  # selection reads validation
 
 
-@pytest.mark.slow  # the `runs` fixture: 3 loop runs, ~20 s with a warm compile cache
+@pytest.mark.slow  # the `runs` fixture: 4 loop runs, ~30 s with a warm compile cache
 def test_a_member_trains_in_the_population_as_it_trains_alone(runs):
-    _, together, alone = runs
+    _, together, alone, _ = runs
     for got, want in zip(jax.tree.leaves(_member(together.state.params, 0)),
                          jax.tree.leaves(_member(alone.state.params, 0)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # the `runs` fixture: 3 loop runs, ~20 s with a warm compile cache
+@pytest.mark.slow  # the `runs` fixture: 4 loop runs, ~30 s with a warm compile cache
+def test_a_member_trains_as_its_narrow_model_trained_alone(runs):
+    _, together, _, narrow = runs
+    model, variables = shrunk_member(together, 0)
+    assert model == narrow.experiment.model
+    for got, want in zip(jax.tree.leaves(variables["params"]),
+                         jax.tree.leaves(narrow.state.params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # the `runs` fixture: 4 loop runs, ~30 s with a warm compile cache
 def test_masked_channels_stay_exactly_zero_and_the_masks_never_change(runs):
-    _, run, _ = runs
+    _, run, _, _ = runs
     assert run.step == 20
     groups = wiring(run.experiment.model, _member(run.state.params, 0))
     for i, widths in enumerate(WIDTHS):

@@ -14,7 +14,8 @@ members differ only in values. The transform is made inert (`width_config`: a on
 
 A member starts as its narrow model starts: that model's own initialisation (same seed) placed
 in the leading channels, zeros elsewhere. With the same seed and data order, a member and the
-narrow model trained alone follow the same trajectory up to float rounding.
+narrow model trained alone take the same steps up to float rounding (over a long run the
+rounding differences grow, as between any two programs: results/nas_widths.md measures it).
 
     config = width_config(config, widths=[(8, 16, 64), (32, 32, 32)], seeds=[0, 1])
     summary = train_widths(config, widths, workdir)        # core.loop.train_and_evaluate
@@ -203,13 +204,13 @@ def start_population(config: ml_collections.ConfigDict, widths: Sequence[Sequenc
 
 
 def train_widths(config: ml_collections.ConfigDict, widths: Sequence[Sequence[int]],
-                 workdir: str, dataset=None, **objects) -> dict:
+                 workdir: str, dataset=None) -> dict:
     """Trains `width_config`'s population of `widths` in `workdir` with the core loop; its
     start is written first unless the workdir holds a checkpoint (then it resumes).
     Returns the loop's summary (validation and test metrics per member)."""
     if not _has_checkpoint(os.path.join(workdir, "checkpoints")):
         start_population(config, widths, workdir, dataset)
-    return train_and_evaluate(config, workdir, dataset=dataset, **objects)
+    return train_and_evaluate(config, workdir, dataset=dataset)
 
 
 def _has_checkpoint(directory: str) -> bool:
