@@ -40,11 +40,11 @@ def _args(method: str) -> list[str]:
             f"{C}.method={method}", f"{C}.min_size=64", *METHODS[method]]
 
 
-# Across processes: the stateful one (PowerSGD's Q), and the two that draw random numbers per
-# device (randomk's kept indices, qsgd's rounding), which must agree however devices are split.
-# The deterministic others go through the same exchange (every method resumes below); the
-# whole suite's time on two cores is what keeps this to three.
-ACROSS_PROCESSES = ("randomk", "powersgd", "qsgd")
+# Across processes: the stateful one (PowerSGD's Q), and one that draws random numbers per
+# device (qsgd's rounding), which must agree however devices are split. The others go through
+# the same exchange (every method resumes below); the whole suite's time on two cores is what
+# keeps this to two.
+ACROSS_PROCESSES = ("powersgd", "qsgd")
 
 
 def test_compressors_on_four_devices_equal_two_processes_of_two(tmp_path, env):

@@ -100,7 +100,9 @@ def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
 
     try:
         config = job_config(base, job.trials, job.is_population)
-        summary = train_and_evaluate(config, run_dir, stop_members=stop)
+        # Optuna takes intermediate values (and prunes) for one objective only.
+        summary = train_and_evaluate(config, run_dir,
+                                     stop_members=stop if len(objectives) == 1 else None)
     except (TrainingDiverged, UserError) as e:
         for i, trial in enumerate(job.trials):
             if i not in pruned:
