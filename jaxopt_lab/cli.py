@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     shrink.add_argument("--workdir", required=True, help="a run directory written by train")
     shrink.add_argument("--member", type=int, default=None, metavar="I",
                         help="population run: the member to shrink")
+    sweep = commands.add_parser(
+        "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
+        epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
+               "DIR/study.journal")
+    sweep.add_argument("--config", help="a configs/sweeps/*.py file with a sweep block")
+    sweep.add_argument("--workdir", help="the sweep's directory (one run directory per trial)")
+    sweep.add_argument("--storage", default="",
+                       help="an Optuna storage: postgresql://... shared by machines, "
+                            "sqlite:///FILE, or a journal file (default: DIR/study.journal)")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="worker processes on this machine (default: sweep.workers)")
+    sweep.add_argument("--status", metavar="DIR", default=None,
+                       help="print the table of a sweep's top trials and exit, running nothing")
     launch = commands.add_parser("launch", help="run a command in N local processes (loopback)")
     launch.add_argument("-n", "--num-processes", type=int, required=True)
     launch.add_argument("--devices-per-process", type=int, default=1,
@@ -140,6 +153,34 @@ def _shrink(args) -> int:
     return 0
 
 
+def _sweep(args, overrides: list[str]) -> int:
+    """Runs (or resumes) a sweep, then prints its top trials and writes its report and plots;
+    with --status, only prints."""
+    from jaxopt_lab.tune import report, sweep
+
+    if args.status is not None:
+        if args.config or overrides:
+            raise UserError("--status DIR reads the sweep recorded in DIR: give no --config")
+        study = sweep.load(args.status).study
+        print(report.format_table(report.top_trials(study)))
+        return 0
+    if not args.config or not args.workdir:
+        raise UserError("sweep needs --config FILE and --workdir DIR (or --status DIR)")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be >= 1")
+    from jaxopt_lab.core.config import load_config
+
+    config = load_config(args.config, overrides)
+    study = sweep.run_sweep(config, args.workdir, storage=args.storage, workers=args.workers)
+    print(report.format_table(report.top_trials(study)))
+    report.write_report(study, args.workdir)
+    with open(os.path.join(args.workdir, sweep.RECORD)) as f:
+        storage = json.load(f)["storage"]
+    print(f"sweep directory: {args.workdir} (sweep_report.md, *.png, trials/); live view: "
+          f"optuna-dashboard {storage}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Library start-up chatter (grain, orbax) would bury the lines users need; errors still show.
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -148,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, extra)
+        if args.command == "sweep":
+            return _sweep(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "eval":

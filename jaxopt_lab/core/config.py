@@ -145,6 +145,18 @@ def default_config() -> ml_collections.ConfigDict:
     # None: the method's own default (on; off for the unbiased qsgd and the near-exact int8)
     k.error_feedback = ml_collections.config_dict.placeholder(bool)
     k.min_size = 1024  # tensors with fewer elements are all-reduced as they are
+
+    w = c.sweep = ml_collections.ConfigDict()  # `jaxopt-lab sweep` (tune/): an Optuna study
+    w.space = ()  # dimensions built with jaxopt_lab.tune.space: log_uniform("optim.lr", ...), ...
+    w.objectives = (("validation_accuracy", "maximize"),)  # (metric, direction) pairs
+    w.trials = 20
+    w.sampler = "tpe"  # random | grid | tpe | gp | skopt_gp | skopt_forest | nsga2
+    w.pruner = "none"  # none | asha | hyperband | median (on the first objective, at evals)
+    w.population = 1  # trials asked as a batch and vmapped as one program (1: one a program)
+    w.workers = 1  # worker processes on this machine against the one study
+    w.storage = ""  # "" = the journal file WORKDIR/study.journal; or sqlite:///..., postgresql://...
+    w.seed = 0  # the sampler's
+    w.startup_trials = 10  # random trials before a model-based sampler (TPE, GP, skopt) fits
     return c
 
 

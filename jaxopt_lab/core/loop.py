@@ -72,7 +72,8 @@ from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.distill import train_teacher_first
 
-# `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping.
+# `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping
+# (for a single run, returning [0] ends the run there).
 MemberStopper = Callable[[int, list[dict]], Sequence[int]]
 
 
@@ -106,6 +107,7 @@ class _Run:
     call_size: dict = dataclasses.field(default_factory=lambda: {"steps_per_call": 1})
     step_memory: dict = dataclasses.field(default_factory=dict)  # compiled_memory of one call
     last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member
+    stopped_at: int | None = None  # a single run ended early by its stopper
 
     @property
     def state(self):
@@ -259,8 +261,12 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                            if population else [_single_record(window, where_last_good())])
                 if at["eval"]:
                     run.last_eval = _evaluate(run)
-                    if population and stopper is not None:
-                        run.carry = stop_members(run.carry, stopper(step, run.last_eval))
+                    if stopper is not None and step < total:
+                        stopped = stopper(step, run.last_eval)
+                        if population:
+                            run.carry = stop_members(run.carry, stopped)
+                        elif stopped:
+                            run.stopped_at = step
                 for member, record in enumerate(records):
                     if record is None:
                         continue
@@ -269,7 +275,7 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                         record.update(run.last_eval[member])
                     writer.write(step, record, member=member if population else None)
                 bar.set_postfix(_postfix(records, run.last_eval))
-                if at["ckpt"] or stop or step == total:
+                if at["ckpt"] or stop or step == total or run.stopped_at:
                     if not bool(params_finite(run.state.params)):  # an overflowing update, say
                         raise TrainingDiverged(f"parameters became non-finite by step {step}; "
                                                f"stopped. Last good checkpoint: "
@@ -281,6 +287,8 @@ def _train(run: _Run, stopper: MemberStopper | None) -> tuple[float, int]:
                     raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step "
                                     f"{step} in {checkpointer.directory}; rerun the same command "
                                     "to resume", StopSignals.EXIT_CODES[signum])
+                if run.stopped_at:
+                    break
             run.call_size = chooser.summary()
             return time.perf_counter() - start_time, step - start_step
         finally:
@@ -354,6 +362,8 @@ def _finish(run: _Run, train_wall_s: float, steps_run: int) -> dict:
         "techniques": run.experiment.techniques, **communication(run.workdir),
         "step_memory": run.step_memory,
     }
+    if run.stopped_at is not None:
+        summary["stopped_at"] = run.stopped_at
     is_chief = jax.process_index() == 0
     measured, counted = state_fields(run)
     summary.update(measured)
@@ -391,8 +401,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         vary them by name).
       reducer: a `core.step.Reducer` of your own (gradient communication); default: the
         config's `techniques.compress`, an exact all-reduce unless it names a compressor.
-      stop_members: for a population, called at every evaluation with (step, per-member
-        metrics); the members it returns are stopped.
+      stop_members: called at every evaluation before the last step with (step, per-member
+        metrics; one dict for a single run); the members it returns are stopped (a single run
+        returning [0] ends there, checkpointed, its summary's `stopped_at` set).
     Pass the same objects again to resume.
     """
     config = train_teacher_first(config, workdir)

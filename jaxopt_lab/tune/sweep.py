@@ -1,0 +1,324 @@
+"""`run_sweep(config, workdir)`: an Optuna study over a config's `sweep.space`, run to
+`sweep.trials` trials by one or more workers, each trial (or population of trials) in its own
+run directory under the workdir.
+
+Crash-proof by construction: a worker holds a lock file on each job it trains; a trial left
+RUNNING by a worker that died (kill -9, a lost machine) has a free lock, so the next worker on
+the same host and workdir claims it and resumes its run directory from the last checkpoint —
+the trial is told once, never asked again. Rerunning the same command therefore finishes the
+study with every trial exactly once. Workers on other machines share the study through an RDB
+URL (PostgreSQL), Optuna's own distributed mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import ml_collections
+import optuna
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from jaxopt_lab.core.config import validate
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.tune.samplers import check_names, make_pruner, make_sampler
+from jaxopt_lab.tune.space import Dimension, check_space, suggest
+from jaxopt_lab.tune.trials import MEASURED, Job, run_job, shape_key
+
+RECORD = "sweep.json"  # the sweep's config and storage, so a rerun and its workers agree
+DIRECTIONS = ("maximize", "minimize")
+
+
+def check_sweep(config: ml_collections.ConfigDict) -> list[Dimension]:
+    """Everything about `config.sweep` checked before a trial runs; its dimensions.
+
+    Raises:
+      UserError: one line naming the culprit.
+    """
+    sweep = config.sweep
+    objectives = [tuple(o) for o in sweep.objectives]
+    if not objectives:
+        raise UserError("sweep.objectives is empty: name at least one (metric, direction)")
+    for objective in objectives:
+        if len(objective) != 2 or objective[1] not in DIRECTIONS:
+            raise UserError(f"sweep.objectives entry {objective!r} must be (metric, "
+                            f"'maximize' or 'minimize')")
+        metric = objective[0]
+        if metric.startswith("test_"):
+            raise UserError(f"sweep.objectives {metric!r}: searches select on the validation "
+                            f"split, never on test (use {'validation_' + metric[5:]!r})")
+        if metric.startswith("validation_"):
+            if config.data.validation_fraction <= 0:
+                raise UserError(f"sweep.objectives {metric!r} needs a validation split: set "
+                                "data.validation_fraction > 0")
+        elif metric in MEASURED:
+            if not config.train.measure and metric != "train_wall_s":
+                raise UserError(f"sweep.objectives {metric!r} is measured only with "
+                                "train.measure=True")
+        else:
+            raise UserError(f"sweep.objectives metric {metric!r} is not a validation_* metric "
+                            f"or one of {', '.join(MEASURED)}")
+    check_names(sweep.sampler, sweep.pruner, len(objectives))
+    for name in ("trials", "population", "workers"):
+        if sweep[name] < 1:
+            raise UserError(f"sweep.{name} must be >= 1, got {sweep[name]}")
+    if sweep.startup_trials < 0:
+        raise UserError(f"sweep.startup_trials must be >= 0, got {sweep.startup_trials}")
+    if config.population:
+        raise UserError("a sweep makes its own populations (sweep.population); leave the "
+                        "config's `population` empty")
+    return check_space(config)
+
+
+def storage_url(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.sweep.storage or os.path.join(os.path.abspath(workdir), "study.journal")
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///, postgresql://, ...) or a journal file path."""
+    if "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors are many; bad input here
+            raise UserError(f"sweep storage {url!r}: {' '.join(str(e).split())[:300]}") from None
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+
+
+def _engine_kwargs(url: str) -> dict:
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
+def study_name(config: ml_collections.ConfigDict) -> str:
+    """The same config gives the same study name on every machine sharing one storage."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return "sweep-" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class Sweep:
+    """A study with its config, run by this process in `workdir`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, storage: str = "",
+                 worker: int = 0):
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        self.dims = check_sweep(config)
+        self.objectives = [tuple(o) for o in config.sweep.objectives]
+        self.storage = storage or storage_url(config, workdir)
+        self.study = optuna.create_study(
+            storage=open_storage(self.storage), study_name=study_name(config),
+            load_if_exists=True, directions=[d for _, d in self.objectives],
+            # Parallel workers draw their own random streams, or they would ask alike.
+            sampler=make_sampler(config.sweep.sampler, config.sweep.seed + 7919 * worker,
+                                 self.dims, config.sweep.startup_trials),
+            pruner=make_pruner(config.sweep.pruner, config.train.eval_every, config.train.steps))
+        self.study.set_user_attr("objectives", [list(o) for o in self.objectives])
+        self.study.set_user_attr("space", [list(d) for d in self.dims])
+        self.host = socket.gethostname()
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def counted(self) -> list[optuna.trial.FrozenTrial]:
+        """The study's trials within the budget (a rare race between machines may ask more)."""
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if not t.user_attrs.get("over_budget")]
+
+    def done(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.counted() if t.state != TrialState.RUNNING]
+
+    @contextlib.contextmanager
+    def _claiming(self) -> Iterator[None]:
+        """Local workers claim jobs one at a time: asking and locking are one step."""
+        with open(os.path.join(self.workdir, "claim.lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _lock(self, directory: str):
+        """The job's lock, held while this process trains it; None if another holds it."""
+        path = os.path.join(self.workdir, directory + ".lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "w")  # noqa: SIM115 - held open for the job's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        return f
+
+    def _orphans(self) -> list[Job]:
+        """Jobs whose trials are RUNNING here but whose worker is gone (its lock is free)."""
+        running: dict[str, list] = {}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if (t.user_attrs.get("host"), t.user_attrs.get("workdir")) == (self.host,
+                                                                            self.workdir):
+                running.setdefault(t.user_attrs["job"], []).append(t)
+        jobs = []
+        for directory in running:
+            members = [t for t in self.study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("job") == directory]  # a population's stopped ones too
+            lock = self._lock(directory)
+            if lock is None:
+                continue
+            trials = [optuna.Trial(self.study, t._trial_id) for t in
+                      sorted(members, key=lambda t: t.user_attrs.get("population_index", 0))]
+            for t in trials:
+                t.set_user_attr("resumed", True)
+            jobs.append((Job(directory, trials), lock))
+        return jobs
+
+    def _ask(self) -> list:
+        """A batch of new trials (up to sweep.population), grouped into jobs by shape."""
+        budget = self.config.sweep.trials - len(self.counted())
+        trials = []
+        for _ in range(min(budget, self.config.sweep.population)):
+            trial = self.study.ask()
+            suggest(trial, self.dims)
+            numbers = sorted(t.number for t in self.counted())
+            if numbers.index(trial.number) >= self.config.sweep.trials:  # another machine won
+                trial.set_user_attr("over_budget", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                break
+            trials.append(trial)
+        groups: dict[tuple, list] = {}
+        for trial in trials:
+            groups.setdefault(shape_key(trial.params), []).append(trial)
+        jobs = []
+        for members in groups.values():
+            population = self.config.sweep.population > 1
+            directory = f"{'populations' if population else 'trials'}/{members[0].number}"
+            lock = self._lock(directory)
+            for index, trial in enumerate(members):
+                trial.set_user_attr("host", self.host)
+                trial.set_user_attr("workdir", self.workdir)
+                trial.set_user_attr("job", directory)
+                trial.set_user_attr("run_dir" if not population else "population_dir",
+                                    os.path.join(self.workdir, directory))
+                if population:
+                    trial.set_user_attr("population_index", index)
+            jobs.append((Job(directory, members), lock))
+        return jobs
+
+    def claim(self) -> list:
+        with self._claiming():
+            return self._orphans() or self._ask()
+
+    def work(self, on_done=None) -> None:
+        """Claims and trains jobs until the study has its trials."""
+        while jobs := self.claim():
+            for job, lock in jobs:
+                try:
+                    run_job(job, self.config, self.workdir, self.objectives, self.study)
+                finally:
+                    lock.close()
+                if on_done is not None:
+                    on_done()
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, storage: str = "") -> Sweep:
+    """The sweep in `workdir`: checked, recorded (a rerun must bring the same config)."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    record = {"config": config.to_dict(), "storage": storage or storage_url(config, workdir)}
+    path = os.path.join(workdir, RECORD)
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if _canonical(recorded["config"]) != _canonical(record["config"]):
+            raise UserError(f"{workdir} holds a sweep of another config ({path}); use a new "
+                            "--workdir or the same config")
+        record["storage"] = storage or recorded["storage"]
+    sweep = Sweep(config, workdir, record["storage"])  # checks before anything is written
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    return sweep
+
+
+def _canonical(block: dict) -> str:
+    return json.dumps(json.loads(json.dumps(block, default=str)), sort_keys=True)
+
+
+def load(workdir: str, worker: int = 0) -> Sweep:
+    """The sweep recorded in `workdir` (for workers and `--status`)."""
+    path = os.path.join(workdir, RECORD)
+    if not os.path.exists(path):
+        raise UserError(f"{workdir} holds no {RECORD}: not a sweep directory")
+    with open(path) as f:
+        record = json.load(f)
+    return Sweep(ml_collections.ConfigDict(record["config"]), workdir, record["storage"], worker)
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, storage: str = "",
+              workers: int | None = None, progress: bool = True) -> optuna.Study:
+    """Runs (or resumes) the sweep to `sweep.trials` trials; returns the study.
+
+    `workers` > 1 starts that many worker processes on this machine against the one study
+    (default: `sweep.workers`); this process then only watches.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep = prepare(config, workdir, storage)
+    total = config.sweep.trials
+    bar = tqdm(total=total, initial=min(len(sweep.done()), total), desc="sweep", unit="trial",
+               disable=not progress, dynamic_ncols=True)
+
+    def update():
+        done = sweep.done()
+        bar.n = min(len(done), total)
+        best = _best(sweep, done)
+        if best is not None:
+            bar.set_postfix({sweep.objectives[0][0]: f"{best:.4g}"})
+        bar.refresh()
+
+    try:
+        count = workers or config.sweep.workers
+        if count > 1:
+            _run_workers(sweep, count, update)
+        else:
+            sweep.work(on_done=update)
+        update()
+    finally:
+        bar.close()
+    return sweep.study
+
+
+def _best(sweep: Sweep, done: list) -> float | None:
+    values = [t.values[0] for t in done if t.state == TrialState.COMPLETE]
+    if not values:
+        return None
+    return max(values) if sweep.objectives[0][1] == "maximize" else min(values)
+
+
+def _run_workers(sweep: Sweep, count: int, update) -> None:
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxopt_lab.tune.sweep", sweep.workdir,
+                               str(index + 1)]) for index in range(count)]
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            update()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+    failed = [p.returncode for p in procs if p.returncode]
+    if failed:
+        raise UserError(f"{len(failed)} of {count} sweep workers failed (exit codes {failed}); "
+                        "rerun the same command to finish the study")
+
+
+def _worker_main(workdir: str, worker: int) -> int:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        load(workdir, worker).work()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1], int(sys.argv[2])))
