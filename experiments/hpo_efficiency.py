@@ -2,6 +2,10 @@
 the MNIST-1D CNN's validation accuracy after a short training run, 30 trials a study, 5 seeds.
 
     .venv/bin/python experiments/hpo_efficiency.py [--trials 30] [--seeds 5] [--steps 2000]
+        [--first-seed N]
+
+--first-seed N runs seeds N.. only and takes seeds 0..N-1 from the results JSON an earlier run
+with the same --trials and --steps wrote (the studies of each seed are independent).
 
 The space: lr log-uniform 1e-4..1e-1; AdamW's weight decay log-uniform 1e-5..1e-1 (decoupled;
 optax scales it by the lr, so its useful range sits above that of a coupled L2 term); the batch
@@ -79,6 +83,31 @@ def best_so_far(study) -> tuple[list[float], dict]:
                    "trial_seconds": seconds}
 
 
+def earlier_seeds(path: Path, args) -> tuple[dict, dict, float]:
+    """Per method, the curves and trial details of seeds 0..first_seed-1 from the results of an
+    earlier run of exactly those seeds (empty lists when first_seed is 0), and the hours of its
+    trials whose durations it did not record one by one."""
+    curves, extra = {m: [] for m in METHODS}, {m: [] for m in METHODS}
+    if args.first_seed == 0:
+        return curves, extra, 0.0
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {"trials": args.trials, "steps": args.steps, "seeds": list(range(args.first_seed))}
+    if {k: earlier.get(k) for k in wanted} != wanted:
+        raise SystemExit(f"{path} does not hold seeds 0..{args.first_seed - 1} alone of "
+                         f"--trials {args.trials} --steps {args.steps}: run without --first-seed")
+    for method in METHODS:
+        r = earlier["methods"][method]
+        for seed in range(args.first_seed):
+            curves[method].append(r["best_so_far"][seed])
+            extra[method].append({
+                "best_params": r["best_params"][seed],
+                "best_test_accuracy": r["best_test_accuracy"][seed],
+                "failed": r["failed"][seed] if "failed" in r else None,
+                "trial_seconds": r["trial_seconds"][seed] if "trial_seconds" in r else None})
+    untimed = any("trial_seconds" not in earlier["methods"][m] for m in METHODS)
+    return curves, extra, earlier["trial_hours"] if untimed else 0.0
+
+
 def trials_to_reach(curve: list[float], target: float) -> int | None:
     """The first trial (1-based) whose best-so-far reaches `target`; None if none does."""
     return next((i + 1 for i, v in enumerate(curve) if v >= target), None)
@@ -124,7 +153,9 @@ def markdown(results: dict, args, command: str) -> str:
         f"`{command}`",
         "",
         (f"Machine: {results['machine']}. Time in trials: {results['trial_hours']:.2f} h "
-         f"({results['median_trial_seconds']:.1f} s a trial, median; the machine was shared)."),
+         f"({results['median_trial_seconds']:.1f} s a trial, median; the machine was shared)."
+         + (f" Seeds 0..{args.first_seed - 1} were run earlier by this script with the same "
+            "trials and steps; their curves come from its JSON." if args.first_seed else "")),
         "",
         (f"Objective: validation accuracy (10 % of MNIST-1D's train split) of the CNN of "
          f"`configs/mnist1d_cnn.py` after {args.steps} steps of AdamW; space: lr log-uniform "
@@ -171,6 +202,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="take the seeds below this one from the existing results JSON")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "hpo_efficiency"))
     parser.add_argument("--out", default=str(ROOT / "results" / "hpo_efficiency"),
                         help="path prefix of the .md, .json and .png written")
@@ -181,8 +214,8 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     seeds = list(range(args.seeds))
     start = time.time()
-    curves, extra = {m: [] for m in METHODS}, {m: [] for m in METHODS}
-    for seed in seeds:  # seed-major: a partial run already pairs every method
+    curves, extra, earlier_hours = earlier_seeds(Path(args.out).with_suffix(".json"), args)
+    for seed in seeds[args.first_seed:]:  # seed-major: a partial run already pairs every method
         for method in METHODS:
             workdir = Path(args.workdir) / f"{method}_s{seed}"
             study = run_sweep(sweep_config(method, seed, args.trials, args.steps), str(workdir),
@@ -204,9 +237,10 @@ def main() -> None:
             "trials_to_match_median": median_count(counts, args.trials),
             "best_params": [i["best_params"] for i in extra[method]],
             "best_test_accuracy": [i["best_test_accuracy"] for i in extra[method]],
-            "failed_trials": sum(i["failed"] for i in extra[method]),
+            "failed": [i["failed"] for i in extra[method]],
+            "trial_seconds": [i["trial_seconds"] for i in extra[method]],
         }
-    seconds = [s for m in METHODS for i in extra[m] for s in i["trial_seconds"]]
+    seconds = [s for m in METHODS for i in extra[m] for s in i["trial_seconds"] or ()]
     results = {
         "random_best_of_30_median": statistics.median(targets),
         "bayes_trials_to_match_median": methods[BAYES]["trials_to_match_median"],
@@ -218,8 +252,8 @@ def main() -> None:
         "methods": methods,
         "machine": (f"this CPU: {os.cpu_count()} cores, XLA:CPU; {machine()}"
                     if jax.default_backend() == "cpu" else machine()),
-        "trial_hours": sum(seconds) / 3600,
-        "median_trial_seconds": statistics.median(seconds),
+        "trial_hours": sum(seconds) / 3600 + earlier_hours,
+        "median_trial_seconds": statistics.median(seconds),  # of the trials timed one by one
         "script_wall_s": time.time() - start,
     }
     out = Path(args.out)
@@ -227,7 +261,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(curves, statistics.median(targets), out.with_suffix(".png"))
     command = (f".venv/bin/python experiments/hpo_efficiency.py --trials {args.trials} "
-               f"--seeds {args.seeds} --steps {args.steps}")
+               f"--seeds {args.seeds} --steps {args.steps}"
+               + (f" --first-seed {args.first_seed}" if args.first_seed else ""))
     out.with_suffix(".md").write_text(markdown(results, args, command))
     print(out.with_suffix(".md").read_text())
 

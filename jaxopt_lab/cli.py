@@ -181,10 +181,8 @@ def _sweep(args, overrides: list[str]) -> int:
     written = report.write_report(study, args.workdir)
     for name, why in written["plots_skipped"].items():
         print(f"{name} not drawn: {why}")
-    with open(os.path.join(args.workdir, sweep.RECORD)) as f:
-        storage = json.load(f)["storage"]
     print(f"sweep directory: {args.workdir} (sweep_report.md, *.png, trials/); live view: "
-          f"optuna-dashboard {storage}")
+          f"optuna-dashboard {sweep.recorded(args.workdir)['storage']}")
     return 0
 
 

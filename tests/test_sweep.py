@@ -205,6 +205,30 @@ def test_population_trials_equal_the_same_trials_run_alone(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sweep_over_target_sparsity_is_one_population_pruning_each_member_to_its_own(
+        tmp_path):
+    """`techniques.prune.sparsity` is a value: two targets train as one vmapped program, each
+    member pruned to its own target (recorded on its trial), each equal to its trial run alone."""
+    results = {}
+    for population in (1, 2):
+        config = tiny(population=population, trials=2, sampler="random")
+        prune = config.techniques.prune
+        prune.method, prune.schedule, prune.begin_step, prune.skip = "magnitude", "one_shot", 10, ()
+        config.sweep.space = (space.categorical("techniques.prune.sparsity", (0.5, 0.75)),)
+        sweep = prepare(config, str(tmp_path / f"p{population}"))
+        for target in (0.5, 0.75):
+            sweep.study.enqueue_trial({"techniques.prune.sparsity": target})
+        study = run_sweep(config, str(tmp_path / f"p{population}"), progress=False)
+        results[population] = {t.params["techniques.prune.sparsity"]: t for t in study.trials}
+    assert len({t.user_attrs["population_dir"] for t in results[2].values()}) == 1
+    for target, alone in results[1].items():
+        together = results[2][target]
+        assert together.user_attrs["sparsity"] == pytest.approx(target, abs=0.01)
+        assert together.user_attrs["nonzero_params"] == alone.user_attrs["nonzero_params"]
+        assert together.values[0] == pytest.approx(alone.values[0], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_asha_masks_the_members_of_a_population_that_fall_behind(tmp_path):
     """Five trials as one vmapped program: the hopeless ones are stopped (masked, told PRUNED)
     at the first rung while the others train on in the same program."""

@@ -84,7 +84,8 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _config_value(config: ml_collections.ConfigDict, key: str) -> Any:
+def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value at a dotted key; one line naming the key if it is missing or a block."""
     node = config
     for part in key.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -112,7 +113,7 @@ def check_space(config: ml_collections.ConfigDict) -> list[Dimension]:
             raise UserError(f"sweep.space names {key!r} twice")
         if key in ("sweep", "population") or key.startswith(("sweep.", "population")):
             raise UserError(f"sweep.space key {key!r}: a sweep cannot search its own settings")
-        current = _config_value(config, key)
+        current = config_value(config, key)
         if kind == "categorical":
             if not spec:
                 raise UserError(f"sweep.space {key!r}: no choices")
@@ -158,7 +159,7 @@ def _encode(value: Any) -> Any:
 
 def decode(key: str, value: Any, config: ml_collections.ConfigDict) -> Any:
     """A trial's param back to its config value (a tuple choice from its text)."""
-    if isinstance(value, str) and not isinstance(_config_value(config, key), str):
+    if isinstance(value, str) and not isinstance(config_value(config, key), str):
         return ast.literal_eval(value)  # model.channels: 25 in the config, "(16, 32, 64)" here
     return value
 

@@ -162,15 +162,14 @@ class Sweep:
 
     def _orphans(self) -> list[Job]:
         """Jobs whose trials are RUNNING here but whose worker is gone (its lock is free)."""
-        running: dict[str, list] = {}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if (t.user_attrs.get("host"), t.user_attrs.get("workdir")) == (self.host,
-                                                                            self.workdir):
-                running.setdefault(t.user_attrs["job"], []).append(t)
+        here = [t for t in self.study.get_trials(deepcopy=False)
+                if (t.user_attrs.get("host"), t.user_attrs.get("workdir")) == (self.host,
+                                                                                self.workdir)]
+        orphaned = {t.user_attrs["job"] for t in here if t.state == TrialState.RUNNING}
         jobs = []
-        for directory in running:
-            members = [t for t in self.study.get_trials(deepcopy=False)
-                       if t.user_attrs.get("job") == directory]  # a population's stopped ones too
+        for directory in sorted(orphaned):
+            members = [t for t in here  # a population's stopped members too
+                       if t.user_attrs.get("job") == directory]
             lock = self._lock(directory)
             if lock is None:
                 continue
@@ -188,8 +187,10 @@ class Sweep:
         for _ in range(min(budget, self.config.sweep.population)):
             trial = self.study.ask()
             suggest(trial, self.dims)
-            numbers = sorted(t.number for t in self.counted())
-            if numbers.index(trial.number) >= self.config.sweep.trials:  # another machine won
+            # Counted trials numbered before this one: more than the budget if another
+            # machine asked in between.
+            ahead = sum(t.number < trial.number for t in self.counted())
+            if ahead >= self.config.sweep.trials:  # another machine won
                 trial.set_user_attr("over_budget", True)
                 self.study.tell(trial, state=TrialState.FAIL)
                 break
@@ -252,13 +253,18 @@ def _canonical(block: dict) -> str:
     return json.dumps(json.loads(json.dumps(block, default=str)), sort_keys=True)
 
 
-def load(workdir: str, worker: int = 0) -> Sweep:
-    """The sweep recorded in `workdir` (for workers and `--status`)."""
+def recorded(workdir: str) -> dict:
+    """The config and storage `prepare` recorded in `workdir`."""
     path = os.path.join(workdir, RECORD)
     if not os.path.exists(path):
         raise UserError(f"{workdir} holds no {RECORD}: not a sweep directory")
     with open(path) as f:
-        record = json.load(f)
+        return json.load(f)
+
+
+def load(workdir: str, worker: int = 0) -> Sweep:
+    """The sweep recorded in `workdir` (for workers and `--status`)."""
+    record = recorded(workdir)
     return Sweep(ml_collections.ConfigDict(record["config"]), workdir, record["storage"], worker)
 
 

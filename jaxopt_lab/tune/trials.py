@@ -24,7 +24,7 @@ from jaxopt_lab.core.population import STATE_KEYS, STATE_VALUES
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques import distill
-from jaxopt_lab.tune.space import apply
+from jaxopt_lab.tune.space import apply, config_value
 
 # Keys whose values live in the TrainState: trials differing only in these share one program.
 VALUE_KEYS = frozenset({*STATE_KEYS, *STATE_VALUES, LABEL_SMOOTHING, distill.TEMPERATURE,
@@ -60,20 +60,13 @@ def job_config(base: ml_collections.ConfigDict, trials: Sequence[optuna.Trial],
         config.train.progress = False
         if population:
             keys = sorted({k for p in params for k in p if k in VALUE_KEYS})
-            columns = [(k, tuple(p.get(k, _value(base, k)) for p in params)) for k in keys]
+            columns = [(k, tuple(p.get(k, config_value(base, k)) for p in params)) for k in keys]
             config.population = tuple(columns) or (("seed", (base.seed,) * len(params)),)
         else:
             config = apply(config, params[0])
             config.train.progress = False
     validate(config)
     return config
-
-
-def _value(config: ml_collections.ConfigDict, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
@@ -110,11 +103,11 @@ def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
                 study.tell(trial, state=TrialState.FAIL)
         return
     members = summary.get("members") or [summary]
-    measured = {k: summary[k] for k in MEASURED if k in summary}
     for i, (trial, member) in enumerate(zip(job.trials, members, strict=True)):
         if i in pruned:
             continue
-        record = {**_metrics(member), **measured}
+        # The run's measurements and the member's own metrics and technique counts (sparsity…)
+        record = {**_numbers(summary), **_numbers(member)}
         _set_attrs(trial, record)
         if not job.is_population and "stopped_at" in summary:
             study.tell(trial, state=TrialState.PRUNED)
@@ -127,9 +120,9 @@ def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
             study.tell(trial, [float(record[m]) for m, _ in objectives])
 
 
-def _metrics(record: dict) -> dict:
+def _numbers(record: dict) -> dict:
     return {k: v for k, v in record.items()
-            if k.startswith(("validation_", "test_")) and isinstance(v, (int, float))}
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _finite(value: Any) -> bool:
@@ -137,6 +130,5 @@ def _finite(value: Any) -> bool:
 
 
 def _set_attrs(trial: optuna.Trial, record: dict) -> None:
-    for key, value in record.items():
-        if isinstance(value, (int, float)):
-            trial.set_user_attr(key, value)
+    for key, value in _numbers(record).items():
+        trial.set_user_attr(key, value)
