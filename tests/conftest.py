@@ -17,6 +17,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# LLVM at -O0 for the tests' programs: compiling takes about half as long and the tiny programs
+# run about as fast. Every comparison a test makes is between programs compiled alike; subprocesses
+# keep these flags (tests set the device count with helpers.xla_flags, which keeps the rest).
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = " ".join(
+    [*os.environ.get("XLA_FLAGS", "").split(),
+     *(f for f in FAST_COMPILE if f.split("=")[0] not in os.environ.get("XLA_FLAGS", ""))])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab.core.launch import with_device_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +34,16 @@ def tiny_config(model: str = "mlp", steps: int = 20, **train):
     return config
 
 
+def xla_flags(devices: int) -> str:
+    """This process's XLA_FLAGS (conftest's fast-compile flags) with `devices` CPU devices."""
+    return with_device_count(os.environ.get("XLA_FLAGS", ""), devices)
+
+
 def run_cli(*args: str, devices: int = 1, env: dict | None = None, timeout: float = 300,
             **popen) -> subprocess.CompletedProcess:
     """Runs `python -m jaxopt_lab.cli ARGS` with `devices` simulated CPU devices."""
     full_env = dict(os.environ, **(env or {}))
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env["XLA_FLAGS"] = xla_flags(devices)
     return subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout, check=False, **popen)
 

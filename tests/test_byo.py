@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli, tiny_config
+from helpers import ROOT, run_cli, tiny_config, xla_flags
 
 from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
@@ -116,7 +116,7 @@ def package(tmp_path_factory):
 
 def _env(package, devices: int = 1) -> dict:
     return dict(os.environ, PYTHONPATH=f"{package}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=xla_flags(devices))
 
 
 def _script(package, workdir, steps: int, devices: int = 1, **popen):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 from jax.sharding import Mesh
 
 from jaxopt_lab.core.state import create_train_state
@@ -350,7 +350,7 @@ print("all ok")
 
 @pytest.mark.slow
 def test_every_reducer_is_replicated_and_exact_where_it_should_be_on_four_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4))
     result = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0 and "all ok" in result.stdout, (

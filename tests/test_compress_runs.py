@@ -12,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import QUIET, ROOT, SHORT, SMALL_CNN, run_cli, summary_of, tiny_config
+from helpers import QUIET, ROOT, SHORT, SMALL_CNN, run_cli, summary_of, tiny_config, xla_flags
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
 from jaxopt_lab.core.loop import train_and_evaluate
@@ -68,7 +68,7 @@ def test_compressors_on_four_devices_equal_two_processes_of_two(tmp_path, env):
     assert compare.returncode == 0, compare.stderr[-3000:]
 
 
-FOUR = "--xla_force_host_platform_device_count=4"
+FOUR = xla_flags(4)
 COMPARE = """
 import sys, jax, numpy as np
 from jaxopt_lab.core.run import load_run

@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.core.run import load_run
@@ -130,7 +130,7 @@ class Runs:
         return self._futures[name].result()
 
     def _run(self, job: Job) -> Result:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={job.devices}")
+        env = dict(os.environ, XLA_FLAGS=xla_flags(job.devices))
         start = time.perf_counter()
         with self._lock:
             if self._closing:

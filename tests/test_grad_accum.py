@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_cli, xla_flags
 from jax.sharding import Mesh
 
 from jaxopt_lab.core.state import create_train_state
@@ -187,7 +187,7 @@ print("all ok")
 
 @pytest.mark.slow  # a subprocess: ~30 s on two busy cores
 def test_microbatches_equal_the_large_batch_step_on_four_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     result = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300, check=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2.flax import aqt_flax
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -202,7 +202,7 @@ def test_pmap_counts_every_device():
         "x = jax.ShapeDtypeStruct((4, 2, 4), jnp.float32)\n"
         "print(count_flops(jax.pmap(lambda y: y @ y.T), x))\n"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_cli, xla_flags
 
 from jaxopt_lab.core.metrics import read_metrics
 
@@ -52,7 +52,7 @@ class _Run:
         self.workdir = workdir
         workdir.parent.mkdir(parents=True, exist_ok=True)
         self._out, self._err = (workdir.parent / f"{workdir.name}.{s}" for s in ("out", "err"))
-        env = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env = dict(os.environ, **env, XLA_FLAGS=xla_flags(1))
         with open(self._out, "w") as out, open(self._err, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jaxopt_lab.cli", *launch, "train", "--config", config,

@@ -83,8 +83,8 @@ def test_remat_lowers_the_train_steps_memory_on_the_resnet():
     """XLA's buffer assignment of the compiled train step, as summary.json reports it. XLA:CPU's
     default scheduler favours concurrency over memory and shows little of the saving; with its
     memory-minimizing scheduler the ResNet-20's step needs clearly less with a remat policy."""
-    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false",
-               PYTHONPATH=str(ROOT))
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", _MEMORY], env=env, cwd=ROOT, text=True,
                             capture_output=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

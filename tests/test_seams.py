@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import ROOT, tiny_config
+from helpers import ROOT, tiny_config, xla_flags
 
 from jaxopt_lab.core.builder import build_experiment
 from jaxopt_lab.core.checkpoint import Checkpointer
@@ -360,7 +360,7 @@ def test_every_optimizer_takes_its_values_from_the_state(name):
 @pytest.mark.slow
 @pytest.mark.skipif(EXPECTED_DEVICES != 1, reason="this is the launcher of the 4-device run")
 def test_seams_hold_on_four_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                JAXOPT_LAB_EXPECT_DEVICES="4")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / __file__),

@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import QUIET, ROOT, SHORT, run_cli, summary_of, tiny_config
+from helpers import QUIET, ROOT, SHORT, run_cli, summary_of, tiny_config, xla_flags
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_lab.core import fsdp
@@ -56,7 +56,7 @@ def test_a_compressor_or_a_whole_gradient_reducer_refuses_sharded_parameters():
 
 
 def _four_devices(script: str) -> None:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300, check=False)

@@ -23,7 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _with_device_count(xla_flags: str, count: int) -> str:
+def with_device_count(xla_flags: str, count: int) -> str:
+    """`xla_flags` with its simulated CPU device count set to `count`, its other flags kept."""
     kept = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
     return " ".join([*kept, f"{DEVICE_COUNT_FLAG}={count}"])
 
@@ -44,7 +45,7 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int = 1) ->
         env = dict(os.environ, **{COORDINATOR_ENV: coordinator,
                                   NUM_PROCESSES_ENV: str(num_processes),
                                   PROCESS_ID_ENV: str(rank)})
-        env["XLA_FLAGS"] = _with_device_count(env.get("XLA_FLAGS", ""), devices_per_process)
+        env["XLA_FLAGS"] = with_device_count(env.get("XLA_FLAGS", ""), devices_per_process)
         # Each child in its own process group: a Ctrl-C in the terminal reaches the launcher
         # alone, which passes it on once (a child seeing it twice would stop without saving).
         children.append(subprocess.Popen([sys.executable, "-m", "jaxopt_lab.cli", *argv], env=env,

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+
+
+def _import_summary_writer():
+    """tensorboardX imports torch, when installed (Optuna's GP sampler wants it), only to accept
+    torch tensors: 2-3 s of every process's start. We write numbers, so it is kept from seeing
+    torch unless something imported torch already."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # an import of it raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 
 def _plain(value: Any) -> Any:
