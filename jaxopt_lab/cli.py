@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     shrink.add_argument("--workdir", required=True, help="a run directory written by train")
     shrink.add_argument("--member", type=int, default=None, metavar="I",
                         help="population run: the member to shrink")
+    export = commands.add_parser(
+        "export", help="write a run's inference as a StableHLO file (jax.export) that jax alone "
+                       "loads and runs, any batch size",
+        epilog="writes FILE and FILE.json (input signature, the run's model and techniques)")
+    export.add_argument("--workdir", required=True, help="a run directory written by train")
+    export.add_argument("--out", required=True, metavar="FILE", help="the artifact to write")
+    export.add_argument("--platforms", nargs="*", default=(), metavar="P",
+                        help="cpu, cuda, rocm, tpu: where it may run (default: this backend)")
     sweep = commands.add_parser(
         "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
         epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
@@ -153,6 +161,16 @@ def _shrink(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from jaxopt_lab.export import export_run
+
+    metadata = export_run(args.workdir, args.out, tuple(args.platforms))
+    print(f"wrote {args.out} ({metadata['bytes']} bytes; input {metadata['input']['shape']} "
+          f"{metadata['input']['dtype']}; platforms {', '.join(metadata['platforms'])}) and "
+          f"{args.out}.json")
+    return 0
+
+
 def _sweep(args, overrides: list[str]) -> int:
     """Runs (or resumes) a sweep, then prints its top trials and writes its report and plots;
     with --status, only prints."""
@@ -204,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "shrink":
             return _shrink(args)
+        if args.command == "export":
+            return _export(args)
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
         if not rest or args.num_processes < 1:
             parser.error("usage: jaxopt-lab launch -n N -- train --config ... --workdir ...")

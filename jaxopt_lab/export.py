@@ -1,0 +1,77 @@
+"""`jaxopt-lab export --workdir RUN --out FILE`: a run's inference as a StableHLO artifact.
+
+FILE holds the serialized `jax.export.Exported` of `x -> outputs`, the run's variables inside it
+as constants and its batch dimension symbolic, so it serves any batch size; FILE.json beside it
+says what the run was and the input it takes. Loading it needs jax alone, not jaxopt_lab:
+
+    import jax, numpy as np
+    with open("model.stablehlo", "rb") as f:
+        model = jax.export.deserialize(bytearray(f.read()))
+    x = np.zeros((8, *model.in_avals[0].shape[1:]), model.in_avals[0].dtype)
+    outputs = model.call(x)
+
+What is exported is what the framework evaluates: a shrunk run (`jaxopt-lab shrink`) is a run of
+its own with the narrow model; a QAT run exports its quantized inference as it trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.state import model_params, sample_input
+from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.errors import UserError
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def export_run(workdir: str, out: str, platforms: tuple[str, ...] = ()) -> dict:
+    """Writes `out` (the serialized program) and `out`.json (its metadata); returns the latter.
+
+    Args:
+      platforms: where the artifact may run (default: this process's backend); lowering for
+        several makes one artifact that each of them loads.
+    """
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown:
+        raise UserError(f"--platforms {' '.join(unknown)}: allowed are {', '.join(PLATFORMS)}")
+    run = load_run(workdir)
+    if run.members:
+        raise UserError(f"{workdir} holds a population; export one run (train a member alone "
+                        "or shrink it with --member)")
+    variables = jax.device_get({"params": model_params(run.state.params),
+                                **run.state.model_state})
+    apply = inference(run.experiment.model)
+    sample = sample_input(run.dataset)
+    (batch,) = jax.export.symbolic_shape("batch")
+    signature = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
+    exported = jax.export.export(jax.jit(lambda x: apply(variables, x)),
+                                 platforms=platforms or None)(signature)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "wb") as f:
+        f.write(exported.serialize())
+    output = exported.out_avals[0]
+    metadata = {
+        "run": os.path.abspath(workdir),
+        "step": run.step,
+        "model": run.config.model.to_dict(),
+        "task": run.dataset.task,
+        "techniques": run.experiment.techniques,
+        "input": {"shape": ["batch", *sample.shape[1:]], "dtype": str(sample.dtype)},
+        "output": {"shape": ["batch", *output.shape[1:]], "dtype": str(output.dtype)},
+        "platforms": list(exported.platforms),
+        "bytes": os.path.getsize(out),
+        "jax": jax.__version__,
+    }
+    with open(out + ".json", "w") as f:
+        json.dump(metadata, f, indent=2, default=_plain)
+    return metadata
+
+
+def _plain(value):
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else str(value)

@@ -1,0 +1,83 @@
+"""`jaxopt-lab export`: the artifact loads and runs in a process that cannot import jaxopt_lab,
+at batch sizes it was never traced with, and gives the framework's own outputs — for a float MLP,
+a CNN and a QAT (int8) CNN; bad input gets one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from helpers import run_cli, tiny_config
+
+from jaxopt_lab.core.config import model_config
+from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.state import model_params
+from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.export import export_run
+
+# Runs in a process where importing jaxopt_lab fails: only jax (and numpy) load the artifact.
+LOAD = """
+import sys
+sys.modules["jaxopt_lab"] = None
+import jax, numpy as np
+artifact, inputs, out = sys.argv[1:]
+with open(artifact, "rb") as f:
+    model = jax.export.deserialize(bytearray(f.read()))
+x = np.load(inputs)
+np.save(out, np.asarray(model.call(x)))
+"""
+
+
+def _runs():
+    cnn = tiny_config("cnn1d", steps=10, measure=False)
+    cnn.model = model_config("cnn1d", channels=8)
+    qat = cnn.copy_and_resolve_references()
+    qat.techniques.quantize.method = "qat"
+    return {"mlp": tiny_config("mlp", steps=10, measure=False), "cnn": cnn, "qat": qat}
+
+
+@pytest.mark.slow
+def test_the_artifact_runs_without_jaxopt_lab_and_matches_the_framework(tmp_path):
+    for name, config in _runs().items():
+        workdir = str(tmp_path / name)
+        train_and_evaluate(config, workdir)
+        artifact = str(tmp_path / f"{name}.stablehlo")
+        metadata = export_run(workdir, artifact)
+        assert metadata["input"]["shape"][0] == "batch" and metadata["platforms"] == ["cpu"]
+        assert ("quantize" in metadata["techniques"]) == (name == "qat")
+
+        run = load_run(workdir)
+        variables = {"params": model_params(run.state.params), **run.state.model_state}
+        own = jax.jit(inference(run.experiment.model))
+        for batch in (3, 300):  # neither is the batch the run trained or evaluated with
+            x = run.dataset.test["x"][:batch]
+            np.save(tmp_path / "x.npy", x)
+            loaded = subprocess.run(
+                [sys.executable, "-c", LOAD, artifact, str(tmp_path / "x.npy"),
+                 str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=120,
+                check=False, cwd=tmp_path)  # not the repository: no jaxopt_lab on the path
+            assert loaded.returncode == 0, loaded.stderr[-2000:]
+            got, want = np.load(tmp_path / "y.npy"), np.asarray(own(variables, x))
+            assert got.shape == want.shape == (batch, 10)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+            assert (got.argmax(-1) == want.argmax(-1)).all(), name
+
+
+def test_bad_exports_get_one_line(tmp_path):
+    result = run_cli("export", "--workdir", str(tmp_path / "none"), "--out",
+                     str(tmp_path / "m.stablehlo"))
+    assert result.returncode == 2
+    assert "holds no config.json" in result.stderr and "Traceback" not in result.stderr
+    config = tiny_config("mlp", steps=2, measure=False)
+    config.population = (("optim.lr", (1e-3, 1e-2)),)
+    train_and_evaluate(config, str(tmp_path / "population"))
+    with pytest.raises(UserError, match="holds a population"):
+        export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"))
+    with pytest.raises(UserError, match="--platforms gpu: allowed are"):
+        export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"), ("gpu",))
+    assert not (tmp_path / "m.stablehlo").exists()
