@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="FILE", help="the artifact to write")
     export.add_argument("--platforms", nargs="*", default=(), metavar="P",
                         help="cpu, cuda, rocm, tpu: where it may run (default: this backend)")
+    export.add_argument("--form", choices=("auto", "serving", "model"), default="auto",
+                        help="serving: the int8 serving form `quantize` wrote; model: the run's "
+                             "model as it evaluates; auto: serving where it exists")
     sweep = commands.add_parser(
         "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
         epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
@@ -164,8 +167,8 @@ def _shrink(args) -> int:
 def _export(args) -> int:
     from jaxopt_lab.export import export_run
 
-    metadata = export_run(args.workdir, args.out, tuple(args.platforms))
-    print(f"wrote {args.out} ({metadata['bytes']} bytes; input {metadata['input']['shape']} "
+    metadata = export_run(args.workdir, args.out, tuple(args.platforms), args.form)
+    print(f"wrote {args.out} ({metadata['form']}, {metadata['bytes']} bytes; input {metadata['input']['shape']} "
           f"{metadata['input']['dtype']}; platforms {', '.join(metadata['platforms'])}) and "
           f"{args.out}.json")
     return 0

@@ -10,8 +10,10 @@ says what the run was and the input it takes. Loading it needs jax alone, not ja
     x = np.zeros((8, *model.in_avals[0].shape[1:]), model.in_avals[0].dtype)
     outputs = model.call(x)
 
-What is exported is what the framework evaluates: a shrunk run (`jaxopt-lab shrink`) is a run of
-its own with the narrow model; a QAT run exports its quantized inference as it trained.
+What is exported is what the framework serves: where `jaxopt-lab quantize` wrote the run's
+serving form (RUN/quantized), its integer weights and scales, run by AQT's SERVE mode; otherwise
+the run's model as it evaluates (a QAT run's fake-quantized inference; a shrunk run, written by
+`jaxopt-lab shrink`, is a run of its own with the narrow model).
 """
 
 from __future__ import annotations
@@ -26,27 +28,47 @@ from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.quantize import serve_fn
+from jaxopt_lab.techniques.quantize.convert_run import load_serving, serving_model
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+FORMS = ("auto", "serving", "model")
 
 
-def export_run(workdir: str, out: str, platforms: tuple[str, ...] = ()) -> dict:
+def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
+               form: str = "auto") -> dict:
     """Writes `out` (the serialized program) and `out`.json (its metadata); returns the latter.
 
     Args:
       platforms: where the artifact may run (default: this process's backend); lowering for
         several makes one artifact that each of them loads.
+      form: "serving" (the quantized serving form), "model" (the run's model as it evaluates) or
+        "auto" (the serving form where the run has one).
     """
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown:
         raise UserError(f"--platforms {' '.join(unknown)}: allowed are {', '.join(PLATFORMS)}")
+    if form not in FORMS:
+        raise UserError(f"--form {form!r} is unknown; allowed: {', '.join(FORMS)}")
     run = load_run(workdir)
     if run.members:
         raise UserError(f"{workdir} holds a population; export one run (train a member alone "
                         "or shrink it with --member)")
-    variables = jax.device_get({"params": model_params(run.state.params),
-                                **run.state.model_state})
-    apply = inference(run.experiment.model)
+    summary_path = os.path.join(workdir, "quantized", "summary.json")
+    if form == "serving" and not os.path.exists(summary_path):
+        raise UserError(f"{workdir} has no serving form: run `jaxopt-lab quantize --workdir "
+                        f"{workdir}` first, or export --form model")
+    if form != "model" and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            quantized = json.load(f)
+        apply = serve_fn(serving_model(run, quantized))
+        variables = load_serving(os.path.join(workdir, "quantized", "serving"))
+        exported_form = f"{quantized['scheme']} serving form"
+    else:
+        apply = inference(run.experiment.model)
+        variables = jax.device_get({"params": model_params(run.state.params),
+                                    **run.state.model_state})
+        exported_form = "model"
     sample = sample_input(run.dataset)
     (batch,) = jax.export.symbolic_shape("batch")
     signature = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
@@ -62,6 +84,7 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = ()) -> dict:
         "model": run.config.model.to_dict(),
         "task": run.dataset.task,
         "techniques": run.experiment.techniques,
+        "form": exported_form,
         "input": {"shape": ["batch", *sample.shape[1:]], "dtype": str(sample.dtype)},
         "output": {"shape": ["batch", *output.shape[1:]], "dtype": str(output.dtype)},
         "platforms": list(exported.platforms),

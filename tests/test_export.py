@@ -1,9 +1,10 @@
 """`jaxopt-lab export`: the artifact loads and runs in a process that cannot import jaxopt_lab,
 at batch sizes it was never traced with, and gives the framework's own outputs — for a float MLP,
-a CNN and a QAT (int8) CNN; bad input gets one line."""
+a CNN, a QAT CNN and that run's int8 serving form; bad input gets one line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import export_run
+from jaxopt_lab.techniques.quantize import serve_fn
+from jaxopt_lab.techniques.quantize.convert_run import load_serving, quantize_run, serving_model
 
 # Runs in a process where importing jaxopt_lab fails: only jax (and numpy) load the artifact.
 LOAD = """
@@ -41,31 +44,55 @@ def _runs():
     return {"mlp": tiny_config("mlp", steps=10, measure=False), "cnn": cnn, "qat": qat}
 
 
+def _run_artifact(tmp_path, artifact: str, x: np.ndarray) -> np.ndarray:
+    np.save(tmp_path / "x.npy", x)
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD, artifact, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        capture_output=True, text=True, timeout=120, check=False,
+        cwd=tmp_path)  # not the repository: no jaxopt_lab on the path
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    return np.load(tmp_path / "y.npy")
+
+
+def _assert_same(got, want, batch: int, what: str) -> None:
+    assert got.shape == want.shape == (batch, 10), what
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=what)
+    assert (got.argmax(-1) == want.argmax(-1)).all(), what
+
+
 @pytest.mark.slow
 def test_the_artifact_runs_without_jaxopt_lab_and_matches_the_framework(tmp_path):
+    sizes = {}
     for name, config in _runs().items():
         workdir = str(tmp_path / name)
         train_and_evaluate(config, workdir)
         artifact = str(tmp_path / f"{name}.stablehlo")
         metadata = export_run(workdir, artifact)
         assert metadata["input"]["shape"][0] == "batch" and metadata["platforms"] == ["cpu"]
+        assert metadata["form"] == "model"
         assert ("quantize" in metadata["techniques"]) == (name == "qat")
+        sizes[name] = metadata["bytes"]
 
         run = load_run(workdir)
         variables = {"params": model_params(run.state.params), **run.state.model_state}
         own = jax.jit(inference(run.experiment.model))
         for batch in (3, 300):  # neither is the batch the run trained or evaluated with
             x = run.dataset.test["x"][:batch]
-            np.save(tmp_path / "x.npy", x)
-            loaded = subprocess.run(
-                [sys.executable, "-c", LOAD, artifact, str(tmp_path / "x.npy"),
-                 str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=120,
-                check=False, cwd=tmp_path)  # not the repository: no jaxopt_lab on the path
-            assert loaded.returncode == 0, loaded.stderr[-2000:]
-            got, want = np.load(tmp_path / "y.npy"), np.asarray(own(variables, x))
-            assert got.shape == want.shape == (batch, 10)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
-            assert (got.argmax(-1) == want.argmax(-1)).all(), name
+            _assert_same(_run_artifact(tmp_path, artifact, x), np.asarray(own(variables, x)),
+                         batch, name)
+
+    # The QAT run's int8 serving form, once `quantize` wrote it, is what "auto" exports.
+    workdir = str(tmp_path / "qat")
+    quantized = quantize_run(workdir)
+    metadata = export_run(workdir, str(tmp_path / "served.stablehlo"))
+    assert metadata["form"] == f"{quantized['scheme']} serving form"
+    assert metadata["bytes"] < sizes["qat"]  # int8 weights inside, not float ones
+    run = load_run(workdir)
+    serve = jax.jit(serve_fn(serving_model(run, quantized)))
+    serving = load_serving(os.path.join(workdir, "quantized", "serving"))
+    x = run.dataset.test["x"][:300]
+    _assert_same(_run_artifact(tmp_path, str(tmp_path / "served.stablehlo"), x),
+                 np.asarray(serve(serving, x)), 300, "serving form")
 
 
 def test_bad_exports_get_one_line(tmp_path):
@@ -80,4 +107,7 @@ def test_bad_exports_get_one_line(tmp_path):
         export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"))
     with pytest.raises(UserError, match="--platforms gpu: allowed are"):
         export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"), ("gpu",))
+    train_and_evaluate(tiny_config("mlp", steps=2, measure=False), str(tmp_path / "float"))
+    with pytest.raises(UserError, match="has no serving form: run `jaxopt-lab quantize"):
+        export_run(str(tmp_path / "float"), str(tmp_path / "m.stablehlo"), form="serving")
     assert not (tmp_path / "m.stablehlo").exists()

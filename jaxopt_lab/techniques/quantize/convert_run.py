@@ -153,12 +153,24 @@ def outputs_identical(model, variables, serving, serve, arrays, batch_size: int)
     return True
 
 
-def _float_apply(run):
-    """The float model's inference, the baseline the serving form's latency is compared with."""
+def float_model(run):
+    """The run's model without quantization (a QAT run's seams emptied)."""
     model = run.experiment.model
     if "quantize" in run.experiment.techniques:
         model = model.clone(dot_general_cls=None, conv_general_dilated_cls=None)
-    return inference(model)
+    return model
+
+
+def serving_model(run, summary: dict):
+    """The quantized model whose serving form `quantize_run` wrote with `summary`: the float
+    model wrapped with the options recorded there (skip patterns resolved)."""
+    options = {k: v for k, v in summary["options"].items() if k != "scheme"}
+    return wrap(float_model(run), **options)
+
+
+def _float_apply(run):
+    """The float model's inference, the baseline the serving form's latency is compared with."""
+    return inference(float_model(run))
 
 
 def save_serving(path: str, serving: dict) -> None:
