@@ -1,7 +1,6 @@
 """`jaxopt-lab export`: the artifact loads and runs in a process that cannot import jaxopt_lab,
 at batch sizes it was never traced with, and gives the framework's own outputs — for a float MLP,
-a QAT CNN and that run's int8 serving form; bad input gets one
-line."""
+a QAT CNN and that run's int8 serving form; bad input gets one line."""
 
 from __future__ import annotations
 
