@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--form", choices=("auto", "serving", "model"), default="auto",
                         help="serving: the int8 serving form `quantize` wrote; model: the run's "
                              "model as it evaluates; auto: serving where it exists")
+    report = commands.add_parser(
+        "report", help="finished runs side by side: their summary fields as a table, their "
+                       "learning curves as one PNG")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    report.add_argument("--plot", default="runs_report.png", metavar="FILE",
+                        help="where the curves go (default: runs_report.png; '' for none)")
     sweep = commands.add_parser(
         "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
         epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
@@ -174,6 +180,15 @@ def _export(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from jaxopt_lab.profile.runs_report import report_runs
+
+    print(report_runs(args.runs, args.plot or None))
+    if args.plot:
+        print(f"learning curves: {args.plot}")
+    return 0
+
+
 def _sweep(args, overrides: list[str]) -> int:
     """Runs (or resumes) a sweep, then prints its top trials and writes its report and plots;
     with --status, only prints."""
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return _shrink(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "report":
+            return _report(args)
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
         if not rest or args.num_processes < 1:
             parser.error("usage: jaxopt-lab launch -n N -- train --config ... --workdir ...")

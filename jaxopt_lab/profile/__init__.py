@@ -1,0 +1,1 @@
+"""Measurements and reports of runs: what a run cost and bought, side by side."""
