@@ -86,15 +86,6 @@ def _train(env: dict, workdir: Path, *overrides: str, launch: tuple[str, ...] = 
                    env=env, timeout=RUN_TIMEOUT_S)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    """Environment of every run: one persistent XLA compilation cache for this module's runs, which
-    halves the cost of each (most of a tiny run is compiling)."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def _checkpoint_steps(workdir: Path, name: str = "checkpoints") -> list[int]:
     """Committed checkpoints only: orbax writes into a temporary name and renames on commit."""
     directory = workdir / name
