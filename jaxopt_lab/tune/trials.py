@@ -107,7 +107,7 @@ def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
         if i in pruned:
             continue
         # The run's measurements and the member's own metrics and technique counts (sparsity…)
-        record = {**_numbers(summary), **_numbers(member)}
+        record = {**summary, **member}
         _set_attrs(trial, record)
         if not job.is_population and "stopped_at" in summary:
             study.tell(trial, state=TrialState.PRUNED)
