@@ -76,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     report.add_argument("--plot", default="runs_report.png", metavar="FILE",
                         help="where the curves go (default: runs_report.png; '' for none)")
+    optimize = commands.add_parser(
+        "optimize", help="train a baseline and every compression candidate of the config's "
+                         "optimize block; report them side by side with the Pareto front",
+        epilog="writes DIR/report.md, DIR/report.json, DIR/pareto.png and a run directory per "
+               "candidate (rerun to resume); override any config key with --config.KEY=VALUE")
+    optimize.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+    optimize.add_argument("--workdir", required=True, help="the pipeline's directory")
+    optimize.add_argument("--baseline", default=None, metavar="RUN",
+                          help="a finished run of the config to start from (default: train one "
+                               "into DIR/baseline)")
+    optimize.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                          help="validation accuracy the best candidate may lose (default: "
+                               "optimize.max_accuracy_drop, 1.0)")
     sweep = commands.add_parser(
         "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
         epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
@@ -189,6 +202,21 @@ def _report(args) -> int:
     return 0
 
 
+def _optimize(args, overrides: list[str]) -> int:
+    """Runs (or resumes) the pipeline and prints its report."""
+    from jaxopt_lab.core.config import load_config
+
+    load_config(args.config, overrides)  # a typo costs a second, not an import of the loop
+    from jaxopt_lab.optimize import optimize
+    from jaxopt_lab.profile.pareto import markdown
+
+    report = optimize(args.config, args.workdir, tuple(overrides), baseline=args.baseline,
+                      max_accuracy_drop=args.max_accuracy_drop)
+    print(markdown(report))
+    print(f"wrote {args.workdir}/report.md, report.json and pareto.png")
+    return 0
+
+
 def _sweep(args, overrides: list[str]) -> int:
     """Runs (or resumes) a sweep, then prints its top trials and writes its report and plots;
     with --status, only prints."""
@@ -232,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, extra)
         if args.command == "sweep":
             return _sweep(args, extra)
+        if args.command == "optimize":
+            return _optimize(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "eval":

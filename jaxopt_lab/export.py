@@ -54,21 +54,10 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
     if run.members:
         raise UserError(f"{workdir} holds a population; export one run (train a member alone "
                         "or shrink it with --member)")
-    summary_path = os.path.join(workdir, "quantized", "summary.json")
-    if form == "serving" and not os.path.exists(summary_path):
+    if form == "serving" and not os.path.exists(os.path.join(workdir, "quantized", "summary.json")):
         raise UserError(f"{workdir} has no serving form: run `jaxopt-lab quantize --workdir "
                         f"{workdir}` first, or export --form model")
-    if form != "model" and os.path.exists(summary_path):
-        with open(summary_path) as f:
-            quantized = json.load(f)
-        apply = serve_fn(serving_model(run, quantized))
-        variables = load_serving(os.path.join(workdir, "quantized", "serving"))
-        exported_form = f"{quantized['scheme']} serving form"
-    else:
-        apply = inference(run.experiment.model)
-        variables = jax.device_get({"params": model_params(run.state.params),
-                                    **run.state.model_state})
-        exported_form = "model"
+    apply, variables, exported_form = deployed_form(run, workdir, serving=form != "model")
     sample = sample_input(run.dataset)
     (batch,) = jax.export.symbolic_shape("batch")
     signature = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
@@ -94,6 +83,24 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
     with open(out + ".json", "w") as f:
         json.dump(metadata, f, indent=2, default=_plain)
     return metadata
+
+
+def deployed_form(run, workdir: str, serving: bool = True):
+    """(apply, variables, name) of what a run deploys: `apply(variables, x)` gives its outputs.
+
+    With `serving` and a serving form written by `jaxopt-lab quantize` (RUN/quantized), that form's
+    integer weights run by AQT's SERVE mode; otherwise the run's model as it evaluates. Export
+    serializes it and `optimize` times it, so both speak of the same program.
+    """
+    summary_path = os.path.join(workdir, "quantized", "summary.json")
+    if serving and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            quantized = json.load(f)
+        return (serve_fn(serving_model(run, quantized)),
+                load_serving(os.path.join(workdir, "quantized", "serving")),
+                f"{quantized['scheme']} serving form")
+    variables = jax.device_get({"params": model_params(run.state.params), **run.state.model_state})
+    return inference(run.experiment.model), variables, "model"
 
 
 def _plain(value):

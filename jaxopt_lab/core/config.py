@@ -157,6 +157,16 @@ def default_config() -> ml_collections.ConfigDict:
     w.storage = ""  # "" = the journal file WORKDIR/study.journal; or sqlite:///..., postgresql://...
     w.seed = 0  # the sampler's
     w.startup_trials = 10  # random trials before a model-based sampler (TPE, GP, skopt) fits
+
+    o = c.optimize = ml_collections.ConfigDict()  # `jaxopt-lab optimize` (optimize/)
+    # structured | unstructured | int8 | distill | structured_int8 | distill_structured_int8
+    o.candidates = ("structured", "unstructured", "int8", "distill", "structured_int8",
+                    "distill_structured_int8")
+    o.structured_sparsities = (0.5, 0.75)  # fractions of channels removed; one population
+    o.unstructured_sparsities = (0.8, 0.9, 0.95)  # fractions of weights zeroed; one population
+    o.student = ()  # "--config.KEY=VALUE" strings making the student; () = half the widths
+    o.max_accuracy_drop = 1.0  # points of validation accuracy the best may lose to the baseline
+    o.objective = "size_latency"  # size_latency (bytes x batch-256 latency) | latency | size
     return c
 
 

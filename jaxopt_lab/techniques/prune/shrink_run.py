@@ -49,16 +49,16 @@ def get_config():
 '''
 
 
-def shrink_run(workdir: str, member: int | None = None) -> dict:
-    """Shrinks the run in `workdir` (member `member` of a population) into workdir/shrunk/;
-    returns (and writes) its summary.json."""
+def shrink_run(workdir: str, member: int | None = None, out: str | None = None) -> dict:
+    """Shrinks the run in `workdir` (member `member` of a population) into `out` (default
+    workdir/shrunk/); returns (and writes) its summary.json."""
     run = load_run(workdir)
     state = _one_state(run, member, workdir)
     original = {"params": model_params(state.params), **state.model_state}
     model, variables = shrink(run.experiment.model, original)
     values = run.members[member] if run.members else {}
     config = shrunk_config(run.config, model, values)
-    out = os.path.join(workdir, "shrunk")
+    out = out or os.path.join(workdir, "shrunk")
     if os.path.isdir(os.path.join(out, "checkpoints")):
         raise UserError(f"{out} already holds a run (shrunk before, perhaps fine-tuned); "
                         "remove it to shrink again")
@@ -71,8 +71,8 @@ def shrink_run(workdir: str, member: int | None = None) -> dict:
     x = run.dataset.test["x"][:256]
     difference = np.abs(np.asarray(inference(run.experiment.model)(original, x))
                         - np.asarray(inference(shrunk.experiment.model)(variables, x))).max()
-    before = _figures(run.experiment.model, original, sample_x, evaluate_run(run), member)
-    after = _figures(shrunk.experiment.model, variables, sample_x, evaluate_run(shrunk), None)
+    before = _figures(run.experiment.model, original, sample_x, _evaluate(run), member)
+    after = _figures(shrunk.experiment.model, variables, sample_x, _evaluate(shrunk), None)
     summary = {
         "shrunk_from": os.path.abspath(workdir), "from_step": run.step, "member": member,
         "model": config.model.to_dict(),
@@ -143,8 +143,18 @@ def _write_config_py(out: str, config, source: str) -> None:
                                   literal=literal))
 
 
+def _evaluate(run) -> dict:
+    """Validation (where the run has the split) and test metrics; per member for a population."""
+    splits = [s for s in ("validation", "test") if getattr(run.dataset, s) is not None]
+    results = [evaluate_run(run, s) for s in splits]
+    if run.members:
+        return {"members": [{k: v for r in results for k, v in r["members"][i].items()}
+                            for i in range(len(run.members))]}
+    return {k: v for r in results for k, v in r.items()}
+
+
 def _figures(model, variables: dict, sample_x, metrics: dict, member: int | None) -> dict:
-    """Size, FLOPs, latency and test metrics of one model."""
+    """Size, FLOPs, latency and evaluation metrics of one model."""
     host = jax.tree.map(np.asarray, variables)
     if member is not None:
         metrics = metrics["members"][member]

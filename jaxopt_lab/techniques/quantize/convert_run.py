@@ -3,7 +3,7 @@
 A QAT run is converted with the options it trained with; a float run is quantized after training
 (PTQ): its weights as they are, activation scales calibrated on `calibrate` training batches.
 Either way the serving form (int8 or int4 / fp8 values, their scales, float biases) is written to
-RUN/quantized/serving, evaluated on the test split, checked output for output against the
+RUN/quantized/serving, evaluated on the validation and test splits, checked output for output against the
 quantized model's own evaluation, measured, and summarized in RUN/quantized/summary.json.
 """
 
@@ -97,8 +97,10 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
         "backend": jax.default_backend(),
         "options": {**qoptions.describe(), "skip": list(skip)},
         "calibration_batches": calibrate_batches if method == "ptq" and activations else 0,
-        **evaluate_serving(model, serving, test, run.dataset.task,
-                           run.config.train.eval_batch_size),
+        **{k: v for split in ("validation", "test") if getattr(run.dataset, split) is not None
+           for k, v in evaluate_serving(model, serving, getattr(run.dataset, split),
+                                        run.dataset.task, run.config.train.eval_batch_size,
+                                        split).items()},
         "serving_bit_identical": outputs_identical(model, variables, serving, serve, test,
                                                    run.config.train.eval_batch_size),
         "model_bytes": model_bytes(serving),
@@ -132,11 +134,12 @@ def post_training(float_model, variables: dict, train_x, sample_x, *, batches: i
     return model, variables
 
 
-def evaluate_serving(model, serving: dict, arrays: dict, task: str, batch_size: int) -> dict:
-    """`test_<metric>` means of the serving form over `arrays` (the task's evaluation)."""
+def evaluate_serving(model, serving: dict, arrays: dict, task: str, batch_size: int,
+                     split: str = "test") -> dict:
+    """`<split>_<metric>` means of the serving form over `arrays` (the task's evaluation)."""
     sample_x = np.zeros((1, *arrays["x"].shape[1:]), arrays["x"].dtype)
     evaluate = make_evaluator(served_eval_fn(model, task, sample_x), arrays, batch_size,
-                              data_mesh())
+                              data_mesh(), split)
     return evaluate(types.SimpleNamespace(
         params=serving["params"], model_state={k: v for k, v in serving.items() if k != "params"}))
 

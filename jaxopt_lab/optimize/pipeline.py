@@ -1,0 +1,184 @@
+"""`jaxopt-lab optimize --config X --workdir D`: a trained baseline and every candidate built
+from it, evaluated alike, in one report.
+
+D/baseline is the model as the config trains it (or `baseline=RUN`, a finished run). Each recipe
+(`optimize/candidates.py`) is a run directory D/<name> trained by the ordinary loop with the
+recipe's overrides; its deployable forms (shrunk: D/<name>/shrunk_<pct>; int8: .../quantized)
+are made by the techniques' own conversions. Every step skips what a previous invocation
+finished, so rerunning after a kill resumes. Candidates are compared on what they deploy:
+validation and test accuracy and size from the summary of the directory that holds that form,
+latencies timed side by side here (`profile/latency.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from jaxopt_lab.core.config import load_config
+from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.state import model_params, sample_input
+from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.export import deployed_form
+from jaxopt_lab.optimize.candidates import Recipe, check_block, quantize_scheme, recipes
+from jaxopt_lab.profile.latency import compare_latency
+from jaxopt_lab.profile.pareto import write_report
+from jaxopt_lab.techniques.prune.shrink_run import shrink_run
+from jaxopt_lab.techniques.quantize.convert_run import quantize_run
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One deployable model: where its numbers are recorded and where its deployed form lives."""
+
+    name: str
+    techniques: tuple[str, ...]
+    run_dir: str  # the training run
+    member: int | None  # its member, for a population run that was not shrunk
+    deploy_dir: str  # the run directory whose model (or serving form) is deployed
+    serving: bool  # deployed as deploy_dir/quantized's int8 serving form
+    summary_path: str  # the summary.json holding its accuracy and size
+    bytes_key: str  # the size field there (an encoding's, for unstructured sparsity)
+
+
+def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
+             baseline: str | None = None, max_accuracy_drop: float | None = None,
+             progress: bool = True) -> dict:
+    """Trains (or resumes, or takes) the baseline and every candidate; writes D/report.md,
+    D/report.json and D/pareto.png; returns the report."""
+    config = load_config(config_path, overrides)
+    if max_accuracy_drop is not None:
+        with config.unlocked():
+            config.optimize.max_accuracy_drop = float(max_accuracy_drop)
+    check_block(config.optimize)
+    os.makedirs(workdir, exist_ok=True)
+    baseline_dir = baseline or os.path.join(workdir, "baseline")
+    if baseline:
+        if not os.path.exists(os.path.join(baseline, "summary.json")):
+            raise UserError(f"--baseline {baseline}: holds no summary.json (not a finished run)")
+    else:
+        _train(config, baseline_dir, "baseline", progress)
+    plan = recipes(config, baseline_dir)
+    candidates, failures = [], {}
+    for i, recipe in enumerate(plan, 1):
+        run_dir = os.path.join(workdir, recipe.name)
+        _say(progress, f"[{i}/{len(plan)}] {recipe.name}: {' + '.join(recipe.techniques)}")
+        try:
+            _train(load_config(config_path, (*overrides, *recipe.overrides)), run_dir,
+                   recipe.name, progress)
+            candidates += _deployables(recipe, run_dir)
+        except UserError as e:  # a technique that does not fit this model: report, go on
+            failures[recipe.name] = str(e)
+            _say(progress, f"{recipe.name} failed: {e}")
+    _say(progress, f"timing {len(candidates) + 1} models side by side")
+    forms = {"baseline": _form(baseline_dir, None, serving=False)}
+    forms |= {c.name: _form(c.deploy_dir, c.member, c.serving) for c in candidates}
+    latencies = compare_latency(forms, _sample(baseline_dir), progress=progress)
+    rows = [_row(c, latencies[c.name]) for c in candidates]
+    base = _baseline_row(baseline_dir, latencies["baseline"])
+    return write_report(workdir, base, rows, failures, config.optimize,
+                        recipes={r.name: list(r.overrides) for r in plan})
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"optimize: {message}", flush=True)
+
+
+def _train(config, run_dir: str, name: str, progress: bool) -> None:
+    """The run in `run_dir`, unless it finished before (summary.json); a partial one resumes."""
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        _say(progress, f"{name}: finished before, in {run_dir}")
+        return
+    with config.unlocked():
+        config.train.progress = progress and config.train.progress
+    train_and_evaluate(config, run_dir)
+
+
+def _deployables(recipe: Recipe, run_dir: str) -> list[Candidate]:
+    """The candidates of one trained recipe, their conversions run where not done before."""
+    members = list(enumerate(recipe.sparsities)) or [(None, None)]
+    out = []
+    for member, sparsity in members:
+        name = recipe.name if sparsity is None else f"{recipe.name}_{round(100 * sparsity)}"
+        deploy_dir, summary = run_dir, os.path.join(run_dir, "summary.json")
+        if recipe.shrink:
+            deploy_dir = os.path.join(run_dir, f"shrunk_{round(100 * sparsity)}")
+            if not os.path.exists(os.path.join(deploy_dir, "summary.json")):
+                shutil.rmtree(deploy_dir, ignore_errors=True)  # a shrink cut short: redo it
+                shrink_run(run_dir, member=member, out=deploy_dir)
+            summary = os.path.join(deploy_dir, "summary.json")
+        if recipe.quantize:
+            summary = os.path.join(deploy_dir, "quantized", "summary.json")
+            if not os.path.exists(summary):
+                quantize_run(deploy_dir, scheme=quantize_scheme())
+        bytes_key = "model_bytes"
+        if recipe.name == "unstructured":  # stored as the smaller of its compact encodings
+            fields = _fields(summary, member)
+            bytes_key = min(("model_bytes_bitmask", "model_bytes_relative_index"),
+                            key=lambda k: fields[k])
+        kept_member = None if recipe.shrink else member
+        out.append(Candidate(name, recipe.techniques, run_dir, kept_member, deploy_dir,
+                             recipe.quantize, summary, bytes_key))
+    return out
+
+
+def _fields(summary_path: str, member: int | None) -> dict:
+    """A summary's fields; a population member's own ones over the run's shared ones."""
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if member is None:
+        return summary
+    return {**summary, **summary["members"][member]}
+
+
+def _form(run_dir: str, member: int | None, serving: bool):
+    """(apply, variables) of what `run_dir` (its member `member`) deploys."""
+    run = load_run(run_dir)
+    if member is None:
+        apply, variables, _ = deployed_form(run, run_dir, serving)
+        return apply, variables
+    state = jax.tree.map(lambda a: np.asarray(a[member]), run.state)
+    return (inference(run.experiment.model),
+            {"params": model_params(state.params), **state.model_state})
+
+
+def _sample(run_dir: str):
+    return sample_input(load_run(run_dir).dataset)
+
+
+def _row(candidate: Candidate, latency: dict) -> dict:
+    """A candidate's report entry: its recorded numbers, and the latencies timed here."""
+    fields = _fields(candidate.summary_path, candidate.member)
+    trained = _fields(os.path.join(candidate.run_dir, "summary.json"), None)
+    deployed = _fields(os.path.join(candidate.deploy_dir, "summary.json"), None)
+    return {
+        "name": candidate.name,
+        "techniques": list(candidate.techniques),
+        "validation_accuracy": fields["validation_accuracy"],
+        "test_accuracy": fields["test_accuracy"],
+        "model_bytes": fields[candidate.bytes_key],
+        **latency,
+        "flops": deployed["flops_per_example"],
+        "train_wall_s": trained["train_wall_s"],
+        "run_dir": candidate.deploy_dir,
+        "member": candidate.member,
+        "source": {"summary": candidate.summary_path, "member": candidate.member,
+                   "model_bytes_key": candidate.bytes_key},
+    }
+
+
+def _baseline_row(run_dir: str, latency: dict) -> dict:
+    fields = _fields(os.path.join(run_dir, "summary.json"), None)
+    return {"name": "baseline", "techniques": [],
+            "validation_accuracy": fields["validation_accuracy"],
+            "test_accuracy": fields["test_accuracy"], "model_bytes": fields["model_bytes"],
+            **latency, "flops": fields["flops_per_example"],
+            "train_wall_s": fields["train_wall_s"], "run_dir": run_dir, "member": None}

@@ -1,0 +1,150 @@
+"""The trade-off report of `jaxopt-lab optimize`: which candidates are Pareto-optimal, which one is
+best under the user's accuracy constraint, as report.json, report.md and pareto.png.
+
+A candidate is on the Pareto set when no other candidate is at least as good in all of validation
+accuracy, batch-256 latency and bytes and better in one. The best is the admissible candidate
+(validation accuracy at most `max_accuracy_drop` points below the baseline's) that does best on
+the objective: "size_latency" maximizes (size ratio × speedup) against the baseline, "latency"
+the speedup, "size" the size ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+# Lower is better for these, higher for accuracy.
+_COSTS = ("latency_ms_batch256", "model_bytes")
+
+
+def pareto_flags(rows: list[dict]) -> list[bool]:
+    """Whether each row is on the Pareto set of (validation accuracy, latency, bytes)."""
+    def dominates(a: dict, b: dict) -> bool:
+        no_worse = (a["validation_accuracy"] >= b["validation_accuracy"]
+                    and all(a[k] <= b[k] for k in _COSTS))
+        better = (a["validation_accuracy"] > b["validation_accuracy"]
+                  or any(a[k] < b[k] for k in _COSTS))
+        return no_worse and better
+
+    return [not any(dominates(other, row) for other in rows if other is not row) for row in rows]
+
+
+def best_candidate(baseline: dict, rows: list[dict], max_drop: float,
+                   objective: str) -> str | None:
+    """The name of the best admissible row, or None where none keeps the accuracy."""
+    admissible = [r for r in rows if 100 * (baseline["validation_accuracy"]
+                                            - r["validation_accuracy"]) <= max_drop + 1e-9]
+    if not admissible:
+        return None
+
+    def score(row: dict) -> float:
+        size = row["size_ratio"]
+        speed = row["speedup_batch256"]
+        return {"size_latency": size * speed, "latency": speed, "size": size}[objective]
+
+    return max(admissible, key=score)["name"]
+
+
+def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[str, str],
+                 block, recipes: dict[str, list[str]]) -> dict:
+    """report.json, report.md and pareto.png in `workdir`; returns the report."""
+    for row in (baseline, *rows):
+        row["size_ratio"] = baseline["model_bytes"] / row["model_bytes"]
+        for b in (1, 256):
+            row[f"speedup_batch{b}"] = (baseline[f"latency_ms_batch{b}"]
+                                        / row[f"latency_ms_batch{b}"])
+    for row, flag in zip(rows, pareto_flags(rows), strict=True):
+        row["pareto"] = flag
+    report = {
+        "baseline": baseline,
+        "candidates": rows,
+        "best": best_candidate(baseline, rows, block.max_accuracy_drop, block.objective),
+        "max_accuracy_drop": block.max_accuracy_drop,
+        "objective": block.objective,
+        "failed": failures,
+        "recipes": recipes,
+    }
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(markdown(report))
+    plot(report, os.path.join(workdir, "pareto.png"))
+    return report
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table, the best named, each recipe's overrides listed."""
+    import jax
+
+    base = report["baseline"]
+    lines = [
+        "# Optimization report", "",
+        f"Baseline: {base['run_dir']}. Latencies timed side by side in one process "
+        f"({jax.default_backend()}, jax {jax.__version__}): each model's best round of "
+        "median calls, rounds taken in turn. Speed-up and size ratio are against the "
+        "baseline; accuracy and bytes come from the summary.json of each candidate's run "
+        "directory.", "",
+        "| candidate | techniques | val acc % | test acc % | bytes | × smaller | ms @1 | ms @256 "
+        "| × faster @256 | FLOPs/ex | train s | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in (base, *report["candidates"]):
+        lines.append(
+            f"| {row['name']} | {', '.join(row['techniques']) or '—'} "
+            f"| {100 * row['validation_accuracy']:.2f} | {100 * row['test_accuracy']:.2f} "
+            f"| {row['model_bytes']} | {row['size_ratio']:.1f}× "
+            f"| {row['latency_ms_batch1']:.3f} | {row['latency_ms_batch256']:.3f} "
+            f"| {row['speedup_batch256']:.2f}× | {row['flops']} | {row['train_wall_s']:.0f} "
+            f"| {'yes' if row.get('pareto') else ''} |")
+    best = report["best"]
+    drop = report["max_accuracy_drop"]
+    lines.append("")
+    if best is None:
+        lines.append(f"No candidate is within {drop} points of the baseline's validation "
+                     "accuracy.")
+    else:
+        row = next(r for r in report["candidates"] if r["name"] == best)
+        lines.append(f"**Best within {drop} points of validation accuracy "
+                     f"({report['objective']}): {best}** — {row['size_ratio']:.1f}× smaller, "
+                     f"{row['speedup_batch256']:.2f}× faster at batch 256, "
+                     f"{100 * (row['validation_accuracy'] - base['validation_accuracy']):+.2f} "
+                     f"points; deployable from {row['run_dir']}.")
+    for name, error in report["failed"].items():
+        lines.append(f"\n{name} failed: {error}")
+    lines += ["", "Each candidate's run: `jaxopt-lab train` with the config and these overrides:",
+              ""]
+    lines += [f"- {name}: `{' '.join(overrides)}`" for name, overrides in
+              report["recipes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    """Validation accuracy against batch-256 latency; marker area ∝ bytes; Pareto set ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = report["baseline"]
+    rows = report["candidates"]
+    scale = 600 / base["model_bytes"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in (base, *rows):
+        is_base = row is base
+        ax.scatter(row["latency_ms_batch256"], 100 * row["validation_accuracy"],
+                   s=max(12.0, scale * row["model_bytes"]), alpha=0.6,
+                   color="black" if is_base else "tab:blue",
+                   edgecolors="tab:red" if row.get("pareto") else "none", linewidths=2)
+        label = row["name"] + (" ★" if row["name"] == report["best"] else "")
+        ax.annotate(label, (row["latency_ms_batch256"], 100 * row["validation_accuracy"]),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    floor = 100 * base["validation_accuracy"] - report["max_accuracy_drop"]
+    ax.axhline(floor, color="gray", linestyle="--", linewidth=0.8,
+               label=f"baseline − {report['max_accuracy_drop']} points")
+    ax.set_xlabel("latency at batch 256 (ms)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Candidates (area ∝ bytes; red ring: Pareto set; black: baseline)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
