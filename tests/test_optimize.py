@@ -1,0 +1,93 @@
+"""`jaxopt-lab optimize`: a tiny digits pipeline whose report agrees with its run directories and
+resumes without training again; the Pareto set and the best pick; bad input gets one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import run_cli
+
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.optimize import optimize, pipeline
+from jaxopt_lab.profile.pareto import best_candidate, pareto_flags
+
+TINY = ["--config.train.steps=40", "--config.train.eval_every=40", "--config.train.log_every=20",
+        "--config.train.checkpoint_every=40", "--config.train.steps_per_call=1",
+        "--config.optim.warmup_steps=5", "--config.train.progress=False",
+        "--config.optimize.candidates=('structured_int8', 'unstructured')",
+        "--config.optimize.structured_sparsities=(0.5,)",
+        "--config.optimize.unstructured_sparsities=(0.5, 0.75)"]
+FIELDS = ("name", "techniques", "validation_accuracy", "test_accuracy", "model_bytes",
+          "latency_ms_batch1", "latency_ms_batch256", "flops", "run_dir", "pareto")
+
+
+def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
+        tmp_path, monkeypatch):
+    report = optimize("configs/digits_cnn.py", str(tmp_path), tuple(TINY), progress=False)
+    for name in ("report.md", "report.json", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    names = [c["name"] for c in report["candidates"]]
+    assert names == ["structured_int8_50", "unstructured_50", "unstructured_75"]
+    for candidate in report["candidates"]:
+        assert set(FIELDS) <= set(candidate), candidate["name"]
+        source = candidate["source"]
+        recorded = json.loads(open(source["summary"]).read())
+        if source["member"] is not None:
+            recorded = recorded["members"][source["member"]]
+        for key in ("validation_accuracy", "test_accuracy"):
+            assert candidate[key] == recorded[key], (candidate["name"], key)
+        assert candidate["model_bytes"] == recorded[source["model_bytes_key"]]
+        assert candidate["model_bytes"] < report["baseline"]["model_bytes"]
+
+    # The structured int8 candidate is the shrunk model's int8 serving form: half of Conv_1's
+    # 64 filters (the default skip keeps the first conv and the logits whole), served as trained.
+    shrunk = report["candidates"][0]
+    config = json.loads((tmp_path / "structured_int8" / "shrunk_50" / "config.json").read_text())
+    assert config["model"]["features"] == [32, 32]
+    served = json.loads((tmp_path / "structured_int8" / "shrunk_50" / "quantized"
+                         / "summary.json").read_text())
+    assert served["serving_bit_identical"] and served["scheme"] == "w8"
+    assert shrunk["flops"] < report["baseline"]["flops"]
+    # Two sparsities of one recipe are one population run, its members two candidates.
+    assert report["candidates"][1]["run_dir"] == report["candidates"][2]["run_dir"]
+    assert report["candidates"][2]["model_bytes"] < report["candidates"][1]["model_bytes"]
+    assert report["best"] in (*names, None)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(pipeline, "train_and_evaluate", no_training)
+    again = optimize("configs/digits_cnn.py", str(tmp_path), tuple(TINY), progress=False)
+    for before, after in zip(report["candidates"], again["candidates"], strict=True):
+        assert {k: before[k] for k in ("validation_accuracy", "model_bytes")} == \
+               {k: after[k] for k in ("validation_accuracy", "model_bytes")}
+
+
+def _row(name, accuracy, latency, size):
+    return {"name": name, "validation_accuracy": accuracy, "latency_ms_batch256": latency,
+            "model_bytes": size, "size_ratio": 100 / size, "speedup_batch256": 2.0 / latency}
+
+
+def test_pareto_set_and_best_under_the_accuracy_constraint():
+    rows = [_row("fast", 0.96, 1.0, 50), _row("dominated", 0.955, 1.5, 60),
+            _row("accurate", 0.99, 2.0, 100), _row("tiny", 0.90, 1.8, 5)]
+    assert pareto_flags(rows) == [True, False, True, True]
+    baseline = {"validation_accuracy": 0.97}
+    assert best_candidate(baseline, rows, 1.0, "size_latency") == "fast"  # tiny: 7 points lost
+    assert best_candidate(baseline, rows, 10.0, "size") == "tiny"
+    assert best_candidate(baseline, rows, 1.0, "latency") == "fast"
+    assert best_candidate(baseline, rows[3:], 1.0, "size_latency") is None
+
+
+def test_bad_optimize_block_is_one_line_before_any_training(tmp_path):
+    with pytest.raises(UserError, match="optimize.structured_sparsities"):
+        optimize("configs/digits_cnn.py", str(tmp_path),
+                 ("--config.optimize.structured_sparsities=(1.5,)",), progress=False)
+    result = run_cli("optimize", "--config", "configs/digits_cnn.py", "--workdir",
+                     str(tmp_path / "d"), "--config.optimize.candidates=('prune_it',)")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "optimize.candidates" in result.stderr and "'prune_it'" in result.stderr
+    assert not (tmp_path / "d" / "baseline").exists()
