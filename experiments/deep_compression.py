@@ -201,15 +201,15 @@ def write(results: dict, seeds: int, minutes: float) -> None:
     out = ROOT / "results" / "deep_compression"
     (out.with_suffix(".json")).write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Deep Compression: prune → int8 / int4 QAT → compact encoding → lzma", "",
-             f"Written by `experiments/deep_compression.py` on {machine()} in {minutes:.0f} min. "
+             (f"Written by `experiments/deep_compression.py` on {machine()} in {minutes:.0f} min. "
              f"{seeds} seeds per stage, paired with the dense run of the same seed (Δ, points). "
              "Every layer pruned (gradual magnitude, ERK per-layer sparsities) and quantized "
              "(per-channel, weights; float32 scales and biases). Size ratio: fp32 dense bytes / "
              "the stage's bytes (`model_bytes` of what it ships; lzma: the compressed length of "
-             "those bytes).", ""]
+             "those bytes)."), ""]
     for model, result in results["models"].items():
-        lines += [f"## {model}", "", "| stage | sparsity | encoding | test accuracy | Δ vs dense "
-                  "| bytes | × smaller than fp32 |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {model}", "", ("| stage | sparsity | encoding | test accuracy | Δ vs dense "
+                                      "| bytes | × smaller than fp32 |"), "|---|---|---|---|---|---|---|"]
         for r in result["table"]:
             lines.append(f"| {r['stage']} | {r['sparsity']:g} | {r['encoding']} "
                          f"| {r['test_accuracy']['mean']:.4f} ± {r['test_accuracy']['std']:.4f} "
@@ -217,10 +217,10 @@ def write(results: dict, seeds: int, minutes: float) -> None:
                          f"{100 * r['paired_difference']['std']:.2f} | {r['model_bytes']:.0f} "
                          f"| {r['size_ratio']:.1f}× |")
         h = result["headline"]
-        lines += ["", f"Smallest within 1 point of dense (mean paired Δ): **{h['stage']} at "
+        lines += ["", (f"Smallest within 1 point of dense (mean paired Δ): **{h['stage']} at "
                   f"{h['sparsity']:g} sparsity, {h['size_ratio']:.1f}× smaller**, test accuracy "
                   f"{h['compressed_test_accuracy']:.4f} vs dense {h['dense_test_accuracy']:.4f} "
-                  f"({100 * h['paired_difference']['mean']:+.2f} points).", ""]
+                  f"({100 * h['paired_difference']['mean']:+.2f} points)."), ""]
     (out.with_suffix(".md")).write_text("\n".join(lines))
     plot(results, out.with_suffix(".png"))
 

@@ -33,7 +33,8 @@ def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
     for candidate in report["candidates"]:
         assert set(FIELDS) <= set(candidate), candidate["name"]
         source = candidate["source"]
-        recorded = json.loads(open(source["summary"]).read())
+        with open(source["summary"]) as f:
+            recorded = json.load(f)
         if source["member"] is not None:
             recorded = recorded["members"][source["member"]]
         for key in ("validation_accuracy", "test_accuracy"):

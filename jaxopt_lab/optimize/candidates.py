@@ -103,8 +103,8 @@ def recipes(config: ml_collections.ConfigDict, baseline_dir: str) -> list[Recipe
         return ("--config.techniques.prune.method=magnitude",
                 f"--config.techniques.prune.pattern={pattern}",
                 *(("--config.techniques.prune.skip=()",) if skip_none else ()),
-                "--config.population=(('techniques.prune.sparsity', "
-                f"{tuple(float(s) for s in sparsities)!r}),)")
+                ("--config.population=(('techniques.prune.sparsity', "
+                 f"{tuple(float(s) for s in sparsities)!r}),)"))
 
     structured = tuple(block.structured_sparsities)
     unstructured = tuple(block.unstructured_sparsities)

@@ -79,13 +79,13 @@ def markdown(report: dict) -> str:
     base = report["baseline"]
     lines = [
         "# Optimization report", "",
-        f"Baseline: {base['run_dir']}. Latencies timed side by side in one process "
+        (f"Baseline: {base['run_dir']}. Latencies timed side by side in one process "
         f"({jax.default_backend()}, jax {jax.__version__}): each model's best round of "
         "median calls, rounds taken in turn. Speed-up and size ratio are against the "
         "baseline; accuracy and bytes come from the summary.json of each candidate's run "
-        "directory.", "",
-        "| candidate | techniques | val acc % | test acc % | bytes | × smaller | ms @1 | ms @256 "
-        "| × faster @256 | FLOPs/ex | train s | Pareto |",
+        "directory."), "",
+        ("| candidate | techniques | val acc % | test acc % | bytes | × smaller | ms @1 "
+         "| ms @256 | × faster @256 | FLOPs/ex | train s | Pareto |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in (base, *report["candidates"]):
