@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     report.add_argument("--plot", default="runs_report.png", metavar="FILE",
                         help="where the curves go (default: runs_report.png; '' for none)")
+    profile = commands.add_parser(
+        "profile", help="where a config's time, memory and size go: per-layer parameters and "
+                        "FLOPs, step memory, data wait vs compute, MFU, latency, a trace",
+        epilog="writes DIR/profile/profile.json, profile.md and trace/ (TensorBoard's profile "
+               "plugin); override any config key with --config.KEY=VALUE")
+    profile.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+    profile.add_argument("--workdir", default=None,
+                         help="where profile/ goes (default: runs/profile/<config name>)")
+    profile.add_argument("--steps", type=int, default=30, help="timed steps per feed")
     optimize = commands.add_parser(
         "optimize", help="train a baseline and every compression candidate of the config's "
                          "optimize block; report them side by side with the Pareto front",
@@ -202,6 +211,20 @@ def _report(args) -> int:
     return 0
 
 
+def _profile(args, overrides: list[str]) -> int:
+    from jaxopt_lab.core.config import load_config
+
+    config = load_config(args.config, overrides)
+    from jaxopt_lab.profile.profile_run import markdown, profile_config
+
+    workdir = args.workdir or os.path.join(
+        "runs", "profile", os.path.splitext(os.path.basename(args.config))[0])
+    result = profile_config(config, workdir, args.steps)
+    print(markdown(result))
+    print(f"wrote {workdir}/profile/profile.json, profile.md and trace/")
+    return 0
+
+
 def _optimize(args, overrides: list[str]) -> int:
     """Runs (or resumes) the pipeline and prints its report."""
     from jaxopt_lab.core.config import load_config
@@ -262,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args, extra)
         if args.command == "optimize":
             return _optimize(args, extra)
+        if args.command == "profile":
+            return _profile(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "eval":

@@ -170,6 +170,13 @@ def _build(config, workdir, *, model, dataset, loss_fn, eval_fn, hparams, reduce
                 streamed, evaluators, checkpointer)
 
 
+def build_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+    """The build stage alone, for tools that time the step (`profile/`): the run's data, seams,
+    initial state, step and feed, nothing trained or restored."""
+    return _build(config, workdir, model=None, dataset=None, loss_fn=None, eval_fn=None,
+                  hparams=None, reducer=None)
+
+
 def _restore(run: _Run) -> None:
     """The newest checkpoint that loads; then config.json and run.json record this invocation."""
     restored = run.checkpointer.restore(run.carry, data_iterator=run.streamed)

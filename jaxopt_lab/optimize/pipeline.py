@@ -1,7 +1,8 @@
 """`jaxopt-lab optimize --config X --workdir D`: a trained baseline and every candidate built
 from it, evaluated alike, in one report.
 
-D/baseline is the model as the config trains it (or `baseline=RUN`, a finished run). Each recipe
+D/baseline is the model as the config trains it (or `baseline=RUN`, a finished run), profiled
+into D/profile (`profile/profile_run.py`). Each recipe
 (`optimize/candidates.py`) is a run directory D/<name> trained by the ordinary loop with the
 recipe's overrides; its deployable forms (shrunk: D/<name>/shrunk_<pct>; int8: .../quantized)
 are made by the techniques' own conversions. Every step skips what a previous invocation
@@ -30,6 +31,7 @@ from jaxopt_lab.export import deployed_form
 from jaxopt_lab.optimize.candidates import Recipe, check_block, quantize_scheme, recipes
 from jaxopt_lab.profile.latency import compare_latency
 from jaxopt_lab.profile.pareto import write_report
+from jaxopt_lab.profile.profile_run import profile_config
 from jaxopt_lab.techniques.prune.shrink_run import shrink_run
 from jaxopt_lab.techniques.quantize.convert_run import quantize_run
 
@@ -65,6 +67,11 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
             raise UserError(f"--baseline {baseline}: holds no summary.json (not a finished run)")
     else:
         _train(config, baseline_dir, "baseline", progress)
+    profile_path = os.path.join(workdir, "profile", "profile.json")
+    if not os.path.exists(profile_path):  # where the baseline's time and bytes go
+        profile_config(config, workdir, progress=progress)
+    with open(profile_path) as f:
+        profile = json.load(f)
     plan = recipes(config, baseline_dir)
     candidates, failures = [], {}
     for i, recipe in enumerate(plan, 1):
@@ -84,7 +91,19 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
     rows = [_row(c, latencies[c.name]) for c in candidates]
     base = _baseline_row(baseline_dir, latencies["baseline"])
     return write_report(workdir, base, rows, failures, config.optimize,
-                        recipes={r.name: list(r.overrides) for r in plan})
+                        recipes={r.name: list(r.overrides) for r in plan},
+                        profile={"path": profile_path, **_profile_brief(profile)})
+
+
+def _profile_brief(profile: dict) -> dict:
+    """What the report repeats of the baseline's profile: where the FLOPs are, how busy the
+    device is, how long the step waits for data."""
+    total = sum(layer["flops_per_example"] for layer in profile["layers"]) or 1
+    return {"flops_share": {layer["layer"]: layer["flops_per_example"] / total
+                            for layer in profile["layers"]},
+            "mfu": profile["mfu"],
+            "data_wait_fraction": {feed: t["data_wait_fraction"]
+                                   for feed, t in profile["feeds"].items()}}
 
 
 def _say(progress: bool, message: str) -> None:

@@ -46,7 +46,7 @@ def best_candidate(baseline: dict, rows: list[dict], max_drop: float,
 
 
 def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[str, str],
-                 block, recipes: dict[str, list[str]]) -> dict:
+                 block, recipes: dict[str, list[str]], profile: dict) -> dict:
     """report.json, report.md and pareto.png in `workdir`; returns the report."""
     for row in (baseline, *rows):
         row["size_ratio"] = baseline["model_bytes"] / row["model_bytes"]
@@ -63,6 +63,7 @@ def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[
         "objective": block.objective,
         "failed": failures,
         "recipes": recipes,
+        "profile": profile,
     }
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -88,6 +89,14 @@ def markdown(report: dict) -> str:
          "| ms @256 | × faster @256 | FLOPs/ex | train s | Pareto |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    profile = report["profile"]
+    shares = ", ".join(f"{layer} {100 * share:.0f} %" for layer, share in
+                       sorted(profile["flops_share"].items(), key=lambda item: -item[1]))
+    waits = ", ".join(f"{feed} {100 * share:.0f} %" for feed, share in
+                      profile["data_wait_fraction"].items())
+    lines[2:2] = [(f"Baseline profile ({profile['path']}): FLOPs by layer {shares}; "
+                   f"training MFU {100 * profile['mfu']:.1f} %; step time waiting for data: "
+                   f"{waits}."), ""]
     for row in (base, *report["candidates"]):
         lines.append(
             f"| {row['name']} | {', '.join(row['techniques']) or '—'} "
