@@ -136,6 +136,26 @@ def test_n_of_m_keeps_n_largest_of_every_m_along_the_input():
         assert np.all((groups != 0).sum(axis=1) == 2)
 
 
+def smallest_first(weights, grads):
+    """A score of this test's own, the opposite of magnitude: the smallest weights are kept."""
+    del grads
+    return {path: 1.0 / (jnp.abs(w) + 1e-6) for path, w in weights.items()}
+
+
+def test_a_score_of_your_own_named_by_import_path_decides_the_mask():
+    tx = prune.wrap(optax.sgd(0.0), skip=(), sparsity=0.5, schedule="one_shot", begin_step=0,
+                    method="test_prune:smallest_first")
+    params, _, _ = _train(tx, steps=2)
+    for path, kernel in _kernels(params).items():
+        original = np.abs(_kernels(PARAMS)[path])
+        kept = kernel != 0
+        assert kept.mean() == pytest.approx(0.5, abs=0.01), path
+        assert original[kept].max() <= original[~kept].min(), path
+    with pytest.raises(UserError, match="ranks filters"):
+        prune.wrap(optax.sgd(0.1), skip=(), pattern="channels", model=MODEL, sample_x=X,
+                   method="test_prune:smallest_first")
+
+
 def test_n_of_m_names_a_layer_whose_inputs_do_not_divide():
     tx = prune.wrap(optax.sgd(0.1), skip=(), pattern="1:3", schedule="one_shot")
     with pytest.raises(UserError, match=r"layer \['hidden'\]\['kernel'\] has 16 inputs"):

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.importpath import is_import_path
 
 METHODS = ("magnitude", "random", "snip", "set", "rigl", "ste")
 SPARSE_TRAINING = ("set", "rigl")  # drop and regrow at a fixed sparsity
@@ -60,7 +61,8 @@ def prune_options(**options: Any) -> PruneOptions:
     if isinstance(options.get("skip"), list):
         options["skip"] = tuple(options["skip"])
     o = PruneOptions(**options)
-    _choice("method", o.method, METHODS)
+    if not is_import_path(o.method):  # "module:function": a score of your own (transform.py)
+        _choice("method", o.method, METHODS)
     _choice("scope", o.scope, SCOPES)
     _choice("distribution", o.distribution, DISTRIBUTIONS)
     _choice("schedule", o.schedule, SCHEDULES)
@@ -103,6 +105,9 @@ def prune_options(**options: Any) -> PruneOptions:
 
 def _check_combination(o: PruneOptions) -> None:
     """Combinations that would silently mean something else are refused."""
+    if is_import_path(o.method) and o.pattern == "channels":
+        raise UserError(f"prune method={o.method!r}: a score of your own ranks single weights; "
+                        "pattern='channels' ranks filters by their norm: use unstructured or N:M")
     if o.method in SPARSE_TRAINING and o.pattern != "unstructured":
         raise UserError(f"prune method={o.method!r} drops and regrows single weights; "
                         f"pattern={o.pattern!r} needs magnitude, random, snip or ste")

@@ -9,7 +9,9 @@ weight exactly 0 (a kept weight gets the inner optimizer's update unchanged). Al
 and the target sparsity is a per-trial value (`hyperparams["sparsity"]`).
 
 Methods differ in the score a mask is cut from: magnitude |w|; random (the sanity baseline);
-SNIP |g ⊙ w| (Lee et al. 2019; at begin_step 0 that is saliency at initialisation). SET (Mocanu
+SNIP |g ⊙ w| (Lee et al. 2019; at begin_step 0 that is saliency at initialisation); or a score
+of your own, named by an import path "module:function" as the method: `function(weights, grads)`
+takes and returns dicts keyed by parameter path, higher scores kept. SET (Mocanu
 et al. 2018) and RigL (Evci et al. 2020) start from a random mask at the target and then drop
 the smallest kept weights and regrow at random (SET) or where the gradient is largest (RigL), new
 connections at zero. STE keeps the dense weights in the state, trains them with the gradient taken
@@ -30,6 +32,7 @@ import optax
 from jaxopt_lab.core.layers import param_paths, touched
 from jaxopt_lab.core.population import when_any_member
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.importpath import is_import_path, load_object
 from jaxopt_lab.techniques.prune import masks as M
 from jaxopt_lab.techniques.prune import schedule
 from jaxopt_lab.techniques.prune.options import PruneOptions
@@ -108,9 +111,16 @@ def compute_masks(options: PruneOptions, layout: M.Layout, weights: dict, grads:
                                     schedule.drop_fraction_at(options, count))
         first = count == options.begin_step
         return {p: jnp.where(first, initial[p], updated[p]) for p in layout.kernels}
-    scores = {"random": {p: random[p] * (weights[p] != 0) for p in layout.kernels},
-              "snip": {p: jnp.abs(weights[p] * grads[p]) for p in layout.kernels}
-              }.get(options.method, magnitude)
+    if is_import_path(options.method):  # a score of your own; a pruned weight stays pruned
+        score_fn = load_object(options.method, "techniques.prune.method")
+        given = score_fn({p: weights[p] for p in layout.kernels},
+                         {p: grads[p] for p in layout.kernels})
+        scores = {p: jnp.where(weights[p] != 0, jnp.asarray(given[p], jnp.float32), 0.0)
+                  for p in layout.kernels}
+    else:
+        scores = {"random": {p: random[p] * (weights[p] != 0) for p in layout.kernels},
+                  "snip": {p: jnp.abs(weights[p] * grads[p]) for p in layout.kernels}
+                  }.get(options.method, magnitude)
     if options.n_of_m is not None:
         return M.n_of_m(scores, layout, *options.n_of_m)
     return M.unstructured(scores, layout, sparsity, options.scope, options.distribution)
