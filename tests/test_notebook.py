@@ -21,6 +21,15 @@ CASES = {
         r"test accuracy with the L2 penalty: 0\.\d{3}",
         r"best member: [0-2] \(optim\.lr=(0\.001|0\.003|0\.01)\)",
     ]),
+    "prototype_technique.ipynb": ({"PROTOTYPE_STEPS": "200"}, [
+        r"scaled sign \(ours\): test accuracy 0\.\d{3}, \d+\.\dx fewer bytes sent",
+        r"built-in EF-signSGD: test accuracy 0\.\d{3}",
+        r"magnitude \+ saliency \(ours\): test accuracy 0\.\d{3} at sparsity 0\.90",
+    ]),
+    "optimize.ipynb": ({"OPTIMIZE_STEPS": "40", "OPTIMIZE_CANDIDATES": "structured_int8,int8"}, [
+        r"best: ",
+        r"exported \w+ \(w8 serving form, \d+ bytes\): max \|difference\| to the framework",
+    ]),
 }
 
 
