@@ -86,6 +86,8 @@ def test_bad_optimize_block_is_one_line_before_any_training(tmp_path):
     with pytest.raises(UserError, match="optimize.structured_sparsities"):
         optimize("configs/digits_cnn.py", str(tmp_path),
                  ("--config.optimize.structured_sparsities=(1.5,)",), progress=False)
+    with pytest.raises(UserError, match="validation_fraction"):
+        optimize("configs/mnist1d_cnn.py", str(tmp_path), progress=False)
     result = run_cli("optimize", "--config", "configs/digits_cnn.py", "--workdir",
                      str(tmp_path / "d"), "--config.optimize.candidates=('prune_it',)")
     assert result.returncode == 2

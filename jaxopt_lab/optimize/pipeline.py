@@ -60,6 +60,12 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
         with config.unlocked():
             config.optimize.max_accuracy_drop = float(max_accuracy_drop)
     check_block(config.optimize)
+    if config.data.validation_fraction <= 0:
+        raise UserError(f"optimize picks candidates on validation accuracy, and {config_path} "
+                        "holds out no validation split: add --config.data.validation_fraction=0.1")
+    if config.population:
+        raise UserError("optimize starts from one baseline run: the config has a population "
+                        "(set --config.population=())")
     os.makedirs(workdir, exist_ok=True)
     baseline_dir = baseline or os.path.join(workdir, "baseline")
     if baseline:
@@ -67,6 +73,9 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
             raise UserError(f"--baseline {baseline}: holds no summary.json (not a finished run)")
     else:
         _train(config, baseline_dir, "baseline", progress)
+    if "validation_accuracy" not in _fields(os.path.join(baseline_dir, "summary.json"), None):
+        raise UserError(f"{baseline_dir} has no validation_accuracy: optimize compares "
+                        "classifiers (a population or a regression run cannot be its baseline)")
     profile_path = os.path.join(workdir, "profile", "profile.json")
     if not os.path.exists(profile_path):  # where the baseline's time and bytes go
         profile_config(config, workdir, progress=progress)
