@@ -137,23 +137,32 @@ def plot(report: dict, path: str) -> None:
     base = report["baseline"]
     rows = report["candidates"]
     scale = 600 / base["model_bytes"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in (base, *rows):
-        is_base = row is base
-        ax.scatter(row["latency_ms_batch256"], 100 * row["validation_accuracy"],
-                   s=max(12.0, scale * row["model_bytes"]), alpha=0.6,
-                   color="black" if is_base else "tab:blue",
-                   edgecolors="tab:red" if row.get("pareto") else "none", linewidths=2)
-        label = row["name"] + (" ★" if row["name"] == report["best"] else "")
-        ax.annotate(label, (row["latency_ms_batch256"], 100 * row["validation_accuracy"]),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
     floor = 100 * base["validation_accuracy"] - report["max_accuracy_drop"]
+    # Candidates far below the constraint would squash the ones that matter: they sit on the
+    # bottom edge as triangles, their accuracy in the label.
+    bottom = min(floor - 4, min(100 * r["validation_accuracy"] for r in (base, *rows)) - 0.5)
+    bottom = max(bottom, floor - 10)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in (base, *rows):
+        accuracy = 100 * row["validation_accuracy"]
+        clipped = accuracy < bottom
+        y = bottom if clipped else accuracy
+        ax.scatter(row["latency_ms_batch256"], y, s=max(12.0, scale * row["model_bytes"]),
+                   alpha=0.6, marker="v" if clipped else "o",
+                   color="black" if row is base else "tab:blue",
+                   edgecolors="tab:red" if row.get("pareto") else "none", linewidths=2)
+        label = (row["name"] + (" ★" if row["name"] == report["best"] else "")
+                 + (f" ({accuracy:.1f} %)" if clipped else ""))
+        ax.annotate(label, (row["latency_ms_batch256"], y), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     ax.axhline(floor, color="gray", linestyle="--", linewidth=0.8,
                label=f"baseline − {report['max_accuracy_drop']} points")
+    top = max(100 * r["validation_accuracy"] for r in (base, *rows))
+    ax.set_ylim(bottom - 0.5, top + 0.8)
     ax.set_xlabel("latency at batch 256 (ms)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Candidates (area ∝ bytes; red ring: Pareto set; black: baseline)", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
