@@ -88,6 +88,8 @@ def test_bad_optimize_block_is_one_line_before_any_training(tmp_path):
                  ("--config.optimize.structured_sparsities=(1.5,)",), progress=False)
     with pytest.raises(UserError, match="validation_fraction"):
         optimize("configs/mnist1d_cnn.py", str(tmp_path), progress=False)
+    with pytest.raises(UserError, match="--baseline .*no summary.json"):
+        optimize("configs/digits_cnn.py", str(tmp_path), baseline=str(tmp_path), progress=False)
     result = run_cli("optimize", "--config", "configs/digits_cnn.py", "--workdir",
                      str(tmp_path / "d"), "--config.optimize.candidates=('prune_it',)")
     assert result.returncode == 2
