@@ -22,6 +22,7 @@ FIELDS = ("name", "techniques", "validation_accuracy", "test_accuracy", "model_b
           "latency_ms_batch1", "latency_ms_batch256", "flops", "run_dir", "pareto")
 
 
+@pytest.mark.slow
 def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
         tmp_path, monkeypatch):
     report = optimize("configs/digits_cnn.py", str(tmp_path), tuple(TINY), progress=False)
