@@ -20,8 +20,8 @@ Writes results/deep_compression.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import lzma
-import time
 from pathlib import Path
 
 import jax
@@ -125,11 +125,12 @@ def shipped(run, i: int, stage: str, sample_x) -> dict:
 
 
 def run_model(model: str, seeds: int, root, steps: int | None) -> dict:
-    stages = {}
+    stages, train_s = {}, 0.0
     dense_bytes = None
     for stage in STAGES:
         run, pairs = train_stage(model, stage, seeds, root, steps)
-        summary_members = _members(root / model / stage)
+        summary = _summary(root / model / stage)
+        summary_members, train_s = summary["members"], train_s + summary["train_wall_s"]
         sample_x = sample_input(run.dataset)
         rows = []
         for i, (seed, sparsity) in enumerate(pairs):
@@ -150,17 +151,21 @@ def run_model(model: str, seeds: int, root, steps: int | None) -> dict:
         stages[stage] = rows
         if stage == "dense":
             dense_bytes = rows[0]["model_bytes"]
-    return {"dense_bytes": dense_bytes, "stages": stages}
+    return {"dense_bytes": dense_bytes, "stages": stages, "train_minutes": train_s / 60}
 
 
-def _members(workdir) -> list[dict]:
-    import json
+def _summary(workdir) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
 
-    return json.loads((workdir / "summary.json").read_text())["members"]
+
+# What each stage is measured against in "bought": the stage it adds one step to.
+PREVIOUS = {"pruned": "dense", "pruned_int8": "pruned", "pruned_int8 + lzma": "pruned_int8",
+            "pruned_int4": "pruned", "pruned_int4 + lzma": "pruned_int4"}
 
 
 def table(result: dict) -> list[dict]:
-    """Rows per (stage, sparsity): accuracy, paired Δ vs dense, bytes and ratio vs fp32."""
+    """Rows per (stage, sparsity): accuracy, paired Δ vs dense, bytes, ratio vs fp32, and what
+    the stage bought over the one before it (size factor, accuracy change)."""
     dense = {r["seed"]: r["test_accuracy"] for r in result["stages"]["dense"]}
     rows = []
     for stage, members in result["stages"].items():
@@ -180,6 +185,14 @@ def table(result: dict) -> list[dict]:
                     "model_bytes": float(np.mean(sizes)),
                     "size_ratio": result["dense_bytes"] / float(np.mean(sizes)),
                 })
+    for row in rows:
+        previous = next((r for r in rows if r["stage"] == PREVIOUS.get(row["stage"])
+                         and r["sparsity"] in (row["sparsity"], 0.0)), None)
+        if previous is not None:
+            row["bought"] = {"size_factor": previous["model_bytes"] / row["model_bytes"],
+                             "accuracy_points": 100 * (row["test_accuracy"]["mean"]
+                                                       - previous["test_accuracy"]["mean"]),
+                             "over": previous["stage"]}
     return rows
 
 
@@ -195,13 +208,13 @@ def headline(rows: list[dict]) -> dict:
             "paired_difference": best["paired_difference"]}
 
 
-def write(results: dict, seeds: int, minutes: float) -> None:
-    import json
-
+def write(results: dict, seeds: int) -> None:
     out = ROOT / "results" / "deep_compression"
     (out.with_suffix(".json")).write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Deep Compression: prune → int8 / int4 QAT → compact encoding → lzma", "",
-             (f"Written by `experiments/deep_compression.py` on {machine()} in {minutes:.0f} min. "
+             (f"Written by `experiments/deep_compression.py` on {machine()}; training took "
+              + ", ".join(f"{r['train_minutes']:.0f} min ({m})"
+                          for m, r in results["models"].items()) + ". "
              f"{seeds} seeds per stage, paired with the dense run of the same seed (Δ, points). "
              "Every layer pruned (gradual magnitude, ERK per-layer sparsities) and quantized "
              "(per-channel, weights; float32 scales and biases). Size ratio: fp32 dense bytes / "
@@ -209,13 +222,14 @@ def write(results: dict, seeds: int, minutes: float) -> None:
              "those bytes)."), ""]
     for model, result in results["models"].items():
         lines += [f"## {model}", "", ("| stage | sparsity | encoding | test accuracy | Δ vs dense "
-                                      "| bytes | × smaller than fp32 |"), "|---|---|---|---|---|---|---|"]
+                                      "| bytes | × smaller than fp32 | bought over the stage before |"),
+                  "|---|---|---|---|---|---|---|---|"]
         for r in result["table"]:
             lines.append(f"| {r['stage']} | {r['sparsity']:g} | {r['encoding']} "
                          f"| {r['test_accuracy']['mean']:.4f} ± {r['test_accuracy']['std']:.4f} "
                          f"| {100 * r['paired_difference']['mean']:+.2f} ± "
                          f"{100 * r['paired_difference']['std']:.2f} | {r['model_bytes']:.0f} "
-                         f"| {r['size_ratio']:.1f}× |")
+                         f"| {r['size_ratio']:.1f}× | {_bought(r)} |")
         h = result["headline"]
         lines += ["", (f"Smallest within 1 point of dense (mean paired Δ): **{h['stage']} at "
                   f"{h['sparsity']:g} sparsity, {h['size_ratio']:.1f}× smaller**, test accuracy "
@@ -223,6 +237,13 @@ def write(results: dict, seeds: int, minutes: float) -> None:
                   f"({100 * h['paired_difference']['mean']:+.2f} points)."), ""]
     (out.with_suffix(".md")).write_text("\n".join(lines))
     plot(results, out.with_suffix(".png"))
+
+
+def _bought(row: dict) -> str:
+    if "bought" not in row:
+        return "—"
+    b = row["bought"]
+    return f"{b['size_factor']:.2f}× smaller, {b['accuracy_points']:+.2f} points vs {b['over']}"
 
 
 def plot(results: dict, path) -> None:
@@ -262,7 +283,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: each model's own")
     parser.add_argument("--workroot", default=str(ROOT / "runs" / "deep_compression"))
     args = parser.parse_args()
-    start = time.time()
     root = Path(args.workroot)
     results = {"models": {}}
     for model in args.models:
@@ -272,7 +292,7 @@ def main() -> None:
         results["models"][model] = result
     main_model = results["models"].get("cnn128") or next(iter(results["models"].values()))
     results.update(main_model["headline"])  # the wide CNN's figures at the top level
-    write(results, args.seeds, (time.time() - start) / 60)
+    write(results, args.seeds)
 
 
 if __name__ == "__main__":
