@@ -255,15 +255,21 @@ def plot(results: dict, path) -> None:
     fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4),
                              squeeze=False)
     for ax, (model, result) in zip(axes[0], results["models"].items(), strict=True):
-        for sparsity in MODELS[model][3]:
-            rows = [r for r in result["table"] if r["sparsity"] in (0.0, sparsity)]
-            ax.errorbar([r["size_ratio"] for r in rows],
-                        [100 * r["paired_difference"]["mean"] for r in rows],
-                        yerr=[100 * r["paired_difference"]["std"] for r in rows], marker="o",
-                        label=f"sparsity {sparsity:g}")
-            for r in rows:
-                ax.annotate(r["stage"], (r["size_ratio"], 100 * r["paired_difference"]["mean"]),
-                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        chains = {"int8": ("dense", "pruned", "pruned_int8", "pruned_int8 + lzma"),
+                  "int4": ("pruned", "pruned_int4", "pruned_int4 + lzma")}
+        for color, sparsity in zip(("tab:blue", "tab:orange"), MODELS[model][3], strict=False):
+            for chain, stages in chains.items():
+                rows = [next(r for r in result["table"] if r["stage"] == stage
+                             and r["sparsity"] in (0.0, sparsity)) for stage in stages]
+                ax.errorbar([r["size_ratio"] for r in rows],
+                            [100 * r["paired_difference"]["mean"] for r in rows],
+                            yerr=[100 * r["paired_difference"]["std"] for r in rows], marker="o",
+                            color=color, linestyle="-" if chain == "int8" else "--",
+                            capsize=2, label=f"sparsity {sparsity:g}, {chain}")
+                for r in rows[1:]:
+                    ax.annotate(r["stage"].removeprefix("pruned_"),
+                                (r["size_ratio"], 100 * r["paired_difference"]["mean"]),
+                                fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(-1, color="red", linestyle="--", linewidth=0.8, label="1 point")
         ax.axvline(20, color="gray", linestyle=":", linewidth=0.8, label="20×")
         ax.set_xscale("log")
