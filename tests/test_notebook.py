@@ -26,7 +26,7 @@ CASES = {
         r"built-in EF-signSGD: test accuracy 0\.\d{3}",
         r"magnitude \+ saliency \(ours\): test accuracy 0\.\d{3} at sparsity 0\.90",
     ]),
-    "optimize.ipynb": ({"OPTIMIZE_STEPS": "40", "OPTIMIZE_CANDIDATES": "structured_int8"}, [
+    "optimize.ipynb": ({"OPTIMIZE_STEPS": "40", "OPTIMIZE_CANDIDATES": "int8"}, [
         r"best: ",
         r"exported \w+ \(w8 serving form, \d+ bytes\): max \|difference\| to the framework",
     ]),
