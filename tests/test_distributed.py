@@ -313,7 +313,8 @@ def test_streamed_two_processes_match_one_process(runs):
 def test_launch_with_a_bad_config_exits_2_promptly(runs):
     result = runs["bad_override"]
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.count("unknown config key 'optim.lrx'") == 2  # one line per child
+    # Each child that reads the config says so once; the launcher may stop the second before it does.
+    assert 1 <= result.stderr.count("unknown config key 'optim.lrx'") <= 2
     assert "Traceback" not in result.stderr
     assert not result.survivors
     assert result.wall_s < 60
