@@ -28,6 +28,7 @@ CASES = {
     ]),
     "optimize.ipynb": ({"OPTIMIZE_STEPS": "40", "OPTIMIZE_CANDIDATES": "int8"}, [
         r"best: ",
+        r"candidates: \['int8'\] from one run",
         r"exported \w+ \(w8 serving form, \d+ bytes\): max \|difference\| to the framework",
     ]),
 }

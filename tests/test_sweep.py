@@ -153,12 +153,11 @@ def test_every_sampler_runs_a_small_study(tmp_path, sampler):
 
 @pytest.mark.slow
 def test_a_sweep_is_reproducible_and_seeded(tmp_path):
+    # That another seed asks other points: test_every_sampler_and_pruner_is_seeded, untrained.
     first = run_sweep(tiny(sampler="tpe", seed=3), str(tmp_path / "a"), progress=False)
     again = run_sweep(tiny(sampler="tpe", seed=3), str(tmp_path / "b"), progress=False)
-    other = run_sweep(tiny(sampler="tpe", seed=4), str(tmp_path / "c"), progress=False)
     assert params(first) == params(again)
     assert [t.values for t in first.trials] == [t.values for t in again.trials]
-    assert params(first) != params(other)
 
 
 @pytest.mark.slow
