@@ -21,12 +21,11 @@ import dataclasses
 import json
 import platform
 import shutil
-import statistics
 from pathlib import Path
 
 import jax
 import numpy as np
-from common import plot_paired_differences
+from common import plot_paired_differences, stats
 
 from jaxopt_lab.core.config import load_config
 from jaxopt_lab.core.loop import train_and_evaluate
@@ -108,7 +107,7 @@ def ptq_accuracies(float_run, seeds: int) -> list[float]:
     return accuracies
 
 
-ROUNDS = 5  # latency rounds; each times every form once, so a busy spell hits them all alike
+ROUNDS = 7  # latency rounds; each times every form once, so a busy spell hits them all alike
 
 
 def latencies(timed: dict, sample_x) -> dict:
@@ -165,11 +164,6 @@ def serving_forms(float_run, qat_run) -> dict:
     return forms
 
 
-def stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -221,6 +215,8 @@ def write(results: dict, out: Path, seeds: int, name: str) -> None:
                                                      "int4_qat", "int8_qat_w8")
                if v in r["accuracy"]},
             "int8_serving_size_ratio": r["serving"]["w8a8_all_layers"]["size_ratio"],
+            "int8_serving_size_ratio_per_tensor":
+                r["serving"]["w8a8_all_layers_per_tensor"]["size_ratio"],
             "serving_bit_identical": all(
                 r["serving"][k]["bit_identical"] for k in r["serving"] if k != "float"
                 and isinstance(r["serving"][k], dict)) and r["serving"]["qat_w8_bit_identical"]

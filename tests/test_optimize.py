@@ -8,8 +8,10 @@ import json
 import pytest
 from helpers import run_cli
 
+from jaxopt_lab.core.config import load_config
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.optimize import optimize, pipeline
+from jaxopt_lab.optimize.candidates import recipes
 from jaxopt_lab.profile.pareto import best_candidate, pareto_flags
 
 TINY = ["--config.train.steps=40", "--config.train.eval_every=40", "--config.train.log_every=20",
@@ -65,7 +67,7 @@ def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
     monkeypatch.setattr(pipeline, "quantize_run", no_conversion)
     monkeypatch.setattr(pipeline, "profile_config", no_conversion)
     # Timing again is what a rerun does; here it costs compiles and says nothing new.
-    monkeypatch.setattr(pipeline, "_form", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "_forms", lambda *args, **kwargs: ({}, None))
     monkeypatch.setattr(pipeline, "compare_latency", lambda forms, sample, progress: {
         row["name"]: {k: row[k] for k in ("latency_ms_batch1", "latency_ms_batch256")}
         for row in (report["baseline"], *report["candidates"])})
@@ -87,6 +89,19 @@ def test_pareto_set_and_best_under_the_accuracy_constraint():
     assert best_candidate(baseline, rows, 10.0, "size") == "tiny"
     assert best_candidate(baseline, rows, 1.0, "latency") == "fast"
     assert best_candidate(baseline, rows[3:], 1.0, "size_latency") is None
+
+
+def test_a_recipes_sparsities_are_one_population_and_it_retrains_by_hand(tmp_path):
+    config = load_config("configs/digits_cnn.py", ("--config.optimize.candidates="
+                                                   "('unstructured', 'structured_int8')",))
+    unstructured, structured_int8 = recipes(config, str(tmp_path))
+    assert unstructured.sparsities == (0.8, 0.9, 0.95)
+    assert structured_int8.sparsities == (0.5, 0.75)
+    assert structured_int8.shrink and structured_int8.quantize and not unstructured.shrink
+    # The overrides are what `jaxopt-lab train` takes: they build the population the user reruns.
+    retrained = load_config("configs/digits_cnn.py", unstructured.overrides)
+    assert retrained.techniques.prune.pattern == "unstructured"
+    assert [tuple(values) for _, values in retrained.population] == [(0.8, 0.9, 0.95)]
 
 
 def test_bad_optimize_block_is_one_line_before_any_training(tmp_path):

@@ -94,9 +94,8 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
             failures[recipe.name] = str(e)
             _say(progress, f"{recipe.name} failed: {e}")
     _say(progress, f"timing {len(candidates) + 1} models side by side")
-    forms = {"baseline": _form(baseline_dir, None, serving=False)}
-    forms |= {c.name: _form(c.deploy_dir, c.member, c.serving) for c in candidates}
-    latencies = compare_latency(forms, _sample(baseline_dir), progress=progress)
+    forms, sample_x = _forms(baseline_dir, candidates)
+    latencies = compare_latency(forms, sample_x, progress=progress)
     rows = [_row(c, latencies[c.name]) for c in candidates]
     base = _baseline_row(baseline_dir, latencies["baseline"])
     return write_report(workdir, base, rows, failures, config.optimize,
@@ -167,19 +166,26 @@ def _fields(summary_path: str, member: int | None) -> dict:
     return {**summary, **summary["members"][member]}
 
 
-def _form(run_dir: str, member: int | None, serving: bool):
-    """(apply, variables) of what `run_dir` (its member `member`) deploys."""
-    run = load_run(run_dir)
-    if member is None:
-        apply, variables, _ = deployed_form(run, run_dir, serving)
-        return apply, variables
-    state = jax.tree.map(lambda a: np.asarray(a[member]), run.state)
-    return (inference(run.experiment.model),
-            {"params": model_params(state.params), **state.model_state})
+def _forms(baseline_dir: str, candidates: list[Candidate]) -> tuple[dict, object]:
+    """{name: (apply, variables)} of what the baseline and each candidate deploy, and a sample
+    input; each run directory is loaded once (a population's members share theirs)."""
+    runs = {}
 
+    def run_of(run_dir: str):
+        if run_dir not in runs:
+            runs[run_dir] = load_run(run_dir)
+        return runs[run_dir]
 
-def _sample(run_dir: str):
-    return sample_input(load_run(run_dir).dataset)
+    forms = {"baseline": deployed_form(run_of(baseline_dir), baseline_dir, False)[:2]}
+    for c in candidates:
+        run = run_of(c.deploy_dir)
+        if c.member is None:
+            forms[c.name] = deployed_form(run, c.deploy_dir, c.serving)[:2]
+        else:
+            state = jax.tree.map(lambda a, m=c.member: np.asarray(a[m]), run.state)
+            forms[c.name] = (inference(run.experiment.model),
+                             {"params": model_params(state.params), **state.model_state})
+    return forms, sample_input(run_of(baseline_dir).dataset)
 
 
 def _row(candidate: Candidate, latency: dict) -> dict:
