@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--form", choices=("auto", "serving", "model"), default="auto",
                         help="serving: the int8 serving form `quantize` wrote; model: the run's "
                              "model as it evaluates; auto: serving where it exists")
+    export.add_argument("--member", type=int, default=None, metavar="I",
+                        help="population run: the member to export")
     report = commands.add_parser(
         "report", help="finished runs side by side: their summary fields as a table, their "
                        "learning curves as one PNG")
@@ -195,7 +197,8 @@ def _shrink(args) -> int:
 def _export(args) -> int:
     from jaxopt_lab.export import export_run
 
-    metadata = export_run(args.workdir, args.out, tuple(args.platforms), args.form)
+    metadata = export_run(args.workdir, args.out, tuple(args.platforms), args.form,
+                          args.member)
     print(f"wrote {args.out} ({metadata['form']}, {metadata['bytes']} bytes; input {metadata['input']['shape']} "
           f"{metadata['input']['dtype']}; platforms {', '.join(metadata['platforms'])}) and "
           f"{args.out}.json")

@@ -24,7 +24,7 @@ import os
 import jax
 import numpy as np
 
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab.core.run import load_run, member_state
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
@@ -36,7 +36,7 @@ FORMS = ("auto", "serving", "model")
 
 
 def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
-               form: str = "auto") -> dict:
+               form: str = "auto", member: int | None = None) -> dict:
     """Writes `out` (the serialized program) and `out`.json (its metadata); returns the latter.
 
     Args:
@@ -44,6 +44,7 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
         several makes one artifact that each of them loads.
       form: "serving" (the quantized serving form), "model" (the run's model as it evaluates) or
         "auto" (the serving form where the run has one).
+      member: for a population run, the member to export (its model as it evaluates).
     """
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown:
@@ -51,13 +52,12 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
     if form not in FORMS:
         raise UserError(f"--form {form!r} is unknown; allowed: {', '.join(FORMS)}")
     run = load_run(workdir)
-    if run.members:
-        raise UserError(f"{workdir} holds a population; export one run (train a member alone "
-                        "or shrink it with --member)")
+    member_state(run, member, workdir)  # refuses a missing or impossible --member in one line
     if form == "serving" and not os.path.exists(os.path.join(workdir, "quantized", "summary.json")):
         raise UserError(f"{workdir} has no serving form: run `jaxopt-lab quantize --workdir "
                         f"{workdir}` first, or export --form model")
-    apply, variables, exported_form = deployed_form(run, workdir, serving=form != "model")
+    apply, variables, exported_form = deployed_form(run, workdir, serving=form != "model",
+                                                    member=member)
     sample = sample_input(run.dataset)
     (batch,) = jax.export.symbolic_shape("batch")
     signature = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
@@ -70,6 +70,7 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
     metadata = {
         "run": os.path.abspath(workdir),
         "step": run.step,
+        "member": member,
         "model": run.config.model.to_dict(),
         "task": run.dataset.task,
         "techniques": run.experiment.techniques,
@@ -85,12 +86,13 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
     return metadata
 
 
-def deployed_form(run, workdir: str, serving: bool = True):
+def deployed_form(run, workdir: str, serving: bool = True, member: int | None = None):
     """(apply, variables, name) of what a run deploys: `apply(variables, x)` gives its outputs.
 
     With `serving` and a serving form written by `jaxopt-lab quantize` (RUN/quantized), that form's
     integer weights run by AQT's SERVE mode; otherwise the run's model as it evaluates. Export
-    serializes it and `optimize` times it, so both speak of the same program.
+    serializes it and `optimize` times it, so both speak of the same program. A population's
+    `member` deploys as its model (populations have no serving form).
     """
     summary_path = os.path.join(workdir, "quantized", "summary.json")
     if serving and os.path.exists(summary_path):
@@ -99,7 +101,8 @@ def deployed_form(run, workdir: str, serving: bool = True):
         return (serve_fn(serving_model(run, quantized)),
                 load_serving(os.path.join(workdir, "quantized", "serving")),
                 f"{quantized['scheme']} serving form")
-    variables = jax.device_get({"params": model_params(run.state.params), **run.state.model_state})
+    state = member_state(run, member, workdir)
+    variables = jax.device_get({"params": model_params(state.params), **state.model_state})
     return inference(run.experiment.model), variables, "model"
 
 

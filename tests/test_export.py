@@ -102,11 +102,32 @@ def test_bad_exports_get_one_line(tmp_path):
     config = tiny_config("mlp", steps=2, measure=False)
     config.population = (("optim.lr", (1e-3, 1e-2)),)
     train_and_evaluate(config, str(tmp_path / "population"))
-    with pytest.raises(UserError, match="holds a population"):
+    with pytest.raises(UserError, match="holds a population of 2; choose one with --member"):
         export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"))
+    with pytest.raises(UserError, match="holds a population of 2; choose one with --member"):
+        export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"), member=2)
     with pytest.raises(UserError, match="--platforms gpu: allowed are"):
         export_run(str(tmp_path / "population"), str(tmp_path / "m.stablehlo"), ("gpu",))
     train_and_evaluate(tiny_config("mlp", steps=2, measure=False), str(tmp_path / "float"))
     with pytest.raises(UserError, match="has no serving form: run `jaxopt-lab quantize"):
         export_run(str(tmp_path / "float"), str(tmp_path / "m.stablehlo"), form="serving")
     assert not (tmp_path / "m.stablehlo").exists()
+    with pytest.raises(UserError, match="--member 0: .* holds one run"):
+        export_run(str(tmp_path / "float"), str(tmp_path / "m.stablehlo"), member=0)
+
+
+def test_a_population_member_exports_as_its_own_model(tmp_path):
+    config = tiny_config("mlp", steps=3, measure=False)
+    config.population = (("optim.lr", (1e-3, 3e-1)),)
+    train_and_evaluate(config, str(tmp_path / "population"))
+    metadata = export_run(str(tmp_path / "population"), str(tmp_path / "m1.stablehlo"), member=1)
+    assert metadata["member"] == 1 and metadata["form"] == "model"
+    run = load_run(str(tmp_path / "population"))
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 40)))
+    with open(tmp_path / "m1.stablehlo", "rb") as f:
+        got = np.asarray(jax.export.deserialize(bytearray(f.read())).call(x))
+    want = {i: inference(run.experiment.model)(
+        {"params": model_params(jax.tree.map(lambda a, i=i: a[i], run.state.params))}, x)
+        for i in (0, 1)}
+    _assert_same(got, np.asarray(want[1]), "member 1")
+    assert not np.allclose(want[0], want[1])  # the members differ: the slice matters

@@ -82,3 +82,16 @@ def evaluate_run(run: Run, split: str = "test") -> dict:
                               data_mesh(), split, members=bool(run.members))
     result = evaluate(run.state)
     return {"members": result} if run.members else result
+
+
+def member_state(run: Run, member: int | None, workdir: str) -> TrainState:
+    """The state of one run: a single run's own (`member` None), or member `member` of a
+    population's; anything else is refused in one line naming `--member`."""
+    if not run.members:
+        if member is not None:
+            raise UserError(f"--member {member}: {workdir} holds one run, not a population")
+        return run.state
+    if member is None or not 0 <= member < len(run.members):
+        raise UserError(f"{workdir} holds a population of {len(run.members)}; choose one with "
+                        f"--member i (0 <= i < {len(run.members)})")
+    return jax.tree.map(lambda a: a[member], run.state)

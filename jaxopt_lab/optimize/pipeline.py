@@ -18,14 +18,10 @@ import json
 import os
 import shutil
 
-import jax
-import numpy as np
-
 from jaxopt_lab.core.config import load_config
 from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.run import load_run
-from jaxopt_lab.core.state import model_params, sample_input
-from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import deployed_form
 from jaxopt_lab.optimize.candidates import Recipe, check_block, quantize_scheme, recipes
@@ -178,13 +174,7 @@ def _forms(baseline_dir: str, candidates: list[Candidate]) -> tuple[dict, object
 
     forms = {"baseline": deployed_form(run_of(baseline_dir), baseline_dir, False)[:2]}
     for c in candidates:
-        run = run_of(c.deploy_dir)
-        if c.member is None:
-            forms[c.name] = deployed_form(run, c.deploy_dir, c.serving)[:2]
-        else:
-            state = jax.tree.map(lambda a, m=c.member: np.asarray(a[m]), run.state)
-            forms[c.name] = (inference(run.experiment.model),
-                             {"params": model_params(state.params), **state.model_state})
+        forms[c.name] = deployed_form(run_of(c.deploy_dir), c.deploy_dir, c.serving, c.member)[:2]
     return forms, sample_input(run_of(baseline_dir).dataset)
 
 

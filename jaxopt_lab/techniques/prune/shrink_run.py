@@ -25,7 +25,7 @@ from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.config import model_config
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.measure import measure_model
-from jaxopt_lab.core.run import evaluate_run, load_run
+from jaxopt_lab.core.run import evaluate_run, load_run, member_state
 from jaxopt_lab.core.rundir import prepare_workdir
 from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
 from jaxopt_lab.core.tasks import inference
@@ -53,7 +53,7 @@ def shrink_run(workdir: str, member: int | None = None, out: str | None = None) 
     """Shrinks the run in `workdir` (member `member` of a population) into `out` (default
     workdir/shrunk/); returns (and writes) its summary.json."""
     run = load_run(workdir)
-    state = _one_state(run, member, workdir)
+    state = member_state(run, member, workdir)
     original = {"params": model_params(state.params), **state.model_state}
     model, variables = shrink(run.experiment.model, original)
     values = run.members[member] if run.members else {}
@@ -105,17 +105,6 @@ def shrunk_config(config: ml_collections.ConfigDict, model,
         if "prune" in config.techniques:
             config.techniques.prune.method = "none"
     return config
-
-
-def _one_state(run, member: int | None, workdir: str):
-    if not run.members:
-        if member is not None:
-            raise UserError(f"--member {member}: {workdir} holds one run, not a population")
-        return run.state
-    if member is None or not 0 <= member < len(run.members):
-        raise UserError(f"{workdir} holds a population of {len(run.members)}; choose one with "
-                        f"--member i (0 <= i < {len(run.members)})")
-    return jax.tree.map(lambda a: a[member], run.state)
 
 
 def _write_checkpoint(out: str, config, dataset, variables: dict) -> None:
