@@ -3,7 +3,7 @@ CNN, every curve one vmapped population (the target sparsity is a per-trial valu
 headline points over 5 seeds paired with dense runs.
 
     .venv/bin/python experiments/prune_accuracy.py [--models mnist1d_cnn128,digits_cnn]
-        [--parts headline,curves] [--seeds 5] [--fresh]
+        [--parts headline,curves,probe] [--seeds 5] [--fresh]
 
 Headline (per model, 5 seeds): gradual magnitude pruning at sparsity 0 (exactly dense training:
 every mask stays full), 0.9 and 0.95 in one population of 15; random pruning at 0.9, on the same
@@ -11,6 +11,8 @@ gradual schedule (only the score differs) and once at initialisation; 2:4; 50 %
 of channels (L1); and the routes past 95 % (global magnitude; RigL with ERK) at 0.95. Members with
 the same seed share initialisation and data order, so differences are paired.
 Curves (seed 0): each method at 50, 80, 90, 95 and 98 % as one population.
+Probe (`--parts probe`, the wide CNN): the issue's hand-written probe schedule (6000 steps, cubic
+from step 1000 to 4000) for dense, gradual magnitude at 90 and 95 % and random at 90 %, 5 seeds.
 
 Writes results/prune_accuracy.{md,json,png} and its keys of results/prune_summary.json.
 """
@@ -38,9 +40,10 @@ P = "--config.techniques.prune"
 CURVE = (0.5, 0.8, 0.9, 0.95, 0.98)
 
 
-def methods(steps: int) -> dict[str, list[str]]:
-    """Each method's overrides: pruning from 10 % to 60 % of training, then 40 % to recover."""
-    begin, end, every = steps // 10, steps * 6 // 10, max(steps // 60, 1)
+def methods(steps: int, window: tuple[float, float] = (0.1, 0.6)) -> dict[str, list[str]]:
+    """Each method's overrides: by default pruning from 10 % to 60 % of training, then 40 % to
+    recover; `window` moves the gradual schedule's begin and end (fractions of training)."""
+    begin, end, every = int(steps * window[0]), int(steps * window[1]), max(steps // 60, 1)
     gradual = [f"{P}.schedule=gradual", f"{P}.begin_step={begin}", f"{P}.end_step={end}",
                f"{P}.frequency={every}"]
     return {
@@ -74,9 +77,12 @@ def headline_runs() -> dict[str, tuple[str, tuple[float, ...]]]:
 
 
 def train(model: str, method: str, seeds: list[int], sparsities: list[float], workdir: Path,
-          fresh: bool) -> list[dict]:
-    """One population (seeds × sparsities); its members' summaries. A finished run is reused."""
-    config_file, overrides, steps = MODELS[model]
+          fresh: bool, steps: int | None = None,
+          window: tuple[float, float] = (0.1, 0.6)) -> list[dict]:
+    """One population (seeds × sparsities); its members' summaries. A finished run is reused.
+    `steps` overrides the model's; `window` is the gradual schedule's (see `methods`)."""
+    config_file, overrides, model_steps = MODELS[model]
+    steps = steps or model_steps
     if fresh and workdir.exists():
         import shutil
 
@@ -85,7 +91,7 @@ def train(model: str, method: str, seeds: list[int], sparsities: list[float], wo
     population = (("seed", tuple(s for s, _ in pairs)),
                   ("techniques.prune.sparsity", tuple(q for _, q in pairs)))
     config = load_config(str(ROOT / "configs" / config_file), [
-        *overrides, f"--config.train.steps={steps}", *methods(steps)[method],
+        *overrides, f"--config.train.steps={steps}", *methods(steps, window)[method],
         f"--config.population={population!r}", "--config.train.progress=False",
         "--config.train.measure=False", "--config.train.steps_per_call=1"])
     summary = train_and_evaluate(config, str(workdir))
@@ -106,9 +112,30 @@ def accuracies(members: list[dict], sparsity: float) -> list[float]:
 def headline(model: str, seeds: int, root: Path, fresh: bool) -> dict:
     runs = {name: train(model, method, list(range(seeds)), list(qs), root / "headline" / name,
                         fresh) for name, (method, qs) in headline_runs().items()}
+    return paired_rows(runs, headline_runs())
+
+
+# The issue's hand-written probe: the config's own 6000 steps, layer-wise cubic pruning from step
+# 1000 to 4000, first conv dense; here with 5 seeds and the cosine decay of the headline.
+PROBE_STEPS, PROBE_WINDOW = 6000, (1 / 6, 2 / 3)
+PROBE_RUNS = {"gradual_magnitude": ("gradual_magnitude", (0.0, 0.9, 0.95)),
+              "random": ("random", (0.9,))}
+
+
+def probe(model: str, seeds: int, root: Path, fresh: bool) -> dict:
+    """Dense, gradual magnitude at 90 and 95 % and random at 90 % on the probe's schedule."""
+    runs = {name: train(model, method, list(range(seeds)), list(qs), root / "probe" / name,
+                        fresh, steps=PROBE_STEPS, window=PROBE_WINDOW)
+            for name, (method, qs) in PROBE_RUNS.items()}
+    return paired_rows(runs, PROBE_RUNS)
+
+
+def paired_rows(runs: dict[str, list[dict]], table: dict) -> dict:
+    """{"dense": ..., "<method> <sparsity>": ...}: accuracies and paired differences to the
+    dense members (gradual magnitude at sparsity 0, which prunes nothing)."""
     dense = accuracies(runs["gradual_magnitude"], 0.0)
     rows = {"dense": {"accuracy": stats(dense)}}
-    for name, (_, qs) in headline_runs().items():
+    for name, (_, qs) in table.items():
         for q in qs:
             if name == "gradual_magnitude" and q == 0.0:
                 continue
@@ -152,6 +179,9 @@ def main() -> None:
             entry["seeds"] = args.seeds
         if "curves" in args.parts:
             entry["curves"] = curves(model, root, args.fresh)
+        if "probe" in args.parts:
+            entry["probe"] = probe(model, args.seeds, root, args.fresh)
+            entry["probe_seeds"] = args.seeds
         write(results, out)
 
 
@@ -170,27 +200,28 @@ def write(results: dict, out: Path) -> None:
             "random_90_test_accuracy": wide["random 0.9"]["accuracy"]["mean"],
             "best_95_test_accuracy": best["accuracy"]["mean"],
             "best_95_method": best["method"]})
+    probe_rows = results.get("mnist1d_cnn128", {}).get("probe")
+    if probe_rows:
+        update_summary(out / "prune_summary.json", {
+            f"probe_{key}_test_accuracy": probe_rows[row]["accuracy"]["mean"]
+            for key, row in (("dense", "dense"), ("gradual_magnitude_90", "gradual_magnitude 0.9"),
+                             ("gradual_magnitude_95", "gradual_magnitude 0.95"),
+                             ("random_90", "random 0.9"))})
     lines = ["# Pruning: accuracy vs sparsity", "",
              (f"Written by `experiments/prune_accuracy.py` on {machine()}. Sparsity is the "
               "fraction of zeros among the prunable kernels (the first conv and the logits layer "
               "stay dense, the default `skip`); for channels_l1, the fraction of each conv's "
-              "filters removed (the first conv's too; only the logits layer is kept whole). Gradual: cubic from 10 % to 60 % of training. Δ is the mean "
+              "filters removed (the first conv's too; only the logits layer is kept whole). Gradual: cubic from 10 % to 60 % of training (the probe: its own steps). Δ is the mean "
               "paired difference to the dense run with the same seed, in points."), ""]
     for model, entry in results.items():
-        if "headline" in entry:
-            h = entry["headline"]
-            lines += [f"## {model}: headline, {entry['seeds']} seeds, {entry['steps']} steps", "",
-                      "| method | target | measured sparsity | test accuracy | Δ vs dense |",
-                      "|---|---|---|---|---|",
-                      f"| dense | 0 | 0 | {_acc(h['dense'])} | — |"]
-            for name, r in h.items():
-                if name == "dense":
-                    continue
-                d = r["paired_difference"]
-                lines.append(f"| {r['method']} | {r['sparsity']:g} | "
-                             f"{r['measured_sparsity']:.4f} | {_acc(r)} | "
-                             f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} |")
-            lines.append("")
+        titles = {"headline": f"headline, {entry.get('seeds')} seeds, {entry['steps']} steps",
+                  "probe": (f"the issue's probe schedule, {entry.get('probe_seeds')} seeds, "
+                            f"{PROBE_STEPS} steps, pruning from step "
+                            f"{int(PROBE_STEPS * PROBE_WINDOW[0])} to "
+                            f"{int(PROBE_STEPS * PROBE_WINDOW[1])}, cosine decay as above")}
+        for part, title in titles.items():
+            if part in entry:
+                lines += [f"## {model}: {title}", "", *_paired_table(entry[part]), ""]
         if "curves" in entry:
             lines += [f"## {model}: curves, seed 0 (test accuracy)", "",
                       "| method | " + " | ".join(f"{q:g}" for q in CURVE) + " |",
@@ -202,6 +233,17 @@ def write(results: dict, out: Path) -> None:
     (out / "prune_accuracy.md").write_text("\n".join(lines))
     plot(results, out / "prune_accuracy.png")
     print("\n".join(lines))
+
+
+def _paired_table(rows: dict) -> list[str]:
+    lines = ["| method | target | measured sparsity | test accuracy | Δ vs dense |",
+             "|---|---|---|---|---|", f"| dense | 0 | 0 | {_acc(rows['dense'])} | — |"]
+    for name, r in rows.items():
+        if name != "dense":
+            d = r["paired_difference"]
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['measured_sparsity']:.4f} | "
+                         f"{_acc(r)} | {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} |")
+    return lines
 
 
 def _acc(row: dict) -> str:
