@@ -92,8 +92,8 @@ def test_pareto_set_and_best_under_the_accuracy_constraint():
 
 
 def test_a_recipes_sparsities_are_one_population_and_it_retrains_by_hand(tmp_path):
-    config = load_config("configs/digits_cnn.py", ("--config.optimize.candidates="
-                                                   "('unstructured', 'structured_int8')",))
+    recipes_asked = "--config.optimize.candidates=('unstructured', 'structured_int8')"
+    config = load_config("configs/digits_cnn.py", (recipes_asked,))
     unstructured, structured_int8 = recipes(config, str(tmp_path))
     assert unstructured.sparsities == (0.8, 0.9, 0.95)
     assert structured_int8.sparsities == (0.5, 0.75)
