@@ -128,5 +128,15 @@ def test_scanned_population_with_qat_equals_its_members_run_alone(tmp_path):
                                                                     rel=2e-4)
         params = load_run(str(tmp_path / f"alone{i}")).state.params
         for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(params), strict=True):
-            np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=1e-6)
+            _assert_equal_but_for_rounding_flips(np.asarray(got[i]), np.asarray(want))
     assert together["techniques"]["quantize"]["backward"] == "quantized"
+
+
+def _assert_equal_but_for_rounding_flips(got, want):
+    """The batched program's float noise can flip a stochastic rounding of a gradient element
+    (seen on an AMD EPYC: 12 of 10,000 weights off by up to 3.3e-5 after 12 steps); the rest
+    agree to float noise, where a member drawing another member's random stream would move most
+    of them."""
+    close = np.isclose(got, want, rtol=2e-4, atol=1e-6)
+    assert close.mean() >= 0.99, f"{(~close).sum()} of {close.size} differ"
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
