@@ -40,7 +40,10 @@ P = "--config.techniques.prune"
 CURVE = (0.5, 0.8, 0.9, 0.95, 0.98)
 
 
-def methods(steps: int, window: tuple[float, float] = (0.1, 0.6)) -> dict[str, list[str]]:
+GRADUAL_WINDOW = (0.1, 0.6)  # the gradual schedule's begin and end, as fractions of training
+
+
+def methods(steps: int, window: tuple[float, float] = GRADUAL_WINDOW) -> dict[str, list[str]]:
     """Each method's overrides: by default pruning from 10 % to 60 % of training, then 40 % to
     recover; `window` moves the gradual schedule's begin and end (fractions of training)."""
     begin, end, every = int(steps * window[0]), int(steps * window[1]), max(steps // 60, 1)
@@ -78,7 +81,7 @@ def headline_runs() -> dict[str, tuple[str, tuple[float, ...]]]:
 
 def train(model: str, method: str, seeds: list[int], sparsities: list[float], workdir: Path,
           fresh: bool, steps: int | None = None,
-          window: tuple[float, float] = (0.1, 0.6)) -> list[dict]:
+          window: tuple[float, float] = GRADUAL_WINDOW) -> list[dict]:
     """One population (seeds × sparsities); its members' summaries. A finished run is reused.
     `steps` overrides the model's; `window` is the gradual schedule's (see `methods`)."""
     config_file, overrides, model_steps = MODELS[model]
