@@ -41,7 +41,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
     python3 -c 'import sys, jax, flax, optax; print(sys.version.split()[0], "jax", jax.__version__,
         "flax", flax.__version__, "optax", optax.__version__, jax.devices())' \
         || echo "(import failed)"
-    python3 -c 'import jaxopt_lab.core.loop' && echo "jaxopt_lab imports" \
+    python3 -c 'import jaxopt_lab.run.loop' && echo "jaxopt_lab imports" \
         || echo "(jaxopt_lab import failed)"
 } 2>&1 | tee "$OUT/env.txt"
 

@@ -32,8 +32,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 from results_file import write_section
 
-from jaxopt_lab.core.builder import build_experiment
-from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab import build_experiment, default_config, model_config, train_and_evaluate, validate
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.feed import (
     device_sampler,
@@ -42,7 +41,6 @@ from jaxopt_lab.core.feed import (
     sampled_step,
     zero_totals,
 )
-from jaxopt_lab.core.loop import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import DATA_AXIS, data_mean, make_train_step

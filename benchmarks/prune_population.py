@@ -27,9 +27,7 @@ import jax
 import numpy as np
 from results_file import write_section
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_config, load_run, train_and_evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from common import ROOT, machine

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.core.builder import build_experiment, prepare_dataset
-from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab import build_experiment, default_config, model_config, prepare_dataset, validate
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.feed import (
     device_sampler,

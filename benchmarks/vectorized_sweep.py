@@ -39,7 +39,7 @@ import numpy as np
 from results_file import write_section
 from suite_steps import Call, _framework_step, interleaved, one_line, ratio
 
-from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab import default_config, model_config, validate
 from jaxopt_lab.core.feed import make_logged_train_fn, zero_totals
 from jaxopt_lab.core.population import Population, population_step, set_values
 from jaxopt_lab.core.state import (

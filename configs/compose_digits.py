@@ -10,7 +10,7 @@ the update seam and soft-target distillation at the loss seam; its summary.json 
 technique's record, the teacher's test accuracy and size, and the student's sparsity.
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ validation split (`data.validation_fraction`, 10 % of the 353 training patients)
 on; test (89 patients) is reported only.
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
     jaxopt-lab train --config configs/mnist1d_cnn_shuffled.py --workdir runs/mnist1d_cnn_shuffled
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 
 
 def get_config():

@@ -16,7 +16,7 @@ interpreter's standard library, so Python versions see slightly different text (
 `builders.PythonText`).
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 
 
 def get_config():

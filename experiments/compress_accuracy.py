@@ -29,9 +29,7 @@ import jax
 import numpy as np
 from common import ROOT, machine, stats, update_summary
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_config, load_run, train_and_evaluate
 from jaxopt_lab.techniques.compress import cost
 from jaxopt_lab.techniques.compress.powersgd import matrix_shape
 

@@ -28,14 +28,12 @@ import jax
 import numpy as np
 from common import ROOT, machine, stats
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, load_run, train_and_evaluate
 from jaxopt_lab.core.measure import model_bytes
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.techniques import quantize
 from jaxopt_lab.techniques.prune import storage
-from jaxopt_lab.techniques.quantize.convert_run import outputs_identical
+from jaxopt_lab.workflows.convert import outputs_identical
 
 MODELS = {  # config, overrides, steps, sparsities (digits' 21k weights bear less pruning)
     "cnn128": ("mnist1d_cnn.py", ["--config.model.channels=128"], 3000, (0.9, 0.95)),

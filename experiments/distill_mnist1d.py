@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, machine, stats
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, train_and_evaluate
 
 TEACHER_STEPS = 6000
 STUDENT_STEPS = 12000

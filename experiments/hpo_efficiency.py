@@ -35,7 +35,7 @@ import numpy as np
 from common import ROOT, machine
 from optuna.trial import TrialState
 
-from jaxopt_lab.core.config import load_config
+from jaxopt_lab import load_config
 from jaxopt_lab.tune import space
 from jaxopt_lab.tune.sweep import run_sweep
 

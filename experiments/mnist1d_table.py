@@ -20,8 +20,7 @@ from pathlib import Path
 
 import jax
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's test accuracies (its Table 1 / README), as fractions.

@@ -39,14 +39,12 @@ import numpy as np
 import optuna
 from common import ROOT, machine
 
-from jaxopt_lab.core.config import default_config, model_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import default_config, load_run, model_config, train_and_evaluate
 from jaxopt_lab.core.measure import count_flops, latency_ms, measure_model
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.models import CNN1D
-from jaxopt_lab.tune.nas import shrunk_member, start_population, width_config
+from jaxopt_lab.workflows.nas import shrunk_member, start_population, width_config
 
 CHOICES = (8, 16, 32, 64)
 CONVS = 3
@@ -268,7 +266,7 @@ def write(results: dict, out: Path) -> None:
         "Objectives: validation accuracy (the 10 % held out) and latency at batch 1 of the "
         "trial's narrow model (`core.measure`: the median of 10 warm calls). (a) trains each "
         "batch as one population of the 64-channel CNN, every member's extra channels masked to "
-        "zero (`jaxopt_lab.tune.nas`), and measures each member's shrunk model; (b) trains the "
+        "zero (`jaxopt_lab.workflows.nas`), and measures each member's shrunk model; (b) trains the "
         "same trials, in the same order, one by one as their own narrow models. Trial n uses "
         "seed n both ways, and a masked member starts from its narrow model's own "
         "initialisation."), "",

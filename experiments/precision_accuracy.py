@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, machine, plot_paired_differences, stats
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, train_and_evaluate
 
 # name: (config file, overrides); the configs' own step counts unless --steps says otherwise.
 MODELS = {"digits_cnn": ("digits_cnn.py", []), "mnist1d_cnn": ("mnist1d_cnn.py", [])}

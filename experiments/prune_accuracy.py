@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, machine, stats, update_summary
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, train_and_evaluate
 
 # name: (config file, overrides, steps). 128 channels at a constant 1e-2 end noisy; a cosine
 # decay settles them (see results/quantize_accuracy.md), so a paired difference means something.

@@ -23,8 +23,9 @@ from pathlib import Path
 import jax
 from common import ROOT, machine, stats
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.techniques.prune.lottery import imp, lottery_config, make_trainer, pruned_fraction
+from jaxopt_lab import load_config
+from jaxopt_lab.techniques.prune import pruned_fraction
+from jaxopt_lab.workflows.lottery import imp, lottery_config, make_trainer
 
 
 def run(args) -> dict:

@@ -33,14 +33,12 @@ import numpy as np
 from common import ROOT, machine, stats, update_summary
 from prune_accuracy import train
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, load_run, train_and_evaluate
 from jaxopt_lab.core.measure import count_flops, latency_ms, model_bytes
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.models import CNN1D
-from jaxopt_lab.techniques.prune.shrink_run import shrink_run
+from jaxopt_lab.workflows.shrink import shrink_run
 
 HEADLINE = ROOT / "runs" / "prune_accuracy" / "mnist1d_cnn128" / "headline"
 POPULATIONS = {"channels_l1": (0.5,), "gradual_magnitude": (0.0, 0.9, 0.95)}

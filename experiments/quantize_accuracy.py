@@ -27,14 +27,12 @@ import jax
 import numpy as np
 from common import plot_paired_differences, stats
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, load_run, train_and_evaluate
 from jaxopt_lab.core.measure import latency_ms, model_bytes
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.techniques import quantize
-from jaxopt_lab.techniques.quantize.convert_run import (
+from jaxopt_lab.workflows.convert import (
     evaluate_serving,
     outputs_identical,
     post_training,

@@ -25,8 +25,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.data.sources import load_dataset
 

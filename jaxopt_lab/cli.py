@@ -17,20 +17,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `jaxopt-lab` argument parser, one subparser per command.
+
+    Parsing imports nothing beyond argparse and runs nothing: the command handlers import the
+    library lazily, so tests (and the docs-drift check) may parse any documented command line.
+    """
     parser = _Parser(prog="jaxopt-lab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add_command in (_add_train, _add_eval, _add_quantize, _add_shrink, _add_export,
+                        _add_report, _add_profile, _add_optimize, _add_sweep, _add_launch):
+        add_command(commands)
+    return parser
+
+
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train one run from a config",
                                 epilog="override any config key with --config.KEY=VALUE, "
                                        "e.g. --config.optim.lr=3e-3")
     train.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
     train.add_argument("--workdir", required=True,
                        help="run directory (rerunning on it resumes from its newest checkpoint)")
+
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint; prints JSON metrics")
     evaluate.add_argument("--workdir", required=True, help="a run directory written by train")
     evaluate.add_argument("--step", type=int, default=None,
                           help="the checkpoint to evaluate (default: the newest)")
     evaluate.add_argument("--split", choices=("validation", "test"), default="test")
+
+
+def _add_quantize(commands) -> None:
     quantize = commands.add_parser(
         "quantize", help="convert a finished run to its int8 serving form (QAT run: as trained; "
                          "float run: post-training quantization)",
@@ -51,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--skip", nargs="*", default=None, metavar="REGEX",
                           help="float run: parameter-path patterns left in float (none given: "
                                "quantize every layer; flag absent: first and last layers)")
+
+
+def _add_shrink(commands) -> None:
     shrink = commands.add_parser(
         "shrink", help="cut the channels a structurally pruned run removed: a smaller dense "
                        "model, as the run directory RUN/shrunk",
@@ -59,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     shrink.add_argument("--workdir", required=True, help="a run directory written by train")
     shrink.add_argument("--member", type=int, default=None, metavar="I",
                         help="population run: the member to shrink")
+
+
+def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="write a run's inference as a StableHLO file (jax.export) that jax alone "
                        "loads and runs, any batch size",
@@ -72,12 +96,18 @@ def _parser() -> argparse.ArgumentParser:
                              "model as it evaluates; auto: serving where it exists")
     export.add_argument("--member", type=int, default=None, metavar="I",
                         help="population run: the member to export")
+
+
+def _add_report(commands) -> None:
     report = commands.add_parser(
         "report", help="finished runs side by side: their summary fields as a table, their "
                        "learning curves as one PNG")
     report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     report.add_argument("--plot", default="runs_report.png", metavar="FILE",
                         help="where the curves go (default: runs_report.png; '' for none)")
+
+
+def _add_profile(commands) -> None:
     profile = commands.add_parser(
         "profile", help="where a config's time, memory and size go: per-layer parameters and "
                         "FLOPs, step memory, data wait vs compute, MFU, latency, a trace",
@@ -87,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--workdir", default=None,
                          help="where profile/ goes (default: runs/profile/<config name>)")
     profile.add_argument("--steps", type=int, default=30, help="timed steps per feed")
+
+
+def _add_optimize(commands) -> None:
     optimize = commands.add_parser(
         "optimize", help="train a baseline and every compression candidate of the config's "
                          "optimize block; report them side by side with the Pareto front",
@@ -100,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
                           help="validation accuracy the best candidate may lose (default: "
                                "optimize.max_accuracy_drop, 1.0)")
+
+
+def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
         "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
         epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
@@ -113,20 +149,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="worker processes on this machine (default: sweep.workers)")
     sweep.add_argument("--status", metavar="DIR", default=None,
                        help="print the table of a sweep's top trials and exit, running nothing")
+
+
+def _add_launch(commands) -> None:
     launch = commands.add_parser("launch", help="run a command in N local processes (loopback)")
     launch.add_argument("-n", "--num-processes", type=int, required=True)
     launch.add_argument("--devices-per-process", type=int, default=1,
                         help="simulated CPU devices in each process")
     launch.add_argument("rest", nargs=argparse.REMAINDER, help="-- train --config ... --workdir ...")
-    return parser
 
 
 def _train(args, overrides: list[str]) -> int:
-    from jaxopt_lab.core.config import load_config
+    from jaxopt_lab.compose.config import load_config
 
     config = load_config(args.config, overrides)  # before importing the loop: a typo costs 1 s
     from jaxopt_lab.core.interrupt import Preempted
-    from jaxopt_lab.core.loop import train_and_evaluate
+    from jaxopt_lab.workflows.train import train_and_evaluate
 
     try:
         summary = train_and_evaluate(config, args.workdir)
@@ -149,7 +187,7 @@ def _eval(args) -> int:
     if os.path.isfile(os.path.join(args.workdir, "config.json")) and not os.path.isdir(
             os.path.join(args.workdir, "checkpoints")):  # else restoring would create it
         raise UserError(f"{args.workdir} holds no checkpoint yet")
-    from jaxopt_lab.core.run import evaluate_run, load_run
+    from jaxopt_lab.run.build import evaluate_run, load_run
 
     run = load_run(args.workdir, args.step)
     metrics = evaluate_run(run, args.split)
@@ -163,7 +201,7 @@ def _quantize(args) -> int:
         raise UserError(f"--workdir {args.workdir} holds no trained run (no checkpoints/)")
     if args.calibrate < 0:
         raise UserError(f"--calibrate {args.calibrate} must be >= 0")
-    from jaxopt_lab.techniques.quantize.convert_run import quantize_run
+    from jaxopt_lab.workflows.convert import quantize_run
 
     options = {k: v for k, v in {"bits": args.bits, "numerics": args.numerics,
                                  "skip": None if args.skip is None else tuple(args.skip)}.items()
@@ -183,7 +221,7 @@ def _shrink(args) -> int:
     """Shrinks a channel-pruned run into RUN/shrunk and prints the summary."""
     if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         raise UserError(f"--workdir {args.workdir} holds no trained run (no checkpoints/)")
-    from jaxopt_lab.techniques.prune.shrink_run import shrink_run
+    from jaxopt_lab.workflows.shrink import shrink_run
 
     summary = shrink_run(args.workdir, args.member)
     out = os.path.join(args.workdir, "shrunk")
@@ -215,7 +253,7 @@ def _report(args) -> int:
 
 
 def _profile(args, overrides: list[str]) -> int:
-    from jaxopt_lab.core.config import load_config
+    from jaxopt_lab.compose.config import load_config
 
     config = load_config(args.config, overrides)
     from jaxopt_lab.profile.profile_run import markdown, profile_config
@@ -230,7 +268,7 @@ def _profile(args, overrides: list[str]) -> int:
 
 def _optimize(args, overrides: list[str]) -> int:
     """Runs (or resumes) the pipeline and prints its report."""
-    from jaxopt_lab.core.config import load_config
+    from jaxopt_lab.compose.config import load_config
 
     load_config(args.config, overrides)  # a typo costs a second, not an import of the loop
     from jaxopt_lab.optimize import optimize
@@ -257,7 +295,7 @@ def _sweep(args, overrides: list[str]) -> int:
         raise UserError("sweep needs --config FILE and --workdir DIR (or --status DIR)")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers} must be >= 1")
-    from jaxopt_lab.core.config import load_config
+    from jaxopt_lab.compose.config import load_config
 
     config = load_config(args.config, overrides)
     from jaxopt_lab.core.interrupt import Preempted
@@ -279,7 +317,7 @@ def _sweep(args, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     # Library start-up chatter (grain, orbax) would bury the lines users need; errors still show.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    parser = _parser()
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
         if args.command == "train":

@@ -24,12 +24,12 @@ import os
 import jax
 import numpy as np
 
-from jaxopt_lab.core.run import load_run, member_state
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.run.build import load_run, member_state
 from jaxopt_lab.techniques.quantize import serve_fn
-from jaxopt_lab.techniques.quantize.convert_run import load_serving, serving_model
+from jaxopt_lab.workflows.convert import load_serving, serving_model
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FORMS = ("auto", "serving", "model")

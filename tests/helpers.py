@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab import default_config, model_config, validate
 from jaxopt_lab.core.launch import with_device_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def summary_of(workdir: Path) -> dict:
 def assert_one_four_and_two_processes_agree(tmp_path: Path, args: list[str], env: dict) -> None:
     """Trains `jaxopt-lab ARGS` on 1 device, 4 simulated devices and 2 processes; the same test
     loss and parameters (to float tolerance) from each."""
-    from jaxopt_lab.core.run import load_run
+    from jaxopt_lab import load_run
 
     for name, kwargs in {"one": {}, "four": {"devices": 4}}.items():
         result = run_cli(*args, "--workdir", str(tmp_path / name), env=env, **kwargs)

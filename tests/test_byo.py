@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_cli, tiny_config, xla_flags
 
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.errors import UserError
 
@@ -71,8 +71,8 @@ PACKAGE = {
     "train.py": '''
         """python -m byo_ext.train WORKDIR STEPS: the user's own script."""
         import json, sys
-        from jaxopt_lab.core.config import default_config, validate
-        from jaxopt_lab.core.loop import train_and_evaluate
+        from jaxopt_lab import default_config, validate
+        from jaxopt_lab import train_and_evaluate
         from byo_ext.data import load
         from byo_ext.losses import make_loss
         from byo_ext.nets import Net

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import pytest
 from helpers import tiny_config
 
+from jaxopt_lab import default_config, model_config, train_and_evaluate, validate
 from jaxopt_lab.core import callsize
 from jaxopt_lab.core.callsize import CHOICE_BUDGET, CallSizeChooser
-from jaxopt_lab.core.config import default_config, model_config, validate
-from jaxopt_lab.core.loop import train_and_evaluate
 
 
 class FakeClock:

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, run_cli, tiny_config
 
+from jaxopt_lab import load_config, model_config
 from jaxopt_lab.core import rundir
-from jaxopt_lab.core.config import load_config, model_config
-from jaxopt_lab.core.rundir import PACKAGES, prepare_workdir, record_provenance
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.run.rundir import PACKAGES, prepare_workdir, record_provenance
 
 ROOT_USER = os.geteuid() == 0  # root writes through chmod; /sys refuses even root
 
@@ -50,7 +50,7 @@ BAD_CONFIGS = {
     "returns_none": ("def get_config():\n    pass\n", r"get_config\(\) returned None"),
     "returns_dict": ("def get_config():\n    return {'train': {'steps': 3}}\n",
                      r"get_config\(\) returned dict, expected an ml_collections\.ConfigDict"),
-    "unknown_model": (("from jaxopt_lab.core.config import model_config\n"
+    "unknown_model": (("from jaxopt_lab import model_config\n"
                        "def get_config():\n    return model_config('nope')\n"), r"'nope'"),
 }
 
@@ -354,7 +354,7 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
 def test_a_config_the_checkpoint_refuses_leaves_config_json_alone(tmp_path):
     """adam -> sgd keeps model and data, so the workdir checks pass, but the optimizer state no
     longer fits: the restore refuses, and config.json still describes the checkpoints."""
-    from jaxopt_lab.core.loop import train_and_evaluate
+    from jaxopt_lab import train_and_evaluate
     from jaxopt_lab.errors import UserError
 
     config = tiny_config(steps=10, measure=False)

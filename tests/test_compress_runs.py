@@ -15,8 +15,7 @@ import pytest
 from helpers import QUIET, ROOT, SHORT, SMALL_CNN, run_cli, summary_of, tiny_config, xla_flags
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_run, train_and_evaluate
 from jaxopt_lab.core.step import Reducer, data_mean
 
 pytestmark = pytest.mark.slow  # whole runs and subprocesses
@@ -71,7 +70,7 @@ def test_compressors_on_four_devices_equal_two_processes_of_two(tmp_path, env):
 FOUR = xla_flags(4)
 COMPARE = """
 import sys, jax, numpy as np
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_run
 root, methods = sys.argv[1], sys.argv[2:]
 for method in methods:
     want, got = (load_run(f"{root}/{method}/{n}").state for n in ("four", "two"))

@@ -7,7 +7,7 @@ import glob
 import pytest
 from helpers import ROOT, run_cli
 
-from jaxopt_lab.core.config import load_config
+from jaxopt_lab import load_config
 from jaxopt_lab.errors import UserError
 
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.py")))
@@ -49,7 +49,7 @@ def test_bad_overrides_name_the_culprit(override, culprit):
 
 def test_unknown_model_hparam_names_allowed_keys(tmp_path):
     path = tmp_path / "bad.py"
-    path.write_text("from jaxopt_lab.core.config import default_config\n"
+    path.write_text("from jaxopt_lab import default_config\n"
                     "def get_config():\n"
                     "    c = default_config()\n    c.model.name = 'mlp'\n"
                     "    c.model.channels = 3\n    return c\n")
@@ -66,7 +66,7 @@ def test_unknown_model_hparam_names_allowed_keys(tmp_path):
 def test_config_files_with_bad_keys_or_types(tmp_path, body, culprit):
     path = tmp_path / "bad.py"
     path.write_text("from ml_collections import ConfigDict\n"
-                    "from jaxopt_lab.core.config import default_config\n"
+                    "from jaxopt_lab import default_config\n"
                     f"def get_config():\n    {body}\n    return c\n")
     with pytest.raises(UserError, match=culprit) as error:
         load_config(str(path))

@@ -115,8 +115,7 @@ def test_a_teacher_that_is_neither_run_nor_pair_is_refused():
 def test_a_config_distils_from_a_teacher_run_and_a_population_varies_temperature(tmp_path):
     from helpers import tiny_config
 
-    from jaxopt_lab.core.config import validate
-    from jaxopt_lab.core.loop import train_and_evaluate
+    from jaxopt_lab import train_and_evaluate, validate
 
     teacher = tiny_config("mlp", steps=20, measure=False)
     teacher_summary = train_and_evaluate(teacher, str(tmp_path / "teacher"))
@@ -137,7 +136,7 @@ def test_a_config_distils_from_a_teacher_run_and_a_population_varies_temperature
 def test_a_teacher_directory_without_a_run_is_one_line(tmp_path):
     from helpers import tiny_config
 
-    from jaxopt_lab.core.config import validate
+    from jaxopt_lab import validate
 
     config = tiny_config("mlp")
     config.techniques.distill.teacher = str(tmp_path / "nothing")

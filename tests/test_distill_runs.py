@@ -20,14 +20,11 @@ from helpers import (
 )
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
-from jaxopt_lab.core.builder import build_experiment, prepare_dataset
-from jaxopt_lab.core.config import validate
+from jaxopt_lab import build_experiment, load_run, prepare_dataset, train_and_evaluate, validate
 from jaxopt_lab.core.distributed import data_mesh
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import HINTS, init_sharded_state, sample_input
 from jaxopt_lab.core.tasks import LABELED
-from jaxopt_lab.techniques.distill.teacher import TEACHER_SUBDIR
+from jaxopt_lab.workflows.train import TEACHER_SUBDIR
 
 pytestmark = pytest.mark.slow  # whole runs and subprocesses
 

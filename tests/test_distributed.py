@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from helpers import ROOT, xla_flags
 
+from jaxopt_lab import load_run
 from jaxopt_lab.core.metrics import read_metrics
-from jaxopt_lab.core.run import load_run
 
 pytestmark = pytest.mark.slow  # real subprocesses: make test-fast leaves them out
 
@@ -50,7 +50,7 @@ RUN_TIMEOUT = 240  # seconds per subprocess; a healthy run takes 10-40 s on a bu
 RANK1_FAILS = textwrap.dedent("""\
     import os
 
-    from jaxopt_lab.core.config import default_config, model_config
+    from jaxopt_lab import default_config, model_config
 
 
     def get_config():

@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_config
 
-from jaxopt_lab.core.config import model_config
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_run, model_config, train_and_evaluate
 from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import export_run
 from jaxopt_lab.techniques.quantize import serve_fn
-from jaxopt_lab.techniques.quantize.convert_run import load_serving, quantize_run, serving_model
+from jaxopt_lab.workflows.convert import load_serving, quantize_run, serving_model
 
 # Runs in a process where importing jaxopt_lab fails: only jax (and numpy) load the artifact.
 LOAD = """

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from jaxopt_lab.core.config import model_config
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_run, model_config, train_and_evaluate
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import CNN1D, MLP, ResNet
 from jaxopt_lab.techniques.prune import find_state, shrink
 from jaxopt_lab.techniques.prune.groups import wiring
-from jaxopt_lab.tune.nas import (
+from jaxopt_lab.workflows.nas import (
     grow,
     narrow_model,
     shrunk_member,

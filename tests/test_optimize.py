@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import run_cli
 
-from jaxopt_lab.core.config import load_config
+from jaxopt_lab import load_config
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.optimize import optimize, pipeline
 from jaxopt_lab.optimize.candidates import recipes

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_config
 
-from jaxopt_lab.core.config import validate
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import evaluate_run, load_run, train_and_evaluate, validate
 from jaxopt_lab.core.metrics import read_metrics
-from jaxopt_lab.core.run import evaluate_run, load_run
 from jaxopt_lab.errors import UserError
 
 STEPS = 12

@@ -13,18 +13,16 @@ import pytest
 from flax import linen as nn
 from helpers import tiny_config
 
+from jaxopt_lab import build_experiment, load_run, prepare_dataset, train_and_evaluate, validate
 from jaxopt_lab.core import precision
-from jaxopt_lab.core.builder import build_experiment, prepare_dataset
-from jaxopt_lab.core.config import validate
 from jaxopt_lab.core.distributed import data_mesh
-from jaxopt_lab.core.loop import TrainingDiverged, train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import create_train_state
 from jaxopt_lab.core.step import make_train_step, pmean_reducer
 from jaxopt_lab.core.tasks import make_task
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import MODELS, build_model, with_execution
+from jaxopt_lab.run.loop import TrainingDiverged
 
 SMALL = {"mlp": {"hidden": (16, 16), "residual": True}, "cnn1d": {"channels": 4},
          "cnn2d": {"features": (4, 8)}, "resnet": {"depth": 8, "width": 4},

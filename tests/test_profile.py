@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import run_cli
 
-from jaxopt_lab.core.config import load_config
+from jaxopt_lab import load_config
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.profile.peak import matmul_peak
 from jaxopt_lab.profile.profile_run import profile_config

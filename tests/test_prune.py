@@ -13,7 +13,7 @@ import optax
 import pytest
 from helpers import tiny_config
 
-from jaxopt_lab.core.config import validate
+from jaxopt_lab import validate
 from jaxopt_lab.core.layers import param_paths
 from jaxopt_lab.core.population import MEMBER_AXIS
 from jaxopt_lab.errors import UserError
@@ -254,7 +254,7 @@ def test_bad_prune_config_is_one_line_naming_the_key(key, value, message):
 
 
 def test_a_sparsity_population_needs_pruning_on(tmp_path):
-    from jaxopt_lab.core.loop import train_and_evaluate
+    from jaxopt_lab import train_and_evaluate
 
     config = tiny_config("mlp")
     config.population = (("techniques.prune.sparsity", (0.5, 0.9)),)

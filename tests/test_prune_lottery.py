@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_run, train_and_evaluate
 from jaxopt_lab.core.population import stack_trials
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.techniques.prune import find_state
-from jaxopt_lab.techniques.prune.lottery import (
-    imp,
-    lottery_config,
-    magnitude_masks,
-    make_trainer,
-    pruned_fraction,
-    with_masks,
-)
+from jaxopt_lab.techniques.prune import find_state, magnitude_masks, pruned_fraction, with_masks
+from jaxopt_lab.workflows.lottery import imp, lottery_config, make_trainer
 
 STEPS, REWIND, SEEDS, FRACTION = 20, 5, (0, 1), 0.5
 

@@ -20,10 +20,8 @@ from helpers import (
 )
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
-from jaxopt_lab.core.config import validate
+from jaxopt_lab import load_run, train_and_evaluate, validate
 from jaxopt_lab.core.layers import param_paths
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
 
 pytestmark = pytest.mark.slow  # real subprocesses and whole runs
 

@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_config
 
-from jaxopt_lab.core.config import load_config, model_config
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import evaluate_run, load_run
+from jaxopt_lab import evaluate_run, load_config, load_run, model_config, train_and_evaluate
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import build_model
 from jaxopt_lab.techniques.prune.groups import ChannelGroup, channel_groups
 from jaxopt_lab.techniques.prune.shrink import shrink
-from jaxopt_lab.techniques.prune.shrink_run import shrink_run
+from jaxopt_lab.workflows.shrink import shrink_run
 
 NUM_CLASSES = 10
 SIGNAL, IMAGE = (4, 40), (4, 8, 8, 1)

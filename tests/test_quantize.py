@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.core.config import default_config, validate
+from jaxopt_lab import default_config, validate
 from jaxopt_lab.core.measure import model_bytes
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import build_model

@@ -19,11 +19,9 @@ from helpers import (
 )
 from test_reliability import LONG, _assert_same_run, _killed_after_a_checkpoint, _Run, _train
 
-from jaxopt_lab.core.config import validate
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_run, train_and_evaluate, validate
 from jaxopt_lab.techniques import quantize
-from jaxopt_lab.techniques.quantize.convert_run import load_serving
+from jaxopt_lab.workflows.convert import load_serving
 
 pytestmark = pytest.mark.slow  # real subprocesses and whole runs
 

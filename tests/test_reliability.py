@@ -302,7 +302,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, env):
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, env):
     """SGD at lr=100 diverges after a few steps. The same step is named whether steps run one per
     call (checkpoints every 2) or scanned four per call (every 4); the two runs go side by side."""
-    from jaxopt_lab.core.run import load_run
+    from jaxopt_lab import load_run
 
     runs = {k: _Run(env, tmp_path / f"k{k}", *QUIET, "--config.optim.name=sgd",
                     "--config.optim.lr=100", "--config.train.steps=100",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import run_cli, tiny_config
 
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import train_and_evaluate
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.profile.runs_report import report_runs
 

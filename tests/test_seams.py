@@ -20,22 +20,22 @@ import optax
 import pytest
 from helpers import ROOT, tiny_config, xla_flags
 
-from jaxopt_lab.core.builder import build_experiment
+from jaxopt_lab import build_experiment
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.feed import device_sampler, make_train_fn, replicate
 from jaxopt_lab.core.optim import build_optimizer
-from jaxopt_lab.core.state import TrainState, create_train_state
-from jaxopt_lab.core.step import DATA_AXIS, Reducer, make_train_step
-from jaxopt_lab.core.tasks import classification
-from jaxopt_lab.data.sources import load_dataset
-from jaxopt_lab.models import build_model
-from jaxopt_lab.tune.population import (
+from jaxopt_lab.core.population import (
     set_values,
     stack_trials,
     unstack_trials,
     vmap_over_trials,
 )
+from jaxopt_lab.core.state import TrainState, create_train_state
+from jaxopt_lab.core.step import DATA_AXIS, Reducer, make_train_step
+from jaxopt_lab.core.tasks import classification
+from jaxopt_lab.data.sources import load_dataset
+from jaxopt_lab.models import build_model
 
 EXPECTED_DEVICES = int(os.environ.get("JAXOPT_LAB_EXPECT_DEVICES", "1"))
 

@@ -16,10 +16,8 @@ import pytest
 from helpers import QUIET, ROOT, SHORT, run_cli, summary_of, tiny_config, xla_flags
 from jax.sharding import PartitionSpec as P
 
+from jaxopt_lab import build_experiment, load_config, load_run, prepare_dataset
 from jaxopt_lab.core import fsdp
-from jaxopt_lab.core.builder import build_experiment, prepare_dataset
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.step import DATA_AXIS, pmean_reducer
 from jaxopt_lab.errors import UserError
 
@@ -125,9 +123,9 @@ def test_the_sharded_step_equals_the_replicated_one_and_holds_less_per_device():
 LOOP = """
 import sys, jax, numpy as np
 from helpers import tiny_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab import load_run
 
 root = sys.argv[1]
 

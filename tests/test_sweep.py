@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from jaxopt_lab.core.config import default_config, model_config, validate
+from jaxopt_lab import default_config, model_config, validate
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.tune import space
 from jaxopt_lab.tune.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
@@ -89,7 +89,7 @@ def test_no_validation_split_is_refused():
 def test_bad_sweep_config_exits_2_before_any_trial(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text(
-        "from jaxopt_lab.core.config import default_config\n"
+        "from jaxopt_lab import default_config\n"
         "from jaxopt_lab.tune import space\n"
         "def get_config():\n"
         "    c = default_config()\n"

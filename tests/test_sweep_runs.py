@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 pytestmark = pytest.mark.slow
 
 CONFIG = """
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 from jaxopt_lab.tune import space
 
 def get_config():

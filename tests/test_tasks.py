@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import load_config, train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.data.sources import load_dataset, with_validation
 from jaxopt_lab.errors import UserError

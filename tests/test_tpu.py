@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jaxopt_lab.core.builder import build_experiment
-from jaxopt_lab.core.config import load_config
+from jaxopt_lab import build_experiment, load_config
 from jaxopt_lab.data.sources import load_dataset
 from jaxopt_lab.models import MODELS
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_config
 
-from jaxopt_lab.core.loop import train_and_evaluate
+from jaxopt_lab import train_and_evaluate
 from jaxopt_lab.core.metrics import read_metrics
 
 SUMMARY_KEYS = {"test_accuracy", "test_loss", "steps", "train_wall_s", "steps_per_s", "num_params"}

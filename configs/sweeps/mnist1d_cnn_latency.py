@@ -6,7 +6,7 @@ space.categorical("model.hidden", ((64,), (128,), (64, 64), (128, 128, 128))).
     jaxopt-lab sweep --config configs/sweeps/mnist1d_cnn_latency.py --workdir runs/nas_cnn
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 from jaxopt_lab.tune import space
 
 

@@ -7,7 +7,7 @@ trials at the evaluations; selection on the validation split.
         --config.sweep.sampler=skopt_gp --workers 2
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 from jaxopt_lab.tune import space
 
 

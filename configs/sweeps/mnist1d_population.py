@@ -5,7 +5,7 @@ own in the study, and median stopping masks the members that fall behind.
     jaxopt-lab sweep --config configs/sweeps/mnist1d_population.py --workdir runs/sweep_pop
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 from jaxopt_lab.tune import space
 
 

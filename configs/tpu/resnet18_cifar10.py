@@ -15,7 +15,7 @@ A v4-8 or v5e-8 is one host: the same command without the variable, over ssh or 
 the training set through grain (`data.on_device=False`); the crop and flip run on device.
 """
 
-from jaxopt_lab.core.config import default_config, model_config
+from jaxopt_lab import default_config, model_config
 
 
 def get_config():

@@ -1,8 +1,10 @@
-"""Experiment configs: the shared schema, loading with command-line overrides, and validation.
+"""The core's config: its own blocks (data, model, loss, optim, train, population), reading a
+config file with command-line overrides, and checking a config against a schema.
 
 A config is a Python file whose `get_config()` returns an `ml_collections.ConfigDict`; configs build
-on `default_config()` and override only what differs. Validation runs before anything compiles, so a
-typo costs one line on the terminal rather than a traceback after a minute of JIT.
+on `jaxopt_lab.default_config()` (this schema plus every technique's block, assembled by the
+composer, `compose/config.py`) and override only what differs. Validation runs before anything
+compiles, so a typo costs one line on the terminal rather than a traceback after a minute of JIT.
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ from jaxopt_lab.models import MODELS, model_hparams
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle", "reduce_on_plateau")
-# The techniques with a block under `techniques` (core/builder.py composes them).
-TECHNIQUES: tuple[str, ...] = ("quantize", "prune", "distill", "compress")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Every key a config may set, with its default (the MNIST-1D CNN of the paper)."""
+def core_config() -> ml_collections.ConfigDict:
+    """Every key of the core's blocks, with its default (the MNIST-1D CNN of the paper)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -91,82 +91,6 @@ def default_config() -> ml_collections.ConfigDict:
     # techniques.distill.alpha. () = one run.
     c.population = ()
 
-    c.techniques = ml_collections.ConfigDict()
-    q = c.techniques.quantize = ml_collections.ConfigDict()  # AQT at the model seam
-    q.method = "none"  # none | qat (quantization-aware training); PTQ: `jaxopt-lab quantize`
-    q.bits = 8  # 8 | 4 (integer numerics)
-    q.numerics = "int"  # int | fp8_e4m3 | fp8_e5m2
-    q.backward = "float"  # float (forward-only QAT) | quantized (both backward matmuls too)
-    q.per_channel = True  # one weight scale per output channel; False: one per tensor
-    q.activations = True  # quantize layer inputs too (w8a8); False: weights only (w8)
-    q.attention = True  # with activations: also attention's QK^T and weights x V
-    # regexes over parameter paths left in float; None: the first and last layers; () = none
-    q.skip = ml_collections.config_dict.placeholder(tuple)
-
-    r = c.techniques.prune = ml_collections.ConfigDict()  # masks at the update seam
-    r.method = "none"  # none | magnitude | random | snip | set | rigl | ste
-    r.pattern = "unstructured"  # unstructured | N:M such as 2:4, 1:4, 4:8 | channels
-    r.scope = "layer"  # layer | global (one ranking across layers; unstructured only)
-    r.distribution = "uniform"  # uniform | erk (per-layer sparsities; layer scope)
-    r.sparsity = 0.9  # target fraction of zeros among prunable kernels (channels: per group)
-    r.schedule = "gradual"  # gradual (cubic, Zhu & Gupta 2017) | one_shot (at begin_step)
-    r.initial_sparsity = 0.0  # gradual: the sparsity at begin_step
-    r.begin_step = 0  # the first update that prunes
-    r.end_step = -1  # gradual: the target is reached here; SET/RigL: topology frozen; -1: 3/4 of train.steps
-    r.frequency = 100  # updates between mask recomputations
-    r.drop_fraction = 0.3  # SET / RigL: fraction of kept weights replaced (cosine-decayed)
-    r.norm = "l1"  # channels: l1 | l2 norm of a channel's weights scores it
-    # regexes over parameter paths left dense; None: the first and last layers; () = none
-    r.skip = ml_collections.config_dict.placeholder(tuple)
-
-    d = c.techniques.distill = ml_collections.ConfigDict()  # soft targets at the loss seam
-    d.teacher = ""  # a run directory whose model teaches (its newest checkpoint); "" = off
-    d.teacher_member = -1  # a population teacher: the member that teaches
-    # a config file: the teacher is trained from it first, into `teacher` (or WORKDIR/teacher
-    # where that is ""), unless a finished run is there
-    d.teacher_config = ""
-    d.teacher_overrides = ()  # "--config.KEY=VALUE" strings applied to teacher_config
-    d.temperature = 4.0  # softmax temperature of both; a per-trial value
-    d.alpha = 0.9  # weight of the soft loss; 1 - alpha weighs the hard one; a per-trial value
-    d.form = "kl"  # kl | cross_entropy (same gradients; the logged value differs by a constant)
-    d.features = ()  # (student layer, teacher layer) pairs of module paths: FitNets hints
-    d.feature_weight = 1.0  # weight of the hints' mean squared error
-    d.transfer_size = 0  # unlabeled inputs from the data set's generator, labelled by the teacher
-    # auto: computed once before training when nothing changes them (no augmentation, no
-    # features, a classification task), else in the step | in_step | precomputed
-    d.teacher_logits = "auto"
-
-    k = c.techniques.compress = ml_collections.ConfigDict()  # at the communication seam
-    k.method = "none"  # none (exact all-reduce) | topk | randomk | powersgd | signsgd | qsgd | int8
-    k.ratio = 0.01  # topk / randomk: kept fraction of each tensor
-    k.rank = 2  # powersgd: rank of the approximation
-    k.start_step = 10  # powersgd: exact all-reduce for this many steps first
-    k.levels = 16  # qsgd: quantization levels (16: 4 bits)
-    # None: the method's own default (on; off for the unbiased qsgd and the near-exact int8)
-    k.error_feedback = ml_collections.config_dict.placeholder(bool)
-    k.min_size = 1024  # tensors with fewer elements are all-reduced as they are
-
-    w = c.sweep = ml_collections.ConfigDict()  # `jaxopt-lab sweep` (tune/): an Optuna study
-    w.space = ()  # dimensions built with jaxopt_lab.tune.space: log_uniform("optim.lr", ...), ...
-    w.objectives = (("validation_accuracy", "maximize"),)  # (metric, direction) pairs
-    w.trials = 20
-    w.sampler = "tpe"  # random | grid | tpe | gp | skopt_gp | skopt_forest | nsga2
-    w.pruner = "none"  # none | asha | hyperband | median (on the first objective, at evals)
-    w.population = 1  # trials asked as a batch and vmapped as one program (1: one a program)
-    w.workers = 1  # worker processes on this machine against the one study
-    w.storage = ""  # "" = the journal file WORKDIR/study.journal; or sqlite:///..., postgresql://...
-    w.seed = 0  # the sampler's
-    w.startup_trials = 10  # random trials before a model-based sampler (TPE, GP, skopt) fits
-
-    o = c.optimize = ml_collections.ConfigDict()  # `jaxopt-lab optimize` (optimize/)
-    # structured | unstructured | int8 | distill | structured_int8 | distill_structured_int8
-    o.candidates = ("structured", "unstructured", "int8", "distill", "structured_int8",
-                    "distill_structured_int8")
-    o.structured_sparsities = (0.5, 0.75)  # fractions of channels removed; one population
-    o.unstructured_sparsities = (0.8, 0.9, 0.95)  # fractions of weights zeroed; one population
-    o.student = ()  # "--config.KEY=VALUE" strings making the student; () = half the widths
-    o.max_accuracy_drop = 1.0  # points of validation accuracy the best may lose to the baseline
-    o.objective = "size_latency"  # size_latency (bytes x batch-256 latency) | latency | size
     return c
 
 
@@ -265,11 +189,12 @@ def _check_override_key(config: ml_collections.ConfigDict, override: str) -> Non
         node, walked = node[key], [*walked, key]
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates.
+def parse_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path`'s get_config() and applies `--config.x.y=v` overrides (not yet validated:
+    `jaxopt_lab.load_config` does both).
 
     Raises:
-      UserError: on a missing file, an unknown key, a wrong type or a disallowed value.
+      UserError: on a missing file, a failing config file or an unknown override key.
     """
     if not os.path.exists(path):
         raise UserError(f"config file {path!r} not found (expected a .py file with get_config())")
@@ -292,7 +217,6 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
                 hparams[key] = _literal(value)
         with config.unlocked():
             config.model = model_config(model_name, **hparams)
-    validate(config)
     return config
 
 
@@ -313,7 +237,9 @@ def _literal(text: str):
         return text
 
 
-def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
+def schema_errors(config, schema, prefix: str = "") -> Iterator[str]:
+    """One line per key of `config` that `schema` does not have or whose value has the wrong
+    type (model hyperparameters are left to the model registry)."""
     for key in config:
         name = f"{prefix}{key}"
         if prefix == "model." and key != "name":
@@ -327,7 +253,7 @@ def _schema_errors(config, schema, prefix: str) -> Iterator[str]:
             if not isinstance(value, ml_collections.ConfigDict):
                 yield f"config key {name!r} must be a block of keys, got {value!r}"
             else:
-                yield from _schema_errors(value, default, f"{name}.")
+                yield from schema_errors(value, default, f"{name}.")
         elif default is None:  # a placeholder: None or a value of its declared type
             kind = schema.get_ref(key).get_type()
             if value is not None and not _type_ok(value, kind()):
@@ -348,7 +274,8 @@ def _type_ok(value, default) -> bool:
     return isinstance(value, type(default))
 
 
-def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+def fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    """Adds the keys a config left out, with the schema's defaults."""
     with config.unlocked():
         for key, default in schema.items():
             if key == "model":
@@ -358,19 +285,15 @@ def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.Con
             elif isinstance(default, ml_collections.ConfigDict) and isinstance(
                 config[key], ml_collections.ConfigDict
             ):
-                _fill_defaults(config[key], default)
+                fill_defaults(config[key], default)
 
 
-def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> None:
-    """Checks every key, type and name against the schema; fills keys a config left out.
+def check_names(config: ml_collections.ConfigDict, check_model: bool = True) -> None:
+    """The data set, model and optimizer a config names exist.
 
     `check_model=False` leaves the model block unchecked, for a run rebuilt around a module the
     caller passes (its recorded import path may not import here, e.g. a notebook's class).
     """
-    schema = default_config()
-    for error in _schema_errors(config, schema, ""):
-        raise UserError(error)
-    _fill_defaults(config, schema)
     try:
         check_dataset_name(config.data.name)
     except UserError as e:
@@ -387,9 +310,10 @@ def validate(config: ml_collections.ConfigDict, check_model: bool = True) -> Non
             )
     _check_choice("optim.name", config.optim.name, OPTIMIZERS)
     _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
-    from jaxopt_lab.core.builder import check_techniques  # the one importer of techniques
 
-    check_techniques(config)
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """The core's values are in range (precision, sizes, fractions, the population's shape)."""
     check_precision(config.train)
     _check_positive(config, "data.batch_size", "train.steps", "train.eval_every", "train.log_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",

@@ -171,6 +171,12 @@ def population_step(step_fn: Callable) -> Callable:
     return step
 
 
+def vmap_over_trials(train_fn: Callable) -> Callable:
+    """`train_fn(state, source)` for a stacked state, outside the loop and its masking: every
+    trial trains, and the data source is shared by all of them."""
+    return jax.jit(jax.vmap(train_fn, in_axes=(0, None), axis_name=MEMBER_AXIS))
+
+
 def population_init(experiment, sample_x, mesh, members: Sequence[Mapping[str, Any]], *,
                     seed: int, data_seed: int | None
                     ) -> tuple[Callable[[], Population], Population]:

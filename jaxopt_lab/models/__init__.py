@@ -10,6 +10,11 @@ a model has them, are in `batch_stats`.
 
 The registry is this explicit dict, so what exists is readable here and importing a module
 registers nothing.
+
+Models also describe themselves to the techniques that change them, so that no technique keeps a
+table of model classes: `WIDTH_KEYS` (a class attribute: the hyperparameters setting the width,
+which a half-width distillation student halves; see `width_keys`) and, for channel pruning and
+surgery, the `models.channels.ChannelModel` methods.
 """
 
 import dataclasses
@@ -42,6 +47,7 @@ __all__ = [
     "ViT",
     "build_model",
     "model_hparams",
+    "width_keys",
     "with_execution",
 ]
 
@@ -99,6 +105,16 @@ def model_hparams(name: str) -> dict[str, Any]:
         for f in dataclasses.fields(_model_cls(name))
         if f.init and f.name not in NOT_HPARAMS
     }
+
+
+def width_keys(name: str) -> tuple[str, ...]:
+    """The hyperparameters that set model `name`'s width (its class's `WIDTH_KEYS`); () for a
+    model that has none (logreg) or does not say (a module of your own without `WIDTH_KEYS`).
+
+    >>> width_keys("vit")
+    ('dim', 'mlp_dim')
+    """
+    return tuple(getattr(_model_cls(name), "WIDTH_KEYS", ()))
 
 
 # Widths whose default is one int for every layer that also take a tuple of one int per layer,

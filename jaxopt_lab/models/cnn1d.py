@@ -1,12 +1,13 @@
 """The MNIST-1D paper's 1-D CNN (three strided convs of 25 channels, then Dense; 94 % in the paper)."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.channels import Wiring, conv_stack_wiring
 from jaxopt_lab.models.pytorch_init import pytorch_init
 from jaxopt_lab.models.remat import checkpointed
 
@@ -39,6 +40,8 @@ class CNN1D(nn.Module):
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
 
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("channels",)  # what a half-width student halves
+
     def __post_init__(self) -> None:
         if isinstance(self.channels, tuple) and len(self.channels) != len(_CONVS):
             raise UserError(f"model.channels={self.channels!r} needs one width per conv; "
@@ -51,6 +54,20 @@ class CNN1D(nn.Module):
         if isinstance(self.channels, tuple):
             return self.channels
         return (self.channels,) * len(_CONVS)
+
+    @nn.nowrap
+    def channel_wiring(self) -> tuple[Wiring, ...]:
+        """Each conv's filters (`models.channels.ChannelModel`), read by the next conv or, after
+        the flatten, by the Dense layer."""
+        return conv_stack_wiring(len(self.channels_per_conv), "channels", spatial=1)
+
+    @nn.nowrap
+    def layer_widths(self) -> dict[str, tuple[int, ...]]:
+        return {"channels": self.channels_per_conv}
+
+    @nn.nowrap
+    def with_layer_widths(self, **widths: tuple[int, ...]) -> "CNN1D":
+        return self.clone(**widths)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -1,11 +1,12 @@
 """A small 2-D CNN for tiny images such as scikit-learn's 8×8 digits."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxopt_lab.models.channels import Wiring, conv_stack_wiring
 from jaxopt_lab.models.remat import checkpointed
 
 
@@ -30,6 +31,22 @@ class CNN2D(nn.Module):
     remat: str = "none"  # see models/remat.py: each conv with its pooling is a block
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
+
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("features",)  # what a half-width student halves
+
+    @nn.nowrap
+    def channel_wiring(self) -> tuple[Wiring, ...]:
+        """Each conv's filters (`models.channels.ChannelModel`), read by the next conv or, after
+        the flatten, by the Dense layer (one row per position)."""
+        return conv_stack_wiring(len(self.features), "features", spatial=2)
+
+    @nn.nowrap
+    def layer_widths(self) -> dict[str, tuple[int, ...]]:
+        return {"features": self.features}
+
+    @nn.nowrap
+    def with_layer_widths(self, **widths: tuple[int, ...]) -> "CNN2D":
+        return self.clone(**widths)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

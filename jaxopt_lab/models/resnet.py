@@ -15,13 +15,14 @@ layer; every basic block is one block for `remat`.
 """
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.channels import Wiring, layer_slices, norm_slices, param_path, wire
 from jaxopt_lab.models.remat import checkpointed
 
 # BatchNorm's shift makes a conv bias redundant; He init suits the ReLUs that follow.
@@ -101,6 +102,8 @@ class ResNet(nn.Module):
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
 
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("width",)  # what a half-width student halves
+
     def __post_init__(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:
             raise UserError(
@@ -131,6 +134,53 @@ class ResNet(nn.Module):
         return self.inner_widths or tuple(
             w for w in self.widths_per_stage for _ in range(self.blocks_per_stage))
 
+    @nn.nowrap
+    def channel_wiring(self) -> tuple[Wiring, ...]:
+        """One group per stage, then one per block (`models.channels.ChannelModel`).
+
+        The stem (stage 0) or the first block's projection, and every block's second conv-BN,
+        write a stage's residual stream, so they share its channels; its readers are the blocks'
+        first convs, the next stage's first block (both its convs) or the Dense layer. Each
+        block's first conv-BN is a group of its own, read by its second conv.
+        """
+        n = self.blocks_per_stage
+        blocks = [f"_BasicBlock_{b}" for b in range(3 * n)]
+        stages = []
+        for stage in range(3):
+            own = blocks[stage * n:(stage + 1) * n]
+            if stage:  # the projection starts the stream; the first block reads the stage before
+                writers = [*layer_slices(own[0], "Conv_2", axis=3, bias=False),
+                           *norm_slices(own[0], "BatchNorm_2")]
+            else:
+                writers = [*layer_slices("Conv_0", axis=3, bias=False),
+                           *norm_slices("BatchNorm_0")]
+            for b in own:
+                writers += [*layer_slices(b, "Conv_1", axis=3, bias=False),
+                            *norm_slices(b, "BatchNorm_1")]
+            readers = [(param_path(b, "Conv_0", "kernel"), 2) for b in (own[1:] if stage else own)]
+            if stage < 2:
+                first = blocks[(stage + 1) * n]
+                readers += [(param_path(first, "Conv_0", "kernel"), 2),
+                            (param_path(first, "Conv_2", "kernel"), 2)]
+            else:
+                readers.append((param_path("Dense_0", "kernel"), 0))
+            stages.append(wire(f"stage {stage} residual", writers, readers, "stage_widths",
+                               [stage]))
+        inner = [wire(f"{b} inner", [*layer_slices(b, "Conv_0", axis=3, bias=False),
+                                     *norm_slices(b, "BatchNorm_0")],
+                      [(param_path(b, "Conv_1", "kernel"), 2)], "inner_widths", [i])
+                 for i, b in enumerate(blocks)]
+        return (*stages, *inner)
+
+    @nn.nowrap
+    def layer_widths(self) -> dict[str, tuple[int, ...]]:
+        return {"stage_widths": self.widths_per_stage,
+                "inner_widths": self.inner_widths_per_block}
+
+    @nn.nowrap
+    def with_layer_widths(self, **widths: tuple[int, ...]) -> "ResNet":
+        return self.clone(**widths)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return _forward(self, x, train, self.widths_per_stage, (self.blocks_per_stage,) * 3,
@@ -151,6 +201,8 @@ class ResNet18(nn.Module):
     remat: str = "none"  # see models/remat.py
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None
+
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("width",)  # what a half-width student halves
 
     def __post_init__(self) -> None:
         if not self.stage_sizes or min(self.stage_sizes) < 1:

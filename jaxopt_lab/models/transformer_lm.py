@@ -7,7 +7,7 @@ out, the MLP's two layers, the head) takes `dot_general_cls`, so an injected qua
 of them; the embedding is a lookup, not a matrix product, and stays float.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,12 @@ class TransformerLM(nn.Module):
     remat: str = "none"  # see models/remat.py: each Transformer block is a block
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
+
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("dim", "mlp_dim")  # what a half-width student halves
+    # Not a `models.channels.ChannelModel`: its heads are not described yet, and the generic
+    # reading of a Dense stack would take the attention projections for independent layers.
+    CHANNEL_PRUNING_REFUSED: ClassVar[str] = (
+        "structured pruning of transformer_lm is not supported; use an unstructured or N:M pattern")
 
     def __post_init__(self) -> None:
         check_heads(self.dim, self.heads)

@@ -6,13 +6,14 @@ patches instead of the usual stride-`patch_size` conv: the same linear map, but 
 seam, so quantizing a ViT needs no conv quantizer.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.channels import Wiring, layer_slices, param_path, wire
 from jaxopt_lab.models.remat import checkpointed
 from jaxopt_lab.models.transformer_block import apply_block, check_heads
 
@@ -42,6 +43,8 @@ class ViT(nn.Module):
     dot_general_cls: Any = None
     conv_general_dilated_cls: Any = None  # no convs; kept so every model takes the same seams
 
+    WIDTH_KEYS: ClassVar[tuple[str, ...]] = ("dim", "mlp_dim")  # what a half-width student halves
+
     def __post_init__(self) -> None:
         if self.pool not in _POOLS:
             raise UserError(f"model.pool={self.pool!r} is unknown; allowed: {', '.join(_POOLS)}")
@@ -60,6 +63,30 @@ class ViT(nn.Module):
     @property
     def mlp_dims_per_block(self) -> tuple[int, ...]:
         return self.layer_mlp_dims or (self.mlp_dim,) * self.depth
+
+    @nn.nowrap
+    def channel_wiring(self) -> tuple[Wiring, ...]:
+        """Each block's attention heads (q, k, v and the out projection's rows of a head) and its
+        MLP's hidden neurons (`models.channels.ChannelModel`). Heads have no consumers: the out
+        projection, their reader, is a member (its rows are the heads' own)."""
+        out = []
+        for i in range(self.depth):
+            block, attention = f"TransformerBlock_{i}", "MultiHeadDotProductAttention_0"
+            heads = [s for name in ("query", "key", "value")
+                     for s in layer_slices(block, attention, name, axis=1)]
+            heads.append((param_path(block, attention, "out", "kernel"), 0))
+            out.append(wire(f"{block} heads", heads, [], "layer_heads", [i]))
+            out.append(wire(f"{block} Dense_0", layer_slices(block, "Dense_0", axis=1),
+                            [(param_path(block, "Dense_1", "kernel"), 0)], "layer_mlp_dims", [i]))
+        return tuple(out)
+
+    @nn.nowrap
+    def layer_widths(self) -> dict[str, tuple[int, ...]]:
+        return {"layer_heads": self.heads_per_block, "layer_mlp_dims": self.mlp_dims_per_block}
+
+    @nn.nowrap
+    def with_layer_widths(self, **widths: tuple[int, ...]) -> "ViT":
+        return self.clone(**widths)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -17,16 +17,11 @@ import jax
 import ml_collections
 
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models import model_hparams
+from jaxopt_lab.models import model_hparams, width_keys
 
 NAMES = ("structured", "unstructured", "int8", "distill", "structured_int8",
          "distill_structured_int8")
 OBJECTIVES = ("size_latency", "latency", "size")
-
-# The hyperparameters that set a registry model's width: the default student halves them.
-WIDTH_KEYS = {"mlp": ("hidden",), "cnn1d": ("channels",), "cnn2d": ("features",),
-              "resnet": ("width",), "resnet18": ("width",), "vit": ("dim", "mlp_dim"),
-              "transformer_lm": ("dim", "mlp_dim")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +64,20 @@ def check_block(block: ml_collections.ConfigDict) -> None:
 
 
 def student_overrides(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """`optimize.student` where given, else the model's width hyperparameters halved."""
+    """`optimize.student` where given, else the model's width hyperparameters halved (the
+    ones its class names, `models.width_keys`)."""
     if config.optimize.student:
         return tuple(config.optimize.student)
     name = config.model.name
-    if name not in WIDTH_KEYS:
+    keys = width_keys(name)
+    if not keys:
         raise UserError(f"optimize: model {name!r} has no known width to halve for the "
                         "distillation student; set optimize.student (e.g. "
                         "\"--config.model.KEY=VALUE\" strings) or drop 'distill' from "
                         "optimize.candidates")
     defaults = model_hparams(name)
     overrides = []
-    for key in WIDTH_KEYS[name]:
+    for key in keys:
         value = config.model.get(key, defaults[key])
         half = (tuple(max(1, int(v) // 2) for v in value) if isinstance(value, tuple | list)
                 else max(1, int(value) // 2))

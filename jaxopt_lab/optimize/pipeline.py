@@ -18,9 +18,7 @@ import json
 import os
 import shutil
 
-from jaxopt_lab.core.config import load_config
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.run import load_run
+from jaxopt_lab.compose.config import load_config
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import deployed_form
@@ -28,8 +26,10 @@ from jaxopt_lab.optimize.candidates import Recipe, check_block, quantize_scheme,
 from jaxopt_lab.profile.latency import compare_latency
 from jaxopt_lab.profile.pareto import write_report
 from jaxopt_lab.profile.profile_run import profile_config
-from jaxopt_lab.techniques.prune.shrink_run import shrink_run
-from jaxopt_lab.techniques.quantize.convert_run import quantize_run
+from jaxopt_lab.run.build import load_run
+from jaxopt_lab.workflows.convert import quantize_run
+from jaxopt_lab.workflows.shrink import shrink_run
+from jaxopt_lab.workflows.train import train_and_evaluate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,21 +12,41 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 # Lower is better for these, higher for accuracy.
 _COSTS = ("latency_ms_batch256", "model_bytes")
 
 
+def non_dominated(points: Sequence[Sequence[float]],
+                  maximize: Sequence[bool] = ()) -> list[bool]:
+    """Whether each point is on the Pareto front of `points`.
+
+    A point is dominated when another is at least as good on every axis and better on one. Axes
+    are lower-is-better except those `maximize` marks (by position; missing entries: False).
+    Equal points do not dominate each other, so ties all stay on the front; a NaN coordinate
+    compares false, so its point neither dominates nor is dominated. O(n^2), for reports.
+
+    >>> non_dominated([(1, 5), (2, 4), (2, 6), (1, 5)])
+    [True, True, False, True]
+    >>> non_dominated([(0.9, 5), (0.8, 4), (0.8, 6)], maximize=(True, False))
+    [True, True, False]
+    """
+    flip = tuple(maximize)
+    signed = [tuple(-v if i < len(flip) and flip[i] else v for i, v in enumerate(p))
+              for p in points]
+
+    def dominates(a: tuple, b: tuple) -> bool:
+        return (all(x <= y for x, y in zip(a, b, strict=True))
+                and any(x < y for x, y in zip(a, b, strict=True)))
+
+    return [not any(dominates(other, p) for other in signed) for p in signed]
+
+
 def pareto_flags(rows: list[dict]) -> list[bool]:
     """Whether each row is on the Pareto set of (validation accuracy, latency, bytes)."""
-    def dominates(a: dict, b: dict) -> bool:
-        no_worse = (a["validation_accuracy"] >= b["validation_accuracy"]
-                    and all(a[k] <= b[k] for k in _COSTS))
-        better = (a["validation_accuracy"] > b["validation_accuracy"]
-                  or any(a[k] < b[k] for k in _COSTS))
-        return no_worse and better
-
-    return [not any(dominates(other, row) for other in rows if other is not row) for row in rows]
+    points = [(row["validation_accuracy"], *(row[k] for k in _COSTS)) for row in rows]
+    return non_dominated(points, maximize=(True, False, False))
 
 
 def best_candidate(baseline: dict, rows: list[dict], max_drop: float,

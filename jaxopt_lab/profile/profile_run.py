@@ -25,12 +25,13 @@ import ml_collections
 import numpy as np
 
 from jaxopt_lab.core.feed import compile_k_steps
-from jaxopt_lab.core.loop import build_run
 from jaxopt_lab.core.measure import compiled_memory, count_flops, flops_by_scope, measure_model
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.profile.peak import matmul_peak
+from jaxopt_lab.run.build import build_run
+from jaxopt_lab.run.training import prepare_training
 
 TRACE_STEPS = 5
 
@@ -53,7 +54,7 @@ def profile_config(config: ml_collections.ConfigDict, workdir: str, steps: int =
             feed_config = config.copy_and_resolve_references()
             with feed_config.unlocked():
                 feed_config.data.on_device = on_device
-            run = build_run(feed_config, os.path.join(scratch, feed))
+            run = prepare_training(build_run(feed_config), os.path.join(scratch, feed))
             if on_device:  # before the timed steps, which donate the state
                 layers, memory, flops_per_step, measured = _static(run)
             feeds[feed] = _time_feed(run, steps, os.path.join(out, "trace") if on_device
@@ -89,7 +90,7 @@ def _time_feed(run, steps: int, trace_dir: str | None) -> dict:
     """Median seconds per step waiting for the batch and computing, synchronized every step."""
     streamed = run.streamed is not None
     step = compile_k_steps(run.step_fn, 1, streamed)
-    carry = run.carry
+    carry = run.run.carry
     waits, computes = [], []
     for i in range(steps):
         start = time.perf_counter()
@@ -114,9 +115,9 @@ def _time_feed(run, steps: int, trace_dir: str | None) -> dict:
 def _static(run) -> tuple[list[dict], dict, int, dict]:
     """Per-layer parameters and FLOPs, the step's compiled memory, its FLOPs and the model's
     inference measurements."""
-    model = run.experiment.model
-    variables = {"params": model_params(run.state.params), **run.state.model_state}
-    sample_x = sample_input(run.dataset)
+    model = run.run.experiment.model
+    variables = {"params": model_params(run.run.state.params), **run.run.state.model_state}
+    sample_x = sample_input(run.run.dataset)
     flops = flops_by_scope(inference(model), variables, sample_x)
     params: dict[str, int] = defaultdict(int)
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
@@ -125,8 +126,8 @@ def _static(run) -> tuple[list[dict], dict, int, dict]:
     layers = [{"layer": name or "(root)", "params": params.get(name, 0),
                "flops_per_example": flops.get(name, 0)}
               for name in sorted(set(params) | set(flops))]
-    memory = compiled_memory(compile_k_steps(run.step_fn, 1, False), run.carry, run.source)
-    step_flops = count_flops(run.step_fn, run.carry, run.source)
+    memory = compiled_memory(compile_k_steps(run.step_fn, 1, False), run.run.carry, run.source)
+    step_flops = count_flops(run.step_fn, run.run.carry, run.source)
     measured = measure_model(model, jax.device_get(variables), sample_x)
     return layers, memory, step_flops, measured
 

@@ -19,6 +19,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from jaxopt_lab.profile.pareto import non_dominated
+
 LATENCY = "latency_ms_batch1"
 PLOTS = ("best_so_far.png", "pareto.png", "importances.png")
 _SHORT = (("validation_", "val_"), ("accuracy", "acc"), ("latency_ms_batch", "lat_ms_b"),
@@ -96,11 +98,10 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     """
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: t.number)
-    sign = _sign(_objectives(study)[0][1])
-    points = [(t, (sign * t.values[0], float(t.user_attrs[LATENCY])))
-              for t in _trials(study, TrialState.COMPLETE) if LATENCY in t.user_attrs]
-    return [t for t, p in points
-            if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for _, q in points)]
+    trials = [t for t in _trials(study, TrialState.COMPLETE) if LATENCY in t.user_attrs]
+    flags = non_dominated([(t.values[0], float(t.user_attrs[LATENCY])) for t in trials],
+                          maximize=(_objectives(study)[0][1] == "maximize", False))
+    return [t for t, on_front in zip(trials, flags, strict=True) if on_front]
 
 
 def _front_values(study: optuna.Study, trial: FrozenTrial | None = None) -> dict:

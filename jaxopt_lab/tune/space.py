@@ -19,7 +19,8 @@ from typing import Any
 import ml_collections
 import optuna
 
-from jaxopt_lab.core.config import validate
+from jaxopt_lab.compose.config import validate
+from jaxopt_lab.core.keys import get_key, set_key
 from jaxopt_lab.errors import UserError
 
 KINDS = ("uniform", "log_uniform", "int", "log_int", "categorical")
@@ -86,11 +87,10 @@ def _hashable(value: Any) -> Any:
 
 def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
     """The value at a dotted key; one line naming the key if it is missing or a block."""
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise UserError(f"sweep.space key {key!r} is not a config key")
-        node = node[part]
+    try:
+        node = get_key(config, key)
+    except KeyError:
+        raise UserError(f"sweep.space key {key!r} is not a config key") from None
     if isinstance(node, ml_collections.ConfigDict):
         raise UserError(f"sweep.space key {key!r} is a block, not a value")
     return node
@@ -199,12 +199,12 @@ def apply(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_co
     its key's type (model.channels: an int or one width per conv)."""
     tree = config.to_dict()
     for key, value in values.items():
-        *parents, name = key.split(".")
-        node = tree
-        for part in parents:
-            node = node[part]
-        value = decode(key, value, config)
-        if isinstance(node[name], float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        node[name] = value
+        set_key(tree, key, decode(key, value, config), convert=_int_to_float)
     return ml_collections.ConfigDict(tree)
+
+
+def _int_to_float(old: Any, value: Any) -> Any:
+    """An int where the config holds a float becomes a float (an int range over a float key)."""
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from jaxopt_lab.core.config import validate
+from jaxopt_lab.compose.config import validate
 from jaxopt_lab.core.interrupt import Preempted
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.tune.samplers import check_names, make_pruner, make_sampler

@@ -18,13 +18,14 @@ import ml_collections
 import optuna
 from optuna.trial import TrialState
 
-from jaxopt_lab.core.config import validate
-from jaxopt_lab.core.loop import TrainingDiverged, train_and_evaluate
+from jaxopt_lab.compose.config import validate
 from jaxopt_lab.core.population import STATE_KEYS, STATE_VALUES
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.run.loop import TrainingDiverged
 from jaxopt_lab.techniques import distill
 from jaxopt_lab.tune.space import apply, config_value
+from jaxopt_lab.workflows.train import train_and_evaluate
 
 # Keys whose values live in the TrainState: trials differing only in these share one program.
 VALUE_KEYS = frozenset({*STATE_KEYS, *STATE_VALUES, LABEL_SMOOTHING, distill.TEMPERATURE,

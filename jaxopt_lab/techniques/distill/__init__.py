@@ -36,13 +36,14 @@ import jax.numpy as jnp
 
 from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import LossFn
-from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.distill import hints
-from jaxopt_lab.techniques.distill.teacher import (
-    describe_teacher,
-    teacher_fn,
-    train_teacher_first,
+from jaxopt_lab.techniques.distill.options import (
+    DEFAULTS,
+    FORMS,
+    DistillOptions,
+    check_loss_options,
 )
+from jaxopt_lab.techniques.distill.teacher import describe_teacher, teacher_fn
 from jaxopt_lab.techniques.distill.transfer import (
     TEACHER_LOGITS,
     transfer_inputs,
@@ -50,13 +51,12 @@ from jaxopt_lab.techniques.distill.transfer import (
     with_transfer,
 )
 
-__all__ = ["ALPHA", "TEACHER_LOGITS", "TEMPERATURE", "check_options", "describe_teacher",
-           "soft_loss", "teacher_fn", "train_teacher_first", "transfer_inputs",
-           "with_teacher_logits", "with_transfer", "wrap"]
+__all__ = ["ALPHA", "FORMS", "TEACHER_LOGITS", "TEMPERATURE", "DistillOptions",
+           "describe_teacher", "soft_loss", "teacher_fn", "transfer_inputs", "with_teacher_logits",
+           "with_transfer", "wrap"]
 
 TEMPERATURE = "techniques.distill.temperature"  # hparams keys (config paths, as all are)
 ALPHA = "techniques.distill.alpha"
-FORMS = ("kl", "cross_entropy")
 
 
 def soft_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: jax.Array,
@@ -71,27 +71,17 @@ def soft_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature:
     return temperature**2 * jnp.mean(per_example)
 
 
-def check_options(temperature: float, alpha: float, form: str) -> None:
-    """One line naming the first bad option."""
-    if form not in FORMS:
-        raise UserError(f"distill form={form!r} is unknown; allowed: {', '.join(FORMS)}")
-    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
-                                             and temperature > 0):
-        raise UserError(f"distill temperature={temperature!r} must be a number > 0")
-    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise UserError(f"distill alpha={alpha!r} must be a number in [0, 1]")
-
-
-def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = 4.0, alpha: float = 0.9,
-         form: str = "kl", member: int = -1, features: Sequence[Sequence[str]] = (),
-         feature_weight: float = 1.0) -> LossFn:
+def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = DEFAULTS.temperature,
+         alpha: float = DEFAULTS.alpha, form: str = DEFAULTS.form,
+         member: int = DEFAULTS.teacher_member, features: Sequence[Sequence[str]] = (),
+         feature_weight: float = DEFAULTS.feature_weight) -> LossFn:
     """`loss_fn` (which must return aux["logits"] and aux["inputs"]; with `features`, also
     aux["intermediates"] of the student layers: build it with `capture`) distilled from `teacher`
-    (a `core.run.Run`, its population member `member`, or a (module, variables) pair).
+    (a run from `jaxopt_lab.load_run`, its population member `member`, or a (module, variables) pair).
 
     Logs `distill_soft_loss`, `distill_hard_loss` and, with features, `distill_hint_loss`.
     """
-    check_options(temperature, alpha, form)
+    check_loss_options(temperature, alpha, form)
     features = hints.check_features(features, feature_weight)
     forward = teacher_fn(teacher, member, capture=[t for _, t in features])
 

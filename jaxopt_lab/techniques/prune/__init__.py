@@ -34,11 +34,13 @@ from jaxopt_lab.techniques.prune.groups import ChannelGroup, channel_groups
 from jaxopt_lab.techniques.prune.options import PruneOptions, prune_options
 from jaxopt_lab.techniques.prune.shrink import shrink
 from jaxopt_lab.techniques.prune.storage import decode, encode, encoded_bytes
-from jaxopt_lab.techniques.prune.transform import PruneState, prune_transform
+from jaxopt_lab.techniques.prune.tickets import magnitude_masks, pruned_fraction, with_masks
+from jaxopt_lab.techniques.prune.transform import PruneState, find_state, prune_transform
 
 __all__ = ["ChannelGroup", "PruneOptions", "PruneState", "channel_groups", "decode", "encode",
-           "encoded_bytes", "find_state", "prune_options", "resolve_skip", "shrink",
-           "sparsity_metrics", "sparsity_summary", "wrap"]
+           "encoded_bytes", "find_state", "magnitude_masks", "prune_options", "pruned_fraction",
+           "resolve_skip", "shrink", "sparsity_metrics", "sparsity_summary", "with_masks",
+           "wrap"]
 
 
 def _variables(model, sample_x) -> dict:
@@ -77,14 +79,6 @@ def wrap(tx: optax.GradientTransformation, *, model=None, sample_x: Any = None,
                             "parameters share a channel) or groups= of your own")
         groups = channel_groups(model, _variables(model, sample_x)["params"], sample_x)
     return prune_transform(tx, o, skip, groups or (), seed)
-
-
-def find_state(opt_state: Any) -> PruneState | None:
-    """The pruning state inside an optimizer state (None if there is none)."""
-    for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState)):
-        if isinstance(leaf, PruneState):
-            return leaf
-    return None
 
 
 def _pruned_kernels(masks: Any) -> list[tuple[str, jax.Array]]:

@@ -1,17 +1,18 @@
 """Which parameters share a channel: what structured pruning removes together.
 
-A channel (a Dense neuron, a conv filter, an attention head) lives in several arrays at once: the
-kernel that produces it, that kernel's bias, the BatchNorm scale and shift right after it, and, in
-a ResNet, every other layer writing to the same residual stream. Zeroing all of them removes the
-channel exactly (its output is 0 wherever it is read), so the masked model computes what the
-shrunk one will (`prune.shrink`). The layers that read the channel need no zeroing (they multiply
-zeros): surgery removes their input rows.
+A channel (a Dense neuron, a conv filter, an attention head) lives in several arrays at once
+(`models.channels` lists them). Zeroing all of them removes the channel exactly (its output is 0
+wherever it is read), so the masked model computes what the shrunk one will (`prune.shrink`). The
+layers that read the channel need no zeroing (they multiply zeros): surgery removes their input
+rows.
 
-Registry models are wired by hand here, from how each one calls its layers. Any other module gets
-a generic reading: every layer with a `kernel`, except the one writing the outputs, is a group of
-its kernel's last axis and its bias. That is right for plain stacks of Dense/Conv layers; a model
+Registry models describe their own groups (`models.channels.ChannelModel`): only a model knows
+how it calls its layers, so no table of model classes lives here. Any other module gets a generic
+reading: every layer with a `kernel`, except the one writing the outputs, is a group of its
+kernel's last axis and its bias. That is right for plain stacks of Dense/Conv layers; a model
 with BatchNorm, residual additions or attention needs its own groups passed to the pruner
-(`ChannelGroup`s), since a generic reading cannot see which layers share a channel there.
+(`ChannelGroup`s), or to describe itself, since a generic reading cannot see which layers share a
+channel there.
 """
 
 from __future__ import annotations
@@ -23,35 +24,12 @@ import jax
 
 from jaxopt_lab.core.layers import layers_in_call_order, param_paths
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models import CNN1D, CNN2D, MLP, ResNet, TransformerLM, ViT
+from jaxopt_lab.models import MODELS
+from jaxopt_lab.models.channels import ChannelGroup, ChannelModel, Slice, Wiring, param_path
 
-Slice = tuple[str, int]  # (parameter path as jax.tree_util.keystr prints it, axis of the channel)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelGroup:
-    """Channels removed together: channel i is slice i along `axis` of every member."""
-
-    name: str  # readable: "Conv_1", "stage 1 residual", "TransformerBlock_0 heads"
-    members: tuple[Slice, ...]  # producing kernels' output axes, their biases, BatchNorm after
-    size: int  # number of channels (heads for attention)
-
-
-@dataclasses.dataclass(frozen=True)
-class Wiring:
-    """A registry model's group and what surgery needs besides: who reads the channels and
-    which width hyperparameter counts them."""
-
-    group: ChannelGroup
-    # Input axes of the layers reading the channels. An axis `size`·k long (a Dense after a
-    # flatten of [..., k positions, size channels]) holds the channel at every k-th place.
-    consumers: tuple[Slice, ...]
-    width: tuple[str, tuple[int, ...]]  # (model field, its entries equal to the group's size)
-
-
-def _path(*keys: str) -> str:
-    """"['Block_0']['Dense_1']['kernel']" from its keys: how the members name parameters."""
-    return "".join(f"['{key}']" for key in keys)
+# ChannelGroup, Slice and Wiring live with the models that describe them; importers of this
+# module keep their names.
+__all__ = ["ChannelGroup", "Slice", "Wiring", "channel_groups", "wiring"]
 
 
 def channel_groups(model, params, sample_x=None) -> list[ChannelGroup]:
@@ -62,25 +40,28 @@ def channel_groups(model, params, sample_x=None) -> list[ChannelGroup]:
     where given), else the only layer whose kernel is `num_classes` wide.
 
     Raises:
-      UserError: transformer_lm (not supported), or no way to tell the output layer apart.
+      UserError: a model that refuses channel pruning (transformer_lm), or no way to tell the
+        output layer apart.
     """
-    if isinstance(model, TransformerLM):
-        raise UserError("structured pruning of transformer_lm is not supported; use an "
-                        "unstructured or N:M pattern")
-    if type(model) in _FAMILIES:
+    refusal = getattr(type(model), "CHANNEL_PRUNING_REFUSED", None)
+    if refusal:
+        raise UserError(refusal)
+    if isinstance(model, ChannelModel):
         return [w.group for w in wiring(model, params)]
     return _generic(model, params, sample_x)
 
 
 def wiring(model, params) -> list[Wiring]:
-    """Every channel group of a registry model with its consumers and width field."""
-    family = _FAMILIES.get(type(model))
-    if family is None:
+    """Every channel group of a model describing itself, with its consumers and width field,
+    sized from `params`."""
+    if not isinstance(model, ChannelModel):
+        known = dict.fromkeys(cls.__name__ for cls in MODELS.values()
+                              if issubclass(cls, ChannelModel))
         raise UserError(f"{type(model).__name__} is not a model surgery knows; allowed: the "
-                        f"registry's {', '.join(cls.__name__ for cls in _FAMILIES)}")
+                        f"registry's {', '.join(known)}")
     shapes = {p: leaf.shape for p, leaf in zip(param_paths(params), jax.tree.leaves(params),
                                                 strict=True)}
-    return [_checked(shapes, w) for w in family(model)]
+    return [_checked(shapes, w) for w in model.channel_wiring()]
 
 
 def _checked(shapes: dict[str, tuple], w: Wiring) -> Wiring:
@@ -99,100 +80,6 @@ def _checked(shapes: dict[str, tuple], w: Wiring) -> Wiring:
             raise UserError(f"{w.group.name}: {p} does not read its {size} channels: the "
                             "parameters do not belong to this model")
     return dataclasses.replace(w, group=dataclasses.replace(w.group, size=size))
-
-
-def _layer(*keys: str, axis: int, bias: bool = True) -> tuple[Slice, ...]:
-    """A producing layer's slices: its kernel's output `axis` and its bias."""
-    return ((_path(*keys, "kernel"), axis),) + (((_path(*keys, "bias"), 0),) if bias else ())
-
-
-def _norm(*keys: str) -> tuple[Slice, ...]:
-    return (_path(*keys, "scale"), 0), (_path(*keys, "bias"), 0)
-
-
-def _wire(name: str, members, consumers, field: str, entries) -> Wiring:
-    return Wiring(ChannelGroup(name, tuple(members), 0), tuple(consumers), (field, tuple(entries)))
-
-
-def _mlp(model: MLP) -> list[Wiring]:
-    """Each hidden layer's neurons; with `residual`, layers adding to their input share the
-    stream's neurons with the layer that started it."""
-    chains: list[list[int]] = []
-    for i, features in enumerate(model.hidden):
-        if model.residual and i and features == model.hidden[i - 1]:
-            chains[-1].append(i)
-        else:
-            chains.append([i])
-    out = []
-    for chain in chains:
-        name = " + ".join(f"Dense_{i}" for i in chain) + (" (residual)" if len(chain) > 1 else "")
-        out.append(_wire(name, [s for i in chain for s in _layer(f"Dense_{i}", axis=1)],
-                         [(_path(f"Dense_{i + 1}", "kernel"), 0) for i in chain], "hidden", chain))
-    return out
-
-
-def _convs(count: int, field: str, spatial: int) -> list[Wiring]:
-    """A plain stack of `count` convs (kernels of `spatial` + 2 axes) and a Dense after a flatten."""
-    out = []
-    for i in range(count):
-        reader = (_path(f"Conv_{i + 1}", "kernel"), spatial) if i + 1 < count else (
-            _path("Dense_0", "kernel"), 0)
-        out.append(_wire(f"Conv_{i}", _layer(f"Conv_{i}", axis=spatial + 1), [reader], field, [i]))
-    return out
-
-
-def _cnn1d(model: CNN1D) -> list[Wiring]:
-    return _convs(len(model.channels_per_conv), "channels", 1)
-
-
-def _cnn2d(model: CNN2D) -> list[Wiring]:
-    return _convs(len(model.features), "features", 2)
-
-
-def _resnet(model: ResNet) -> list[Wiring]:
-    """One group per stage: the stem (stage 0) or the projection, and every block's second
-    conv-BN, write the stage's residual stream. Each block's first conv-BN is a group of its own."""
-    n = model.blocks_per_stage
-    blocks = [f"_BasicBlock_{b}" for b in range(3 * n)]
-    stages, inner = [], []
-    for stage in range(3):
-        own = blocks[stage * n:(stage + 1) * n]
-        if stage:  # the projection starts the stream; the first block reads the stage before
-            writers = [*_layer(own[0], "Conv_2", axis=3, bias=False), *_norm(own[0], "BatchNorm_2")]
-        else:
-            writers = [*_layer("Conv_0", axis=3, bias=False), *_norm("BatchNorm_0")]
-        for b in own:
-            writers += [*_layer(b, "Conv_1", axis=3, bias=False), *_norm(b, "BatchNorm_1")]
-        readers = [(_path(b, "Conv_0", "kernel"), 2) for b in (own[1:] if stage else own)]
-        if stage < 2:
-            first = blocks[(stage + 1) * n]
-            readers += [(_path(first, "Conv_0", "kernel"), 2), (_path(first, "Conv_2", "kernel"), 2)]
-        else:
-            readers.append((_path("Dense_0", "kernel"), 0))
-        stages.append(_wire(f"stage {stage} residual", writers, readers, "stage_widths", [stage]))
-    for i, b in enumerate(blocks):
-        inner.append(_wire(f"{b} inner", [*_layer(b, "Conv_0", axis=3, bias=False),
-                                          *_norm(b, "BatchNorm_0")],
-                           [(_path(b, "Conv_1", "kernel"), 2)], "inner_widths", [i]))
-    return stages + inner
-
-
-def _vit(model: ViT) -> list[Wiring]:
-    """Each block's attention heads (q, k, v and the out projection's rows of a head) and its
-    MLP's hidden neurons."""
-    out = []
-    for i in range(model.depth):
-        block, attention = f"TransformerBlock_{i}", "MultiHeadDotProductAttention_0"
-        heads = [s for name in ("query", "key", "value")
-                 for s in _layer(block, attention, name, axis=1)]
-        heads.append((_path(block, attention, "out", "kernel"), 0))
-        out.append(_wire(f"{block} heads", heads, [], "layer_heads", [i]))
-        out.append(_wire(f"{block} Dense_0", _layer(block, "Dense_0", axis=1),
-                         [(_path(block, "Dense_1", "kernel"), 0)], "layer_mlp_dims", [i]))
-    return out
-
-
-_FAMILIES = {MLP: _mlp, CNN1D: _cnn1d, CNN2D: _cnn2d, ResNet: _resnet, ViT: _vit}
 
 
 def _generic(model, params, sample_x) -> list[ChannelGroup]:
@@ -220,7 +107,7 @@ def _output_layer(model, params, layers: list[str], shapes: dict, sample_x: Any)
         variables = jax.eval_shape(model.init, jax.random.key(0), sample_x)
         variables = {**variables, "params": params}
         called = layers_in_call_order(model, variables, sample_x)
-        return _path(*called[-1].split("/")) if called else None
+        return param_path(*called[-1].split("/")) if called else None
     width = getattr(model, "num_classes", None)
     wide = [layer for layer in layers if shapes[f"{layer}['kernel']"][-1] == width]
     if len(wide) != 1:

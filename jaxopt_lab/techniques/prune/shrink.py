@@ -3,8 +3,9 @@
 Masks alone buy no speed: a pruned model is as big and as slow as before. Here every channel
 whose group members (`groups.py`) are all exactly zero is cut out: its slices in the producing
 layers, the BatchNorm statistics that go with them, and the input rows of the layers that read
-it (after a flatten, one row per position). The model is rebuilt with per-layer widths, seams
-and all, and computes in inference mode what the masked model did, up to float rounding.
+it (after a flatten, one row per position). The model rebuilds itself with per-layer widths
+(`models.channels.ChannelModel`), seams and all, and computes in inference mode what the
+masked model did, up to float rounding.
 
 A removed channel contributes exactly nothing in the masked model: a zero kernel column and
 bias give a zero pre-activation, ReLU/GELU keep it 0, a zero BatchNorm scale and shift give 0
@@ -19,14 +20,8 @@ import numpy as np
 from flax import linen as nn
 
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models import MLP
 from jaxopt_lab.techniques.prune.groups import Wiring, wiring
 
-# The model property holding every layer's width for a field that may be left at its default
-# (an int for all convs, () for "as the stage", ...); other fields are already per-layer tuples.
-_PER_LAYER = {"channels": "channels_per_conv", "stage_widths": "widths_per_stage",
-              "inner_widths": "inner_widths_per_block", "layer_heads": "heads_per_block",
-              "layer_mlp_dims": "mlp_dims_per_block"}
 _COLLECTIONS = ("params", "batch_stats")
 
 
@@ -43,7 +38,8 @@ def shrink(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
     """The smaller model without the pruned channels of `model`, and its variables.
 
     Args:
-      model: a registry mlp, cnn1d, cnn2d, resnet or vit (with any seams: they are kept).
+      model: a registry mlp, cnn1d, cnn2d, resnet or vit (with any seams: they are kept), or
+        any module describing its channels (`models.channels.ChannelModel`).
       variables: its collections, {"params": ..., "batch_stats": ...}, pruned by channels.
     Returns:
       (model with per-layer widths, its variables as host arrays); in inference mode its
@@ -59,7 +55,8 @@ def shrink(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
     flat = {jax.tree_util.keystr(p): np.asarray(leaf) for p, leaf in leaves}
     params = {p[len("['params']"):]: leaf for p, leaf in flat.items() if p.startswith("['params']")}
-    wirings = wiring(model, variables["params"])
+    wirings = wiring(model, variables["params"])  # the model describes itself, or this raises
+    per_layer = model.layer_widths()  # fields left at a default (an int for all convs) spelled out
     widths: dict[str, list[int]] = {}
     for w in wirings:
         keep = _kept(w, params)
@@ -67,13 +64,12 @@ def shrink(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
             raise UserError(f"shrink: every channel of {w.group.name} is pruned; surgery would "
                             "remove the layer (the pruner keeps at least one per group)")
         field, entries = w.width
-        widths.setdefault(field, list(getattr(model, _PER_LAYER.get(field, field))))
+        widths.setdefault(field, list(per_layer[field]))
         for entry in entries:
             widths[field][entry] = int(keep.size)
         _cut(flat, w, keep)
-    smaller = model.clone(**{field: tuple(values) for field, values in widths.items()})
-    if isinstance(model, MLP):
-        _check_residuals(model, smaller)
+    # The model rebuilds itself: it refuses widths that would change more than the widths.
+    smaller = model.with_layer_widths(**{field: tuple(values) for field, values in widths.items()})
     return smaller, jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)]
                                                            for p, _ in leaves])
 
@@ -100,14 +96,3 @@ def _take(leaf: np.ndarray, keep: np.ndarray, axis: int, size: int) -> np.ndarra
     positions = moved.shape[0] // size
     cut = moved.reshape(positions, size, *rest)[:, keep].reshape(positions * keep.size, *rest)
     return np.moveaxis(cut, 0, axis)
-
-
-def _check_residuals(model: MLP, smaller: MLP) -> None:
-    """The MLP adds a skip wherever a layer is as wide as its input: layers pruned to the width
-    of the one before would gain one (a residual chain shrinks as one group, so none is lost)."""
-    for i in range(1, len(model.hidden)):
-        if (model.residual and model.hidden[i] != model.hidden[i - 1]
-                and smaller.hidden[i] == smaller.hidden[i - 1]):
-            raise UserError(f"shrink: layer Dense_{i} would gain a residual connection at its "
-                            f"pruned width {smaller.hidden[i]} (residual=True adds one wherever "
-                            "a layer is as wide as its input); surgery refused")

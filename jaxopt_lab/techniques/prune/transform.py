@@ -188,3 +188,11 @@ def prune_transform(tx: optax.GradientTransformation, options: PruneOptions,
                                        rng=state.rng, hyperparams=state.hyperparams, dense=dense)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def find_state(opt_state: Any) -> PruneState | None:
+    """The pruning state inside an optimizer state (None if there is none)."""
+    for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState)):
+        if isinstance(leaf, PruneState):
+            return leaf
+    return None

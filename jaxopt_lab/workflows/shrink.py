@@ -20,17 +20,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxopt_lab.core.builder import build_experiment
+from jaxopt_lab.compose import model_config
 from jaxopt_lab.core.checkpoint import Checkpointer
-from jaxopt_lab.core.config import model_config
-from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.measure import measure_model
-from jaxopt_lab.core.run import evaluate_run, load_run, member_state
-from jaxopt_lab.core.rundir import prepare_workdir
-from jaxopt_lab.core.state import init_sharded_state, model_params, sample_input
+from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import model_hparams
+from jaxopt_lab.run.build import build_run, evaluate_splits, load_run, member_state
+from jaxopt_lab.run.rundir import prepare_workdir
 from jaxopt_lab.techniques.prune.groups import wiring
 from jaxopt_lab.techniques.prune.shrink import shrink
 
@@ -71,8 +69,8 @@ def shrink_run(workdir: str, member: int | None = None, out: str | None = None) 
     x = run.dataset.test["x"][:256]
     difference = np.abs(np.asarray(inference(run.experiment.model)(original, x))
                         - np.asarray(inference(shrunk.experiment.model)(variables, x))).max()
-    before = _figures(run.experiment.model, original, sample_x, _evaluate(run), member)
-    after = _figures(shrunk.experiment.model, variables, sample_x, _evaluate(shrunk), None)
+    before = _figures(run.experiment.model, original, sample_x, evaluate_splits(run), member)
+    after = _figures(shrunk.experiment.model, variables, sample_x, evaluate_splits(shrunk), None)
     summary = {
         "shrunk_from": os.path.abspath(workdir), "from_step": run.step, "member": member,
         "model": config.model.to_dict(),
@@ -109,9 +107,7 @@ def shrunk_config(config: ml_collections.ConfigDict, model,
 
 def _write_checkpoint(out: str, config, dataset, variables: dict) -> None:
     """The shrunk variables in a fresh TrainState of the new config, saved at step 0."""
-    experiment = build_experiment(config, dataset)
-    seed = config.data.seed if config.data.seed >= 0 else None
-    state = init_sharded_state(experiment, sample_input(dataset), data_mesh(), config.seed, seed)
+    state = build_run(config, dataset=dataset).state
     placed = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
                           {"params": variables["params"],
                            "model_state": {k: v for k, v in variables.items() if k != "params"}},
@@ -130,16 +126,6 @@ def _write_config_py(out: str, config, source: str) -> None:
     with open(config_py, "w") as f:
         f.write(_CONFIG_PY.format(source=source, config_py=config_py, workdir=out,
                                   literal=literal))
-
-
-def _evaluate(run) -> dict:
-    """Validation (where the run has the split) and test metrics; per member for a population."""
-    splits = [s for s in ("validation", "test") if getattr(run.dataset, s) is not None]
-    results = [evaluate_run(run, s) for s in splits]
-    if run.members:
-        return {"members": [{k: v for r in results for k, v in r["members"][i].items()}
-                            for i in range(len(run.members))]}
-    return {k: v for r in results for k, v in r.items()}
 
 
 def _figures(model, variables: dict, sample_x, metrics: dict, member: int | None) -> dict:

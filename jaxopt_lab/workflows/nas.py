@@ -18,7 +18,7 @@ narrow model trained alone take the same steps up to float rounding (over a long
 rounding differences grow, as between any two programs: results/nas_widths.md measures it).
 
     config = width_config(config, widths=[(8, 16, 64), (32, 32, 32)], seeds=[0, 1])
-    summary = train_widths(config, widths, workdir)        # core.loop.train_and_evaluate
+    summary = train_widths(config, widths, workdir)        # jaxopt_lab.train_and_evaluate
     run = load_run(workdir)
     model, variables = shrunk_member(run, 0)                # the (8, 16, 64) CNN, trained
     costs = measure_model(model, variables, sample_input(run.dataset))
@@ -35,23 +35,16 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jaxopt_lab.core.builder import (
-    build_experiment,
-    population_members,
-    prepare_dataset,
-    swept_keys,
-)
+from jaxopt_lab.compose.experiment import configured_data_seed
 from jaxopt_lab.core.checkpoint import Checkpointer
-from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.layers import param_paths
-from jaxopt_lab.core.loop import train_and_evaluate
-from jaxopt_lab.core.population import make_population, population_init
-from jaxopt_lab.core.run import Run
+from jaxopt_lab.core.population import make_population
 from jaxopt_lab.core.state import TrainState, create_train_state, model_params, sample_input
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.techniques.prune import find_state, shrink
+from jaxopt_lab.run.build import Run, build_run
+from jaxopt_lab.techniques.prune import find_state, shrink, with_masks
 from jaxopt_lab.techniques.prune.groups import Wiring, wiring
-from jaxopt_lab.techniques.prune.lottery import with_masks
+from jaxopt_lab.workflows.train import train_and_evaluate
 
 Widths = tuple[int, ...]  # one width per channel group of the widest model, in `wiring` order
 
@@ -152,16 +145,13 @@ def start_population(config: ml_collections.ConfigDict, widths: Sequence[Sequenc
     Raises:
       UserError: widths that do not fit the widest model (before anything compiles).
     """
-    dataset = prepare_dataset(config, dataset)
-    experiment = build_experiment(config, dataset, swept=swept_keys(config))
-    members = population_members(config, experiment)
+    run = build_run(config, dataset=dataset, train=False)
+    experiment, members, mesh = run.experiment, run.members, run.mesh
     if len(members) != len(widths):
         raise UserError(f"nas: {len(widths)} widths for a population of {len(members)}; build "
                         "the config with width_config(config, widths, seeds)")
-    sample_x, mesh = sample_input(dataset), data_mesh()
-    data_seed = config.data.seed if config.data.seed >= 0 else None
-    _, shardings = population_init(experiment, sample_x, mesh, members, seed=config.seed,
-                                   data_seed=data_seed)
+    sample_x, data_seed = sample_input(run.dataset), configured_data_seed(config)
+    shardings = jax.tree.map(lambda a: a.sharding, run.carry)
 
     # A member's state as population_init makes it, one compiled init for every seed (on a
     # CPU, compiling the initialisers' random numbers costs more than running them).
@@ -224,7 +214,7 @@ def _has_checkpoint(directory: str) -> bool:
 
 
 def shrunk_member(run: Run, member: int) -> tuple[nn.Module, dict]:
-    """Member `member` of a width population (`core.run.load_run`) as its narrow model and
+    """Member `member` of a width population (`jaxopt_lab.load_run`) as its narrow model and
     variables (host arrays): what its latency is measured on. Surgery keeps the channels with
     a nonzero weight: the member's leading ones (a trained channel is never all zeros)."""
     state = jax.tree.map(lambda a: np.asarray(a[member]), run.state.replace(opt_state=None))

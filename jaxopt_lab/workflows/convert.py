@@ -22,10 +22,10 @@ import orbax.checkpoint as ocp
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.evaluate import make_evaluator, padded_batches
 from jaxopt_lab.core.measure import latency_ms, model_bytes
-from jaxopt_lab.core.run import load_run
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.run.build import load_run, merge_splits
 from jaxopt_lab.techniques.quantize import (
     calibrate,
     convert,
@@ -97,10 +97,11 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
         "backend": jax.default_backend(),
         "options": {**qoptions.describe(), "skip": list(skip)},
         "calibration_batches": calibrate_batches if method == "ptq" and activations else 0,
-        **{k: v for split in ("validation", "test") if getattr(run.dataset, split) is not None
-           for k, v in evaluate_serving(model, serving, getattr(run.dataset, split),
+        **merge_splits(evaluate_serving(model, serving, getattr(run.dataset, split),
                                         run.dataset.task, run.config.train.eval_batch_size,
-                                        split).items()},
+                                        split)
+                       for split in ("validation", "test")
+                       if getattr(run.dataset, split) is not None),
         "serving_bit_identical": outputs_identical(model, variables, serving, serve, test,
                                                    run.config.train.eval_batch_size),
         "model_bytes": model_bytes(serving),

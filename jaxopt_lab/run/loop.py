@@ -1,0 +1,329 @@
+"""The training loop: `train_run(config, workdir)` trains one run directory.
+
+workdir/config.json, run.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json. Rerunning
+on the same workdir resumes from the newest readable checkpoint. The host syncs with the devices
+only at log, eval and checkpoint boundaries, so dispatch stays asynchronous in between.
+
+Four stages: build (`run/build.py::build_run` and `run/training.py::prepare_training`), restore
+(the newest checkpoint), run (the steps), finish (final evaluation, measurements, summary). A
+population (`config.population`) goes through the same stages as one stacked state. Training a
+distillation teacher first is a workflow above this loop (`jaxopt_lab.train_and_evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxopt_lab.compose import TECHNIQUES, with_model_recorded
+from jaxopt_lab.core.accumulate import check_microbatches
+from jaxopt_lab.core.callsize import CallSizeChooser
+from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
+from jaxopt_lab.core.feed import (
+    NO_STEP,
+    make_logged_train_fn,
+    one_call_in_flight,
+    shard_batch,
+    zero_totals,
+)
+from jaxopt_lab.core.interrupt import Preempted, StopSignals
+from jaxopt_lab.core.measure import compiled_memory
+from jaxopt_lab.core.metrics import MetricsWriter
+from jaxopt_lab.core.population import stop_members
+from jaxopt_lab.core.state import model_params
+from jaxopt_lab.core.step import Reducer
+from jaxopt_lab.core.tasks import EvalFn, LossFn
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.run.build import build_run, merge_splits
+from jaxopt_lab.run.rundir import check_workdir, record_run
+from jaxopt_lab.run.summary import best_member, communication, state_fields
+from jaxopt_lab.run.training import Training, prepare_training
+
+# `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping
+# (for a single run, returning [0] ends the run there).
+MemberStopper = Callable[[int, list[dict]], Sequence[int]]
+
+
+class TrainingDiverged(UserError):
+    """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _build(config, workdir, *, model, **objects) -> Training:
+    initialize_distributed()
+    mesh = data_mesh()
+    if config.data.batch_size % mesh.size:
+        raise UserError(f"data.batch_size={config.data.batch_size} must be divisible by the "
+                        f"{mesh.size} devices of the mesh")
+    check_microbatches(config.data.batch_size // mesh.size, config.train.grad_accum_steps)
+    if model is not None:
+        config = with_model_recorded(config, model)
+    check_workdir(workdir, config)
+    return prepare_training(build_run(config, model=model, **objects), workdir)
+
+
+def _restore(t: Training) -> None:
+    """The newest checkpoint that loads; then config.json and run.json record this invocation."""
+    restored = t.checkpointer.restore(t.run.carry, data_iterator=t.streamed)
+    if restored is not None:
+        t.run.carry, t.resumed_from = restored
+    if jax.process_index() == 0:
+        record_run(t.workdir, t.run.config)
+
+
+class _Caller:
+    """Runs k steps per compiled call, summing their metrics into `totals` on the devices; each
+    k compiles once (its memory read from that compilation)."""
+
+    def __init__(self, t: Training):
+        self.t, self.train_fns = t, {}
+        self.streamed = t.streamed is not None
+        self.one_in_flight = one_call_in_flight()
+        config, mesh = t.run.config, t.run.mesh
+        # The streamed feed's shape, for tracing: the first batch, as one step's stack.
+        first = {n: v[:config.data.batch_size] for n, v in t.run.dataset.train.items()}
+        one_call_source = (shard_batch({n: v[None] for n, v in first.items()}, mesh,
+                                       leading_axes=1) if self.streamed else t.source)
+        # Placed like the step's outputs, so the second call does not trace again.
+        self.zeros = jax.device_put(
+            zero_totals(t.step_fn, t.run.carry, one_call_source, self.streamed),
+            NamedSharding(mesh, P()))
+
+    def fresh_totals(self):  # the train function donates its totals: each window gets new ones
+        return jax.tree.map(jnp.copy, self.zeros)
+
+    def __call__(self, carry, totals, k: int):
+        t = self.t
+        source = t.streamed.next(k) if self.streamed else t.source
+        if k not in self.train_fns:
+            self.train_fns[k] = make_logged_train_fn(t.step_fn, k, self.streamed)
+            # The compilation the call below reuses: its memory costs nothing more.
+            t.step_memory = t.step_memory or compiled_memory(self.train_fns[k], carry, source,
+                                                             totals)
+        if self.one_in_flight:
+            jax.block_until_ready(carry)
+        return self.train_fns[k](carry, source, totals)
+
+
+def _intervals(train: ml_collections.ConfigDict) -> tuple[tuple[str, int], ...]:
+    return (("log", train.log_every), ("eval", train.eval_every),
+            ("ckpt", train.checkpoint_every))
+
+
+def _next_boundary(step: int, train: ml_collections.ConfigDict) -> int:
+    """The first log, eval or checkpoint step after `step`."""
+    return min(train.steps, *((step // every + 1) * every for _, every in _intervals(train)))
+
+
+def _where_last_good(t: Training) -> str:
+    last = t.checkpointer.latest_step()
+    return f"step {last} in {t.checkpointer.directory}" if last is not None else "none"
+
+
+_params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+    [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+
+def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
+    """The steps from the restored one to train.steps; returns their wall time and number."""
+    run, is_chief = t.run, jax.process_index() == 0
+    writer = MetricsWriter(t.workdir, enabled=is_chief,
+                           members=len(run.members) if run.members else None)
+    writer.truncate_after(int(run.carry.step))
+    total = run.config.train.steps
+    chooser = CallSizeChooser.for_config(run.config.train, int(run.carry.step))
+    caller = _Caller(t)
+    step = int(run.carry.step)
+    start_step, start_time = step, time.perf_counter()
+    t.last_eval = []
+    totals = caller.fresh_totals()
+    window_start = (step, time.perf_counter())
+    with StopSignals(announce=is_chief) as signals:
+        bar = tqdm(total=total, initial=step,
+                   disable=not (is_chief and run.config.train.progress),
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+        try:
+            boundary = _next_boundary(step, run.config.train)
+            while step < total:
+                # The per-step path stays this short: on a small CPU, host work between
+                # dispatches slows the steps themselves, not only the loop.
+                k = chooser.next_k(step)
+                run.carry, totals = caller(run.carry, totals, k)
+                step += k
+                chooser.after_call(step, run.carry)
+                bar.update(k)
+                if step < boundary:
+                    continue
+                boundary = _next_boundary(step, run.config.train)
+                window, totals = jax.device_get(totals), caller.fresh_totals()
+                now = time.perf_counter()
+                rate = (step - window_start[0]) / (now - window_start[1])
+                window_start = (step, now)
+                _at_boundary(t, step, k, window, rate, writer, bar, signals, stopper)
+                if t.stopped_at:
+                    break
+            t.call_size = chooser.summary()
+            return time.perf_counter() - start_time, step - start_step
+        finally:
+            bar.close()
+            t.checkpointer.close()
+            writer.close()
+
+
+def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
+                 writer: MetricsWriter, bar, signals: StopSignals,
+                 stopper: MemberStopper | None) -> None:
+    """A log, eval or checkpoint boundary: write the window's records, evaluate, stop members,
+    save, and on a stop signal save and raise `Preempted`."""
+    run, total = t.run, t.run.config.train.steps
+    population = bool(run.members)
+    at = {name: step % every < k or step == total
+          for name, every in _intervals(run.config.train)}
+    stop = _any_process(bool(signals.received))  # all processes stop at one step
+    records = (_population_records(t, window, step, _where_last_good(t))
+               if population else [_single_record(window, _where_last_good(t))])
+    if at["eval"]:
+        t.last_eval = _evaluate(t)
+        if stopper is not None and step < total:
+            stopped = stopper(step, t.last_eval)
+            if population:
+                run.carry = stop_members(run.carry, stopped)
+            elif stopped:
+                t.stopped_at = step
+    for member, record in enumerate(records):
+        if record is None:
+            continue
+        record["steps_per_s"] = rate
+        if at["eval"]:
+            record.update(t.last_eval[member])
+        writer.write(step, record, member=member if population else None)
+    bar.set_postfix(_postfix(records, t.last_eval))
+    if at["ckpt"] or stop or step == total or t.stopped_at:
+        if not bool(_params_finite(run.state.params)):  # an overflowing update, say
+            raise TrainingDiverged(f"parameters became non-finite by step {step}; stopped. "
+                                   f"Last good checkpoint: {_where_last_good(t)}")
+        t.checkpointer.save(step, run.carry, t.streamed)
+    if stop and step < total:
+        t.checkpointer.wait()
+        signum = signals.received[0]
+        raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step {step} in "
+                        f"{t.checkpointer.directory}; rerun the same command to resume",
+                        StopSignals.EXIT_CODES[signum])
+
+
+def _single_record(window: dict, last_good: str) -> dict:
+    if window["first_nonfinite"] != NO_STEP:
+        raise TrainingDiverged(f"loss or gradients became non-finite at step "
+                               f"{window['first_nonfinite']}; stopped. Last good checkpoint: "
+                               f"{last_good}")
+    return {k: float(v) / int(window["count"]) for k, v in window["sums"].items()}
+
+
+def _population_records(t: Training, window: dict, step: int, last_good: str) -> list[dict | None]:
+    """One record per member (None for a member stopped for the whole window); a member that
+    diverged is reported once and stays stopped at its last good state."""
+    run = t.run
+    active = np.asarray(jax.device_get(run.carry.active))
+    for member, bad_step in enumerate(window["first_nonfinite"]):
+        if bad_step != NO_STEP:
+            print(f"population member {member} {run.members[member]}: loss or gradients became "
+                  f"non-finite at step {bad_step}; it stays at its last good state, the others "
+                  "go on", file=sys.stderr)
+    if not active.any():
+        raise TrainingDiverged(f"every member of the population has stopped by step {step}. "
+                               f"Last good checkpoint: {last_good}")
+    records = []
+    for member, count in enumerate(window["count"]):
+        if count == 0:
+            records.append(None)
+            continue
+        record = {k: float(v[member]) / int(count) for k, v in window["sums"].items()}
+        records.append({**record, "active": bool(active[member])})
+    return records
+
+
+def _evaluate(t: Training) -> list[dict]:
+    """Every split's metrics, one dict per member (one in all for a single run)."""
+    results = [evaluate(t.run.state) for evaluate in t.evaluators.values()]
+    if not t.run.members:
+        return [merge_splits(results)]
+    return [merge_splits(split[m] for split in results) for m in range(len(t.run.members))]
+
+
+def _postfix(records: list[dict | None], evaluations: list[dict]) -> dict:
+    """The progress bar's: the first member's loss and its main evaluation metric."""
+    first = next((r for r in records if r is not None), None)
+    postfix = {"loss": f"{first['loss']:.4f}"} if first else {}
+    if evaluations:
+        split = "validation" if any(k.startswith("validation_") for k in evaluations[0]) else "test"
+        for name in ("accuracy", "bits_per_char", "mse", "loss"):
+            if f"{split}_{name}" in evaluations[0]:
+                postfix[f"{split[:3]}_{name}"] = f"{evaluations[0][f'{split}_{name}']:.4f}"
+                break
+    return postfix
+
+
+def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
+    run = t.run
+    evaluations = t.last_eval or _evaluate(t)
+    num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
+                     for x in jax.tree.leaves(model_params(run.state.params)))
+    summary = {
+        "steps": int(run.carry.step), "train_wall_s": train_wall_s,
+        "steps_per_s": steps_run / train_wall_s if train_wall_s > 0 else 0.0,
+        "num_params": num_params, **t.call_size, "devices": run.mesh.size,
+        "processes": jax.process_count(), "resumed_from": t.resumed_from,
+        "backend": jax.default_backend(), "task": run.dataset.task,
+        "techniques": run.experiment.techniques, **communication(t.workdir),
+        "step_memory": t.step_memory,
+    }
+    if t.stopped_at is not None:
+        summary["stopped_at"] = t.stopped_at
+    is_chief = jax.process_index() == 0
+    measured, counted = state_fields(run)
+    summary.update(measured)
+    if run.members:
+        active = np.asarray(jax.device_get(run.carry.active))
+        summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i],
+                               **counted[i]} for i, values in enumerate(run.members)]
+        summary["best_member"] = best_member(summary["members"])
+    else:
+        summary = {**evaluations[0], **counted[0], **summary}
+    if is_chief:
+        with open(os.path.join(t.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str, *, model=None, dataset=None,
+              loss_fn: LossFn | None = None, eval_fn: EvalFn | None = None,
+              hparams: dict[str, float] | None = None, reducer: Reducer | None = None,
+              stop_members: MemberStopper | None = None, techniques=TECHNIQUES) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
+    (`jaxopt_lab.train_and_evaluate` is this, after training a distillation teacher first.)
+
+    Arguments as `jaxopt_lab.train_and_evaluate` takes them (see there).
+    """
+    t = _build(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
+               eval_fn=eval_fn, hparams=hparams, reducer=reducer, techniques=techniques)
+    _restore(t)
+    train_wall_s, steps_run = _train(t, stop_members)
+    return _finish(t, train_wall_s, steps_run)
