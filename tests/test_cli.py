@@ -18,8 +18,8 @@ import pytest
 from helpers import ROOT, run_cli, tiny_config
 
 from jaxopt_lab import load_config, model_config
-from jaxopt_lab.core import rundir
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.run import rundir
 from jaxopt_lab.run.rundir import PACKAGES, prepare_workdir, record_provenance
 
 ROOT_USER = os.geteuid() == 0  # root writes through chmod; /sys refuses even root

@@ -19,6 +19,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from jaxopt_lab.core.keys import is_block, longest_prefix
 from jaxopt_lab.core.precision import check_precision
 from jaxopt_lab.data.sources import check_dataset_name
 from jaxopt_lab.errors import UserError
@@ -179,14 +180,12 @@ def _check_override_key(config: ml_collections.ConfigDict, override: str) -> Non
         raise UserError(f"unexpected argument {override!r}: overrides look like "
                         "--config.optim.lr=3e-3")
     path = override[len("--config."):].split("=", 1)[0]
-    node, walked = config, []
-    for key in path.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            allowed = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) \
-                else "none (not a block)"
-            raise UserError(f"unknown config key {'.'.join([*walked, key])!r} in {override}; "
-                            f"allowed here: {allowed}")
-        node, walked = node[key], [*walked, key]
+    parts = path.split(".")
+    found, node = longest_prefix(config, path)
+    if len(found) < len(parts):
+        allowed = ", ".join(sorted(node.keys())) if is_block(node) else "none (not a block)"
+        raise UserError(f"unknown config key {'.'.join(parts[:len(found) + 1])!r} in {override}; "
+                        f"allowed here: {allowed}")
 
 
 def parse_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -122,15 +122,17 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, step: int | None = None, **objects) -> Run:
+def load_run(workdir: str, step: int | None = None, *,
+             techniques: Sequence[Technique] = TECHNIQUES, **objects) -> Run:
     """The run in `workdir` restored from its newest checkpoint (or the one at `step`).
 
     `objects` are what the run was trained with from Python, if anything (`model`, `dataset`,
-    `loss_fn`, `eval_fn`, `hparams`, as `train_and_evaluate` took them).
+    `loss_fn`, `eval_fn`, `hparams`, as `train_and_evaluate` took them), and `techniques` the
+    tuple it was trained with where that was not the default.
     """
     config = read_config(workdir)
-    validate(config, check_model="model" not in objects)
-    run = build_run(config, train=False, **objects)
+    validate(config, check_model="model" not in objects, techniques=techniques)
+    run = build_run(config, train=False, techniques=techniques, **objects)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     try:
         restored = checkpointer.restore(run.carry, step)

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxopt_lab.compose import model_config
 from jaxopt_lab.core.checkpoint import Checkpointer
+from jaxopt_lab.core.keys import keep_type, set_key
 from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
@@ -94,11 +95,7 @@ def shrunk_config(config: ml_collections.ConfigDict, model,
         config.model = model_config(config.model.name, **{k: getattr(model, k)
                                                           for k in model_hparams(config.model.name)})
         for key, value in values.items():
-            *blocks, leaf = key.split(".")
-            node = config
-            for block in blocks:
-                node = node[block]
-            node[leaf] = type(node[leaf])(value)
+            set_key(config, key, value, convert=keep_type)
         config.population = ()
         if "prune" in config.techniques:
             config.techniques.prune.method = "none"
