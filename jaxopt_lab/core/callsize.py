@@ -65,12 +65,13 @@ class CallSizeChooser:
         self._trial_calls = 0
 
     @classmethod
-    def for_config(cls, train, start_step: int) -> CallSizeChooser:
-        """For `config.train`: the candidate is the largest K <= MAX_K dividing every log, eval
-        and checkpoint interval, so boundaries fall on call ends."""
+    def for_config(cls, train, start_step: int, until: int | None = None) -> CallSizeChooser:
+        """For `config.train` (a run stopping at `until`, default train.steps): the candidate is
+        the largest K <= MAX_K dividing every log, eval and checkpoint interval, so boundaries
+        fall on call ends."""
         interval = math.gcd(train.log_every, train.eval_every, train.checkpoint_every)
         candidate = max(k for k in range(1, MAX_K + 1) if interval % k == 0)
-        return cls(candidate, start_step, train.steps, fixed=train.steps_per_call)
+        return cls(candidate, start_step, until or train.steps, fixed=train.steps_per_call)
 
     @property
     def choosing(self) -> bool:

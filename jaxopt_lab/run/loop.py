@@ -67,7 +67,7 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def _build(config, workdir, *, model, **objects) -> Training:
+def _build(config, workdir, *, model, until, **objects) -> Training:
     initialize_distributed()
     mesh = data_mesh()
     if config.data.batch_size % mesh.size:
@@ -77,7 +77,7 @@ def _build(config, workdir, *, model, **objects) -> Training:
     if model is not None:
         config = with_model_recorded(config, model)
     check_workdir(workdir, config)
-    return prepare_training(build_run(config, model=model, **objects), workdir)
+    return prepare_training(build_run(config, model=model, **objects), workdir, until)
 
 
 def _restore(t: Training) -> None:
@@ -128,9 +128,10 @@ def _intervals(train: ml_collections.ConfigDict) -> tuple[tuple[str, int], ...]:
             ("ckpt", train.checkpoint_every))
 
 
-def _next_boundary(step: int, train: ml_collections.ConfigDict) -> int:
-    """The first log, eval or checkpoint step after `step`."""
-    return min(train.steps, *((step // every + 1) * every for _, every in _intervals(train)))
+def _next_boundary(step: int, t: Training) -> int:
+    """The first log, eval or checkpoint step after `step`, or the end."""
+    intervals = _intervals(t.run.config.train)
+    return min(t.until, *((step // every + 1) * every for _, every in intervals))
 
 
 def _where_last_good(t: Training) -> str:
@@ -148,8 +149,8 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
     writer = MetricsWriter(t.workdir, enabled=is_chief,
                            members=len(run.members) if run.members else None)
     writer.truncate_after(int(run.carry.step))
-    total = run.config.train.steps
-    chooser = CallSizeChooser.for_config(run.config.train, int(run.carry.step))
+    total = t.until
+    chooser = CallSizeChooser.for_config(run.config.train, int(run.carry.step), total)
     caller = _Caller(t)
     step = int(run.carry.step)
     start_step, start_time = step, time.perf_counter()
@@ -161,7 +162,7 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
                    disable=not (is_chief and run.config.train.progress),
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
         try:
-            boundary = _next_boundary(step, run.config.train)
+            boundary = _next_boundary(step, t)
             while step < total:
                 # The per-step path stays this short: on a small CPU, host work between
                 # dispatches slows the steps themselves, not only the loop.
@@ -172,7 +173,7 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
                 bar.update(k)
                 if step < boundary:
                     continue
-                boundary = _next_boundary(step, run.config.train)
+                boundary = _next_boundary(step, t)
                 window, totals = jax.device_get(totals), caller.fresh_totals()
                 now = time.perf_counter()
                 rate = (step - window_start[0]) / (now - window_start[1])
@@ -193,7 +194,7 @@ def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
                  stopper: MemberStopper | None) -> None:
     """A log, eval or checkpoint boundary: write the window's records, evaluate, stop members,
     save, and on a stop signal save and raise `Preempted`."""
-    run, total = t.run, t.run.config.train.steps
+    run, total = t.run, t.until
     population = bool(run.members)
     at = {name: step % every < k or step == total
           for name, every in _intervals(run.config.train)}
@@ -310,20 +311,26 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
     if is_chief:
         with open(os.path.join(t.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    t.summary = summary
     return summary
 
 
 def train_run(config: ml_collections.ConfigDict, workdir: str, *, model=None, dataset=None,
               loss_fn: LossFn | None = None, eval_fn: EvalFn | None = None,
               hparams: dict[str, float] | None = None, reducer: Reducer | None = None,
-              stop_members: MemberStopper | None = None, techniques=TECHNIQUES) -> dict:
-    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
-    (`jaxopt_lab.train_and_evaluate` is this, after training a distillation teacher first.)
+              stop_members: MemberStopper | None = None, techniques=TECHNIQUES,
+              until: int | None = None) -> Training:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint) until step `until`
+    (default train.steps); returns the finished `Training`: its run (the final state) and
+    `summary`. (`jaxopt_lab.train_and_evaluate` is this, after training a distillation teacher
+    first, returning the summary.)
 
     Arguments as `jaxopt_lab.train_and_evaluate` takes them (see there).
     """
     t = _build(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
-               eval_fn=eval_fn, hparams=hparams, reducer=reducer, techniques=techniques)
+               eval_fn=eval_fn, hparams=hparams, reducer=reducer, techniques=techniques,
+               until=until)
     _restore(t)
     train_wall_s, steps_run = _train(t, stop_members)
-    return _finish(t, train_wall_s, steps_run)
+    _finish(t, train_wall_s, steps_run)
+    return t

@@ -18,6 +18,7 @@ from jaxopt_lab.core.feed import StreamedFeed, device_sampler, replicate, sample
 from jaxopt_lab.core.population import population_step
 from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.data.pipeline import make_grain_loader
+from jaxopt_lab.errors import UserError
 from jaxopt_lab.run.build import Run
 
 
@@ -32,15 +33,18 @@ class Training:
     streamed: StreamedFeed | None
     evaluators: dict[str, Callable]  # split -> evaluate(state or stacked members)
     checkpointer: Checkpointer
+    until: int  # the step training stops at: train.steps, or earlier for a run's segment
     resumed_from: int | None = None
     call_size: dict = dataclasses.field(default_factory=lambda: {"steps_per_call": 1})
     step_memory: dict = dataclasses.field(default_factory=dict)  # compiled_memory of one call
     last_eval: list[dict] = dataclasses.field(default_factory=list)  # per member
     stopped_at: int | None = None  # a single run ended early by its stopper
+    summary: dict = dataclasses.field(default_factory=dict)  # summary.json, once finished
 
 
-def prepare_training(run: Run, workdir: str) -> Training:
-    """The step, feed, evaluators and checkpointer of `run` in `workdir`."""
+def prepare_training(run: Run, workdir: str, until: int | None = None) -> Training:
+    """The step, feed, evaluators and checkpointer of `run` in `workdir`, training until step
+    `until` (default: train.steps; the schedules still span train.steps)."""
     config, mesh, dataset, experiment = run.config, run.mesh, run.dataset, run.experiment
     train_step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh,
                                  experiment.state_metrics,
@@ -64,4 +68,8 @@ def prepare_training(run: Run, workdir: str) -> Training:
                                         mesh, split, members=bool(run.members))
                   for split, arrays in splits.items() if arrays is not None}
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    return Training(run, workdir, step_fn, source, streamed, evaluators, checkpointer)
+    until = config.train.steps if until is None else until
+    if not 0 < until <= config.train.steps:
+        raise UserError(f"train until step {until}: must be in [1, train.steps="
+                        f"{config.train.steps}]")
+    return Training(run, workdir, step_fn, source, streamed, evaluators, checkpointer, until)

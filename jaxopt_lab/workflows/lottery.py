@@ -16,14 +16,17 @@ Rewinding restores the whole TrainState of step k, not only the weights: the opt
 and schedule position, the data position and the keys, so a ticket retrains on exactly the batches
 the dense run saw after step k (open_lth restarts the optimizer instead; with k = 0 the two agree).
 The masks live in the pruning transform's state with a one-shot schedule that never fires
-(`lottery_config`), so the framework's own step trains and its update seam keeps every pruned
-weight exactly 0. Members (seeds) are stacked, trained as one vmapped population or one after
-another (`make_trainer(vmap=False)`, the faster on XLA:CPU).
+(`lottery_config`), so the framework's own step trains, through the one training loop, and its
+update seam keeps every pruned weight exactly 0. Members (seeds) are stacked, trained as one
+vmapped population or one after another (`make_trainer(vmap=False)`, the faster on XLA:CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -31,16 +34,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from jaxopt_lab.compose import prepare_dataset
-from jaxopt_lab.core.distributed import data_mesh
+from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.evaluate import make_evaluator
-from jaxopt_lab.core.feed import compile_k_steps, device_sampler, replicate, sampled_step
-from jaxopt_lab.core.population import Population, population_step, stack_trials
+from jaxopt_lab.core.population import Population, stack_trials
 from jaxopt_lab.core.state import TrainState, create_train_state, sample_input
-from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.run.build import build_experiment
+from jaxopt_lab.run.build import build_run
+from jaxopt_lab.run.loop import train_run
 from jaxopt_lab.techniques.prune import find_state, magnitude_masks, with_masks
 
 SCOPES = ("global", "layer")
@@ -63,18 +65,24 @@ class Trainer:
     train: Callable[[TrainState, int], TrainState]  # (stacked states, steps) -> trained on
     evaluate: Callable[[TrainState], list[dict]]  # stacked -> test metrics, one dict per member
     steps: int  # train.steps: where every run ends
+    workdir: str  # where each training segment is a run directory of its own
+    # the temporary directory behind `workdir` where none was given: removed with the trainer
+    scratch: tempfile.TemporaryDirectory | None = None
 
 
 def make_trainer(config: ml_collections.ConfigDict, dataset=None, *, model: nn.Module | None = None,
-                 steps_per_call: int = 10, vmap: bool = True) -> Trainer:
-    """`config`'s seams (`build_experiment`), step (`make_train_step`) and on-device data order,
-    vmapped over members as a population, `steps_per_call` steps scanned per compiled call.
-    `vmap=False` trains the members one after another instead: XLA:CPU runs a vmapped conv
-    slower than the members alone (the 25-channel MNIST-1D CNN, 3 members: 300 member-steps/s
-    against 400), and scanned conv steps slower too, so there `steps_per_call=1`.
+                 steps_per_call: int = 10, vmap: bool = True,
+                 workdir: str | None = None) -> Trainer:
+    """`config`'s run (`build_run`), members stacked as a population trained by the one loop,
+    `steps_per_call` steps scanned per compiled call. `vmap=False` trains the members one after
+    another instead: XLA:CPU runs a vmapped conv slower than the members alone (the 25-channel
+    MNIST-1D CNN, 3 members: 300 member-steps/s against 400), and scanned conv steps slower too,
+    so there `steps_per_call=1`.
 
-    A second loop beside `core/loop.py` because a run there starts from a seed, and a ticket
-    starts from given weights and masks; everything it runs is the core's.
+    Each `train(states, steps)` is one segment: the states are written as a population's
+    checkpoint at their step into a run directory of their own under `workdir` (default: a
+    temporary directory that lives as long as the trainer), and the loop resumes from it and
+    stops `steps` later (`train_run(until=)`), its schedules spanning train.steps as one run's.
     """
     if config.techniques.prune.method == "none":
         raise UserError("lottery: techniques.prune is off; build the trainer from "
@@ -82,19 +90,14 @@ def make_trainer(config: ml_collections.ConfigDict, dataset=None, *, model: nn.M
     if not config.data.on_device:
         raise UserError("lottery: members have their own data order, which needs "
                         "data.on_device=True")
-    mesh = data_mesh()
-    dataset = prepare_dataset(config, dataset)
-    experiment = build_experiment(config, dataset, model=model)
-    step = make_train_step(experiment.loss_fn, experiment.reducer, experiment.tx, mesh,
-                           experiment.state_metrics)
-    sample = device_sampler(len(dataset.train["label"]), config.data.batch_size, mesh,
-                            config.data.shuffle)
-    step_fn = population_step(sampled_step(step, sample))
-    data = replicate(dataset.train, mesh)
-    compiled: dict[int, Callable] = {}
+    run = build_run(config, model=model, dataset=dataset, train=False)
+    experiment, mesh = run.experiment, run.mesh
+    scratch = None if workdir else tempfile.TemporaryDirectory(prefix="lottery-")
+    workdir = workdir or scratch.name
+    segments = itertools.count()
 
     def init(seed: int, data_seed: int) -> TrainState:
-        return create_train_state(experiment.model, sample_input(dataset), experiment.tx,
+        return create_train_state(experiment.model, sample_input(run.dataset), experiment.tx,
                                   experiment.reducer.init, mesh.size, seed,
                                   hparams=experiment.hparams, data_seed=data_seed,
                                   extra_params=experiment.extra_params)
@@ -102,30 +105,46 @@ def make_trainer(config: ml_collections.ConfigDict, dataset=None, *, model: nn.M
     def train(states: TrainState, steps: int) -> TrainState:
         size = jax.tree.leaves(states)[0].shape[0]
         if vmap or size == 1:
-            return train_together(states, size, steps)
-        alone = [train_together(jax.tree.map(lambda x, i=i: x[i:i + 1], states), 1, steps)
+            return segment(states, steps)
+        alone = [segment(jax.tree.map(lambda x, i=i: x[i:i + 1], states), steps)
                  for i in range(size)]
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *alone)
 
-    def train_together(states: TrainState, size: int, steps: int) -> TrainState:
-        # Copied: each call donates its carry, and `states` may be a rewind point kept for later.
-        population = Population(step=jnp.zeros((), jnp.int32),
-                                members=jax.tree.map(jnp.copy, states),
-                                active=jnp.ones((size,), bool))
-        k = steps_per_call
-        for calls, per_call in ((steps // k, k), (steps % k, 1)):
-            if calls and per_call not in compiled:
-                compiled[per_call] = compile_k_steps(step_fn, per_call, False)
-            for _ in range(calls):
-                population, _ = compiled[per_call](population, data)
-        if not bool(jnp.all(population.active)):
+    def segment(states: TrainState, steps: int) -> TrainState:
+        if steps == 0:
+            return states
+        directory = os.path.join(workdir, f"segment_{next(segments):04d}")
+        size, start = jax.tree.leaves(states)[0].shape[0], int(np.asarray(states.step)[0])
+        segment_config = _segment_config(config, size, steps_per_call)
+        checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), 1)
+        try:
+            checkpointer.save(start, Population(step=jnp.asarray(start, jnp.int32),
+                                                members=states, active=jnp.ones(size, bool)))
+        finally:
+            checkpointer.close()
+        trained = train_run(segment_config, directory, model=model, dataset=dataset,
+                            until=start + steps)
+        if not all(m["active"] for m in trained.summary["members"]):
             raise UserError("lottery: a member's loss or gradients became non-finite; lower "
                             "optim.lr")
-        return population.members
+        return trained.run.state
 
-    evaluate = make_evaluator(experiment.eval_fn, dataset.test, config.train.eval_batch_size,
+    evaluate = make_evaluator(experiment.eval_fn, run.dataset.test, config.train.eval_batch_size,
                               mesh, "test", members=True)
-    return Trainer(init, train, evaluate, config.train.steps)
+    return Trainer(init, train, evaluate, config.train.steps, workdir, scratch)
+
+
+def _segment_config(config: ml_collections.ConfigDict, members: int,
+                    steps_per_call: int) -> ml_collections.ConfigDict:
+    """`config` as the loop trains a segment: a population of `members` (their values come
+    from the checkpoint the segment starts from), `steps_per_call` fixed, nothing measured."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.population = (("seed", tuple(range(members))),)
+        config.train.steps_per_call = steps_per_call
+        config.train.measure = False
+        config.train.progress = False
+    return config
 
 
 class Round(NamedTuple):

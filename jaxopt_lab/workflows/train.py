@@ -78,4 +78,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     config = train_teacher_first(config, workdir, techniques)
     return train_run(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
                      eval_fn=eval_fn, hparams=hparams, reducer=reducer,
-                     stop_members=stop_members, techniques=techniques)
+                     stop_members=stop_members, techniques=techniques).summary
