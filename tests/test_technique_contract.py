@@ -3,6 +3,7 @@ generated and checked, it changes training, it is recorded, and it resumes exact
 technique is gradient noise (Neelakantan et al. 2015) at the update seam, in a dozen lines."""
 
 import dataclasses
+import inspect
 import json
 from typing import NamedTuple
 
@@ -12,9 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab import TECHNIQUES, load_run, train_and_evaluate, validate
+from jaxopt_lab import TECHNIQUES, default_config, distill, load_run, train_and_evaluate, validate
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.compress.options import CompressOptions
 from jaxopt_lab.techniques.contract import Parts, Technique
+from jaxopt_lab.techniques.distill.options import DistillOptions
+from jaxopt_lab.techniques.prune.adapter import TECHNIQUE as PRUNE
+from jaxopt_lab.techniques.prune.options import PruneOptions
+from jaxopt_lab.techniques.quantize.options import QuantizeOptions
 from tests.helpers import tiny_config
 
 
@@ -110,3 +116,29 @@ def test_it_changes_training_is_recorded_and_resumes_exactly(tmp_path):
     again = load_run(str(resumed), techniques=WITH_NOISE).state
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_each_default_is_written_once_and_both_paths_keep_their_values():
+    """The config block comes from the options; where the two paths differ, the Technique
+    declares it, and these are today's values on both."""
+    block = default_config().techniques
+    assert [t.name for t in TECHNIQUES] == ["quantize", "distill", "prune", "compress"]
+    for technique in TECHNIQUES:
+        declared = {**technique.config_only, **technique.config_defaults}
+        for field in dataclasses.fields(technique.options):
+            if field.name in technique.python_only:
+                assert field.name not in block[technique.name]
+            elif field.name not in declared:
+                assert block[technique.name][field.name] == field.default, field.name
+    assert (block.prune.method, block.prune.end_step) == ("none", -1)
+    assert (PruneOptions().method, PruneOptions().end_step) == ("magnitude", 1000)
+    assert block.quantize.method == "none" and QuantizeOptions().static_activations is False
+    assert block.compress.method == CompressOptions().method == "none"
+    assert block.distill.teacher == DistillOptions().teacher == ""
+    wrap_defaults = {k: p.default for k, p in inspect.signature(distill.wrap).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+    assert wrap_defaults == {"temperature": 4.0, "alpha": 0.9, "form": "kl", "member": -1,
+                             "features": (), "feature_weight": 1.0}
+    config = tiny_config(steps=400)
+    config.techniques.prune.method = "magnitude"
+    assert PRUNE.check(config).end_step == 300  # -1: three quarters of train.steps

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from jaxopt_lab.compose.techniques import TECHNIQUES
-from jaxopt_lab.core.optim import build_optimizer, check_swept
+from jaxopt_lab.core.optim import INJECTED, build_optimizer, check_swept
 from jaxopt_lab.core.population import member_values
 from jaxopt_lab.core.precision import compute_dtype, loss_scale_summary, scales_loss
 from jaxopt_lab.core.state import sample_input
@@ -53,6 +53,8 @@ class Experiment:
     # Dataset -> Dataset: what a technique adds to the training arrays before training
     # (distillation's precomputed teacher logits)
     train_data: Callable[[Dataset], Dataset] | None = None
+    # config key -> name of a per-trial value injected into the optimizer state
+    injected: dict[str, str] = dataclasses.field(default_factory=lambda: dict(INJECTED))
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -161,10 +163,12 @@ def compose_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         options = technique.check(config)
         if options is not None:
             parts = technique.apply(parts, options)
-    return _experiment(parts, hparams)
+    injected = {**INJECTED, **{k: v for t in techniques for k, v in t.injected.items()}}
+    return _experiment(parts, hparams, injected)
 
 
-def _experiment(parts: Parts, hparams: dict[str, float] | None) -> Experiment:
+def _experiment(parts: Parts, hparams: dict[str, float] | None,
+                injected: dict[str, str]) -> Experiment:
     reducer = parts.reducer
     if parts.config.train.shard_params:
         if reducer is not None and not reducer.sharded:
@@ -184,6 +188,7 @@ def _experiment(parts: Parts, hparams: dict[str, float] | None) -> Experiment:
         state_summary=_combined(parts.state_summary),
         extra_params=parts.extra_params,
         train_data=parts.train_data,
+        injected=injected,
     )
 
 
@@ -217,7 +222,7 @@ def prepare_dataset(config: ml_collections.ConfigDict, dataset=None,
 def population_members(config: ml_collections.ConfigDict, experiment: Experiment) -> list[dict]:
     """Each member's values from `config.population` (empty for a single run), checked against
     what the run can vary."""
-    members = member_values(config.population, experiment.hparams)
+    members = member_values(config.population, experiment.hparams, experiment.injected)
     keys = set(members[0]) if members else set()
     check_swept(config.optim, keys)
     if keys & {"data.seed", "seed"} and not config.data.on_device:

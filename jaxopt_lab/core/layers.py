@@ -22,6 +22,7 @@ import jax
 
 from jaxopt_lab.core.measure import flops_by_scope
 from jaxopt_lab.core.tasks import apply_model
+from jaxopt_lab.errors import UserError
 
 
 def param_paths(params: Any) -> list[str]:
@@ -60,6 +61,23 @@ def default_skip(model, variables: dict, sample_x) -> tuple[str, ...]:
         return ()
     ends = dict.fromkeys((layers[0], layers[-1]))  # ordered, without a repeat
     return tuple("^" + re.escape(_prefix(layer)) for layer in ends)
+
+
+def abstract_variables(model, sample_x) -> dict:
+    """The shapes of `model`'s variables on `sample_x` (nothing runs)."""
+    return jax.eval_shape(
+        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
+        sample_x)
+
+
+def default_skip_or(skip: Sequence[str] | None, model, sample_x, missing: str) -> tuple[str, ...]:
+    """`skip`, or where it is None the default: the model's first and last multiplying layers,
+    traced on `sample_x`. `missing` is the technique's one-line error when either is None."""
+    if skip is not None:
+        return tuple(skip)
+    if model is None or sample_x is None:
+        raise UserError(missing)
+    return default_skip(model, abstract_variables(model, sample_x), sample_x)
 
 
 def _prefix(scope: str) -> str:

@@ -2,7 +2,8 @@
 
 Members differ only in values, not shapes: a seed (initialisation and data order), the data seed,
 injected optimizer values (`core/optim.py::INJECTED`), a technique's values in the optimizer state
-(`TECHNIQUE_INJECTED`: a pruning target) and `TrainState.hparams`. Every such value
+(the `injected` mapping an experiment carries: a pruning target) and `TrainState.hparams`. Every
+such value
 is addressed by its config key ("optim.lr", "data.seed", "loss.label_smoothing") and lives in
 the state, so one compiled step trains every member with its own values, and the checkpoint holds
 them. A member is stopped by masking: its state stops changing while the others go on (a member
@@ -28,10 +29,6 @@ from jaxopt_lab.core.state import TrainState, create_train_state, state_sharding
 from jaxopt_lab.errors import UserError
 
 STATE_KEYS = ("seed", "data.seed")  # set when a member's state is made, not afterwards
-# Per-trial values a technique keeps in its optimizer state, under a `hyperparams` dict as
-# optax.inject_hyperparams does (config key -> name there): set like the optimizer's own.
-TECHNIQUE_INJECTED = {"techniques.prune.sparsity": "sparsity"}
-STATE_VALUES = {**INJECTED, **TECHNIQUE_INJECTED}
 MEMBER_AXIS = "members"  # the vmapped axis of a population's step
 
 
@@ -74,19 +71,22 @@ def unstack_trials(population: TrainState) -> list[TrainState]:
     return [jax.tree.map(lambda x, i=i: x[i], population) for i in range(size)]
 
 
-def allowed_keys(hparams: Iterable[str]) -> list[str]:
-    """The keys a population may vary, given the state's hparams."""
-    return [*STATE_KEYS, *STATE_VALUES, *sorted(hparams)]
+def allowed_keys(hparams: Iterable[str], injected: Mapping[str, str] = INJECTED) -> list[str]:
+    """The keys a population may vary, given the state's hparams and the values injected into
+    its optimizer state (config key -> name under a `hyperparams` dict, as
+    optax.inject_hyperparams keeps them: the optimizer's own and a technique's)."""
+    return [*STATE_KEYS, *injected, *sorted(hparams)]
 
 
-def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str]) -> list[dict[str, Any]]:
+def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str],
+                  injected: Mapping[str, str] = INJECTED) -> list[dict[str, Any]]:
     """One {key: value} per member from a config's `population`.
 
     Raises:
       UserError: on a malformed population or a key that is not a per-trial value.
     """
     check_population(spec)
-    allowed = allowed_keys(hparams)
+    allowed = allowed_keys(hparams, injected)
     for key, _ in spec:
         if key not in allowed:
             raise UserError(f"population key {key!r} is not a per-trial value; allowed: "
@@ -96,7 +96,8 @@ def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str]) -> list
     return [{key: values[i] for key, values in columns.items()} for i in range(size)]
 
 
-def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
+def set_values(state: TrainState, values: Mapping[str, Any],
+               injected: Mapping[str, str] = INJECTED) -> TrainState:
     """`state` with per-trial values set by config key, for one state or a stacked population
     (then each value is one per member, e.g. {"optim.lr": [1e-3, 3e-3]}).
 
@@ -104,10 +105,10 @@ def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
       UserError: for "seed" (it shapes the initialisation: make each member with its own) and
         for keys that are not per-trial values.
     """
-    injected, hparams = {}, dict(state.hparams)
+    to_inject, hparams = {}, dict(state.hparams)
     for key, value in values.items():
-        if key in STATE_VALUES:
-            injected[STATE_VALUES[key]] = value
+        if key in injected:
+            to_inject[injected[key]] = value
         elif key in hparams:
             hparams[key] = jnp.asarray(value, jnp.float32).reshape(hparams[key].shape)
         elif key == "data.seed":
@@ -116,22 +117,22 @@ def set_values(state: TrainState, values: Mapping[str, Any]) -> TrainState:
             state = state.replace(data_rng=keys.reshape(state.data_rng.shape))
         else:
             raise UserError(f"{key!r} cannot be set on a made state; per-trial values: "
-                            f"{', '.join(k for k in allowed_keys(hparams) if k != 'seed')}")
+                            f"{', '.join(k for k in allowed_keys(hparams, injected) if k != 'seed')}")
 
     found = set()
 
     def replace(path, leaf):
         names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-        if len(names) >= 2 and names[-2] == "hyperparams" and names[-1] in injected:
+        if len(names) >= 2 and names[-2] == "hyperparams" and names[-1] in to_inject:
             found.add(names[-1])
-            return jnp.asarray(injected[names[-1]], leaf.dtype).reshape(leaf.shape)
+            return jnp.asarray(to_inject[names[-1]], leaf.dtype).reshape(leaf.shape)
         return leaf
 
     opt_state = jax.tree_util.tree_map_with_path(replace, state.opt_state)
-    if set(injected) - found:  # an optimizer of the caller's own, or a technique that is off
-        raise UserError(f"the optimizer state has no injected hyperparameter(s) "
-                        f"{sorted(set(injected) - found)} (optax.inject_hyperparams; "
-                        f"techniques.prune.sparsity needs techniques.prune.method set)")
+    if set(to_inject) - found:  # an optimizer of the caller's own, or a technique that is off
+        keys = sorted(k for k, name in injected.items() if name in set(to_inject) - found)
+        raise UserError(f"the optimizer state has no injected hyperparameter(s) for {keys} "
+                        "(optax.inject_hyperparams; a technique's value needs the technique on)")
     return state.replace(opt_state=opt_state, hparams=hparams)
 
 
@@ -202,7 +203,7 @@ def population_init(experiment, sample_x, mesh, members: Sequence[Mapping[str, A
         # member took minutes to compile.
         states = jax.vmap(one, axis_name=MEMBER_AXIS)(jnp.asarray(seeds, jnp.uint32),
                                                       jnp.asarray(data_seeds, jnp.uint32))
-        states = set_values(states, columns)
+        states = set_values(states, columns, experiment.injected)
         return Population(step=jnp.zeros((), jnp.int32), members=states,
                           active=jnp.ones((len(members),), bool))
 

@@ -88,6 +88,9 @@ class Technique:
     config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_only: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # keys first
     python_only: tuple[str, ...] = ()  # option fields the config block leaves out
+    # per-trial values it keeps in its optimizer state, under a `hyperparams` dict as
+    # optax.inject_hyperparams does (config key -> name there): a population may vary them
+    injected: Mapping[str, str] = dataclasses.field(default_factory=dict)
     prepare_data: Callable[[ml_collections.ConfigDict, Dataset], Dataset] | None = None
 
     def defaults(self) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import ml_collections
 import optuna
 from optuna.trial import TrialState
 
+from jaxopt_lab.compose import TECHNIQUES
 from jaxopt_lab.compose.config import validate
-from jaxopt_lab.core.population import STATE_KEYS, STATE_VALUES
+from jaxopt_lab.core.optim import INJECTED
+from jaxopt_lab.core.population import STATE_KEYS
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.run.loop import TrainingDiverged
@@ -28,8 +30,8 @@ from jaxopt_lab.tune.space import apply, config_value
 from jaxopt_lab.workflows.train import train_and_evaluate
 
 # Keys whose values live in the TrainState: trials differing only in these share one program.
-VALUE_KEYS = frozenset({*STATE_KEYS, *STATE_VALUES, LABEL_SMOOTHING, distill.TEMPERATURE,
-                        distill.ALPHA})
+VALUE_KEYS = frozenset({*STATE_KEYS, *INJECTED, *(k for t in TECHNIQUES for k in t.injected),
+                        LABEL_SMOOTHING, distill.TEMPERATURE, distill.ALPHA})
 MEASURED = ("latency_ms_batch1", "latency_ms_batch256", "num_params", "model_bytes",
             "flops_per_example", "train_wall_s")
 

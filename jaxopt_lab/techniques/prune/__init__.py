@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_lab.core.layers import default_skip, param_paths
+from jaxopt_lab.core.layers import abstract_variables, default_skip_or, param_paths
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.prune.groups import ChannelGroup, channel_groups
 from jaxopt_lab.techniques.prune.options import PruneOptions, prune_options
@@ -43,20 +43,12 @@ __all__ = ["ChannelGroup", "PruneOptions", "PruneState", "channel_groups", "deco
            "wrap"]
 
 
-def _variables(model, sample_x) -> dict:
-    return jax.eval_shape(
-        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
-        sample_x)
-
-
 def resolve_skip(options: PruneOptions, model=None, sample_x: Any = None) -> tuple[str, ...]:
     """`options.skip`, or where it is None the default: the model's first and last layers."""
-    if options.skip is not None:
-        return options.skip
-    if model is None or sample_x is None:
-        raise UserError("prune.wrap: the default skip (first and last layers) needs model= and "
-                        "sample_x=; or pass skip=() to prune every kernel, or your own patterns")
-    return default_skip(model, _variables(model, sample_x), sample_x)
+    return default_skip_or(
+        options.skip, model, sample_x,
+        "prune.wrap: the default skip (first and last layers) needs model= and sample_x=; or "
+        "pass skip=() to prune every kernel, or your own patterns")
 
 
 def wrap(tx: optax.GradientTransformation, *, model=None, sample_x: Any = None,
@@ -77,7 +69,8 @@ def wrap(tx: optax.GradientTransformation, *, model=None, sample_x: Any = None,
         if model is None or sample_x is None:
             raise UserError("prune pattern='channels' needs model= and sample_x= (to find which "
                             "parameters share a channel) or groups= of your own")
-        groups = channel_groups(model, _variables(model, sample_x)["params"], sample_x)
+        groups = channel_groups(model, abstract_variables(model, sample_x)["params"],
+                                sample_x)
     return prune_transform(tx, o, skip, groups or (), seed)
 
 

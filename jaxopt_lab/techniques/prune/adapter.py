@@ -43,4 +43,5 @@ def apply(parts: Parts, options: PruneOptions) -> Parts:
 
 
 TECHNIQUE = Technique(name="prune", options=PruneOptions, check=check, apply=apply,
-                      config_defaults={"method": OFF, "end_step": RUN_END})
+                      config_defaults={"method": OFF, "end_step": RUN_END},
+                      injected={"techniques.prune.sparsity": "sparsity"})

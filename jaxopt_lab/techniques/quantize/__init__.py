@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.core.layers import default_skip, param_paths, touched
+from jaxopt_lab.core.layers import abstract_variables, default_skip_or, param_paths, touched
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.quantize.layers import (
     QuantizedConv,
@@ -60,19 +60,13 @@ __all__ = [
     "wrap",
 ]
 
-def resolve_skip(model, options: QuantizeOptions, sample_x: Any = None) -> tuple[str, ...]:
+def resolve_skip(options: QuantizeOptions, model, sample_x: Any = None) -> tuple[str, ...]:
     """`options.skip`, or where it is None the default: patterns for the model's first and last
     multiplying layers, found by tracing it on `sample_x` (nothing runs)."""
-    if options.skip is not None:
-        return options.skip
-    if sample_x is None:
-        raise UserError("quantize.wrap: the default skip (first and last layers) needs "
-                        "sample_x, one batch of inputs; or pass skip=() to quantize every layer, "
-                        "or your own patterns")
-    variables = jax.eval_shape(
-        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
-        sample_x)
-    return default_skip(model, variables, sample_x)
+    return default_skip_or(
+        options.skip, model, sample_x,
+        "quantize.wrap: the default skip (first and last layers) needs sample_x, one batch of "
+        "inputs; or pass skip=() to quantize every layer, or your own patterns")
 
 
 def wrap(model, *, sample_x: Any = None, **options: Any):
@@ -91,16 +85,14 @@ def wrap(model, *, sample_x: Any = None, **options: Any):
         raise UserError(f"quantize.wrap: {type(model).__name__} has no dot_general_cls field to "
                         "inject AQT into; add `dot_general_cls: Any = None` and pass it to its "
                         "Dense layers")
-    return inject(model, opts, resolve_skip(model, opts, sample_x))
+    return inject(model, opts, resolve_skip(opts, model, sample_x))
 
 
 def state_metrics(model, sample_x: Any):
     """The step metrics a quantized run logs: its bits and the share of its multiplying layers'
     weights that are quantized (the rest are left in float by `skip`). Constants of the run."""
     options, skip = quantization_of(model)
-    params = jax.eval_shape(
-        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x),
-        sample_x)["params"]
+    params = abstract_variables(model, sample_x)["params"]
     leaves = jax.tree.leaves(params)
     quantized = jax.tree.leaves(touched(params, skip))
     kernels = [(leaf.size, on) for path, leaf, on in zip(param_paths(params), leaves, quantized)
