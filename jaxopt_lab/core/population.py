@@ -131,8 +131,9 @@ def set_values(state: TrainState, values: Mapping[str, Any],
     opt_state = jax.tree_util.tree_map_with_path(replace, state.opt_state)
     if set(to_inject) - found:  # an optimizer of the caller's own, or a technique that is off
         keys = sorted(k for k, name in injected.items() if name in set(to_inject) - found)
+        needs = "; ".join(f"{key} needs {key.rpartition('.')[0]} on" for key in keys)
         raise UserError(f"the optimizer state has no injected hyperparameter(s) for {keys} "
-                        "(optax.inject_hyperparams; a technique's value needs the technique on)")
+                        f"(optax.inject_hyperparams; {needs})")
     return state.replace(opt_state=opt_state, hparams=hparams)
 
 
