@@ -109,7 +109,7 @@ def _default_loss_hparams(config: ml_collections.ConfigDict, dataset: Dataset,
     return {LABEL_SMOOTHING: float(smoothing)} if smoothing or LABEL_SMOOTHING in swept else {}
 
 
-def initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
+def _initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
                   model: nn.Module | None = None, loss_fn: LossFn | None = None,
                   eval_fn: EvalFn | None = None, reducer: Reducer | None = None,
                   swept: Collection[str] = (),
@@ -157,7 +157,7 @@ def compose_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
       load_run: `directory -> run`, for a technique that reads another run (a distillation
         teacher); `jaxopt_lab.build_experiment` passes `jaxopt_lab.load_run`.
     """
-    parts = initial_parts(config, dataset, model=model, loss_fn=loss_fn, eval_fn=eval_fn,
+    parts = _initial_parts(config, dataset, model=model, loss_fn=loss_fn, eval_fn=eval_fn,
                           reducer=reducer, swept=swept, load_run=load_run)
     for technique in techniques:
         options = technique.check(config)

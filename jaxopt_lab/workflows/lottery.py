@@ -114,7 +114,11 @@ def make_trainer(config: ml_collections.ConfigDict, dataset=None, *, model: nn.M
         if steps == 0:
             return states
         directory = os.path.join(workdir, f"segment_{next(segments):04d}")
-        size, start = jax.tree.leaves(states)[0].shape[0], int(np.asarray(states.step)[0])
+        steps_now = np.asarray(states.step)
+        if np.any(steps_now != steps_now[0]):
+            raise UserError(f"lottery: members at steps {steps_now.tolist()} train together only "
+                            "from one step")
+        size, start = len(steps_now), int(steps_now[0])
         segment_config = _segment_config(config, size, steps_per_call)
         checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), 1)
         try:
