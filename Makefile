@@ -4,18 +4,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install notebooks demo test test-fast lint clean
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+# The library alone (what `make demo` needs), then the test extra (torch, psycopg, pytest ...).
+BASE_STAMP := $(VENV)/.installed-base-stamp
+
+$(BASE_STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version.split()[0]'
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	@touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-demo: install
+# Runs notebooks/*.ipynb at their full settings and writes the outputs into them (notebooks/execute.py).
+notebooks: install
+	$(BIN)/python notebooks/execute.py
+
+demo: $(BASE_STAMP)
 	$(BIN)/jaxopt-lab train --config configs/mnist1d_cnn.py --workdir runs/demo
 
 test: install

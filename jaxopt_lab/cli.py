@@ -271,11 +271,16 @@ def _optimize(args, overrides: list[str]) -> int:
     from jaxopt_lab.compose.config import load_config
 
     load_config(args.config, overrides)  # a typo costs a second, not an import of the loop
+    from jaxopt_lab.core.interrupt import Preempted
     from jaxopt_lab.optimize import optimize
     from jaxopt_lab.profile.pareto import markdown
 
-    report = optimize(args.config, args.workdir, tuple(overrides), baseline=args.baseline,
-                      max_accuracy_drop=args.max_accuracy_drop)
+    try:
+        report = optimize(args.config, args.workdir, tuple(overrides), baseline=args.baseline,
+                          max_accuracy_drop=args.max_accuracy_drop)
+    except Preempted as e:  # SIGTERM or Ctrl-C: the run in training saved; a rerun resumes
+        print(e, file=sys.stderr)
+        return e.exit_code
     print(markdown(report))
     print(f"wrote {args.workdir}/report.md, report.json and pareto.png")
     return 0
@@ -302,8 +307,8 @@ def _sweep(args, overrides: list[str]) -> int:
 
     try:
         study = sweep.run_sweep(config, args.workdir, storage=args.storage, workers=args.workers)
-    except Preempted as e:  # SIGTERM or Ctrl-C inside a trial: its checkpoint was saved
-        print(f"{e}\nrerun the same sweep command to finish the study", file=sys.stderr)
+    except Preempted as e:  # SIGTERM or Ctrl-C: a trial's checkpoint was saved, or none ran
+        print(e, file=sys.stderr)
         return e.exit_code
     print(report.format_report(study))
     written = report.write_report(study, args.workdir)

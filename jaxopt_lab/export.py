@@ -28,6 +28,7 @@ from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.run.build import load_run, member_state
+from jaxopt_lab.run.rundir import warn_if_unfinished
 from jaxopt_lab.techniques.quantize import serve_fn
 from jaxopt_lab.workflows.convert import load_serving, serving_model
 
@@ -51,8 +52,12 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
         raise UserError(f"--platforms {' '.join(unknown)}: allowed are {', '.join(PLATFORMS)}")
     if form not in FORMS:
         raise UserError(f"--form {form!r} is unknown; allowed: {', '.join(FORMS)}")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a directory: name the file to write, e.g. "
+                        f"{os.path.join(out, 'model.stablehlo')}")
     run = load_run(workdir)
     member_state(run, member, workdir)  # refuses a missing or impossible --member in one line
+    warn_if_unfinished(workdir, run.step, run.config.train.steps, "export")
     if form == "serving" and not os.path.exists(os.path.join(workdir, "quantized", "summary.json")):
         raise UserError(f"{workdir} has no serving form: run `jaxopt-lab quantize --workdir "
                         f"{workdir}` first, or export --form model")

@@ -173,12 +173,21 @@ def test_workdir_holding_another_models_run(tmp_path, change, message):
     assert (workdir / "config.json").read_text() == saved  # the run's own config survives
 
 
-def test_workdir_resumed_with_other_lr_and_steps_is_fine(tmp_path):
+def test_workdir_resumed_with_more_steps_is_fine_with_another_lr_refused(tmp_path):
+    """train.steps (and the other keys documented as safe) may change on resume; optim.lr may
+    not: the checkpoint's weights and injected learning rate were trained with the saved one."""
     workdir = _saved_run(tmp_path, tiny_config("mlp"))
     config = tiny_config("mlp", steps=40)
     config.optim.lr = 3e-3
+    config.data.prefetch = 4
+    saved = (workdir / "config.json").read_text()
+    with pytest.raises(UserError, match=r"holds a run trained with other values \(optim.lr="
+                                        r"0.01 there, 0.003 here\): .* use a new --workdir"):
+        prepare_workdir(str(workdir), config, is_chief=True)
+    assert (workdir / "config.json").read_text() == saved
+    config.optim.lr = 1e-2
     prepare_workdir(str(workdir), config, is_chief=True)
-    assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 3e-3
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 40
 
 
 def test_workdir_without_a_checkpoint_takes_any_model(tmp_path):
@@ -310,7 +319,7 @@ def test_cli_workdir_holding_another_models_run(tmp_path, tiny_run):
 def test_cli_resume_with_more_steps_appends_to_run_json(tmp_path, tiny_run):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
-    result = _train(workdir, "--config.train.steps=30", "--config.optim.lr=3e-3")
+    result = _train(workdir, "--config.train.steps=30")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 20
     first, second = json.loads((workdir / "run.json").read_text())["invocations"]
@@ -352,8 +361,8 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
 
 
 def test_a_config_the_checkpoint_refuses_leaves_config_json_alone(tmp_path):
-    """adam -> sgd keeps model and data, so the workdir checks pass, but the optimizer state no
-    longer fits: the restore refuses, and config.json still describes the checkpoints."""
+    """adam -> sgd keeps model and data, but the checkpoints were trained with adam: refused
+    before anything is built, and config.json still describes the checkpoints."""
     from jaxopt_lab import train_and_evaluate
     from jaxopt_lab.errors import UserError
 
@@ -361,7 +370,8 @@ def test_a_config_the_checkpoint_refuses_leaves_config_json_alone(tmp_path):
     train_and_evaluate(config, str(tmp_path))
     changed = tiny_config(steps=20, measure=False)
     changed.optim.name = "sgd"
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match=r"holds a run trained with other values "
+                                        r"\(optim.name='adam' there, 'sgd' here\)"):
         train_and_evaluate(changed, str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["name"] == "adam"
     assert len(json.loads((tmp_path / "run.json").read_text())["invocations"]) == 1

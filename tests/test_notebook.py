@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom (small settings) and are committed without outputs."""
+"""The notebooks are committed with the outputs of a full run (`make notebooks`), and run top to
+bottom at small settings in the suite (slow), printing what they should."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ NOTEBOOKS = ROOT / "notebooks"
 
 # notebook -> (its environment for a small run, patterns its printed output must contain)
 CASES = {
-    "quickstart.ipynb": ({"QUICKSTART_STEPS": "100"}, [r"checkpoint at step 100\b"]),
+    "quickstart.ipynb": ({"QUICKSTART_STEPS": "100"}, [
+        r"final validation accuracy 0\.\d{3}",
+        r"checkpoint at step 100\b",
+    ]),
     "byo_model.ipynb": ({"BYO_MODEL_STEPS": "40"}, [
         r"checkpoints: \['20', '40'\]",
         r"resumed from step 40\b",
@@ -22,6 +26,7 @@ CASES = {
         r"best member: [0-2] \(optim\.lr=(0\.001|0\.003|0\.01)\)",
     ]),
     "prototype_technique.ipynb": ({"PROTOTYPE_STEPS": "200"}, [
+        r"each run trains 200 steps",
         r"scaled sign \(ours\): test accuracy 0\.\d{3}, \d+\.\dx fewer bytes sent",
         r"built-in EF-signSGD: test accuracy 0\.\d{3}",
         r"magnitude \+ saliency \(ours\): test accuracy 0\.\d{3} at sparsity 0\.90",
@@ -33,12 +38,34 @@ CASES = {
     ]),
 }
 
+# notebook -> patterns the outputs committed from a full run (the notebook's defaults) contain
+FULL = {
+    "quickstart.ipynb": [r"final validation accuracy 0\.\d{3}", r"checkpoint at step 6000\b"],
+    "byo_model.ipynb": [r"checkpoints: \['1000', '500'\]", r"resumed from step 1000\b",
+                        *CASES["byo_model.ipynb"][1][2:]],
+    "prototype_technique.ipynb": [r"each run trains 3000 steps",
+                                  *CASES["prototype_technique.ipynb"][1][1:]],
+    "optimize.ipynb": [r"best: ", r"candidates: \['\w+'(, '\w+')+\] from one run",
+                       *CASES["optimize.ipynb"][1][2:]],
+}
+
+
+def _printed(notebook) -> str:
+    return "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_notebook_is_committed_without_outputs(name):
+def test_notebook_is_committed_with_the_outputs_of_a_full_run(name):
+    """`make notebooks` ran it: every code cell once, in order, none failing, a figure shown."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert all(not cell.get("outputs") and cell.get("execution_count") is None for cell in code)
+    counts = [cell.get("execution_count") for cell in code]
+    assert counts == list(range(1, len(code) + 1)), f"{name}: run `make notebooks` ({counts})"
+    outputs = [o for cell in code for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"], f"{name}: a cell failed"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no figure"
+    for pattern in FULL[name]:
+        assert re.search(pattern, _printed(notebook)), f"{name}: no {pattern!r} in its outputs"
 
 
 @pytest.mark.slow
@@ -52,6 +79,5 @@ def test_notebook_executes(monkeypatch, name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     for pattern in patterns:
-        assert re.search(pattern, outputs), f"{name}: no {pattern!r} in its output"
+        assert re.search(pattern, _printed(notebook)), f"{name}: no {pattern!r} in its output"

@@ -67,7 +67,8 @@ def _apply(parts: Parts, options: GradNoiseOptions) -> Parts:
                        lambda state: {"grad_noise_eta": jnp.float32(options.eta)}))
 
 
-GRAD_NOISE = Technique(name="grad_noise", options=GradNoiseOptions, check=_check, apply=_apply)
+GRAD_NOISE = Technique(name="grad_noise", options=GradNoiseOptions, check=_check, apply=_apply,
+                       seam="update")
 WITH_NOISE = (*TECHNIQUES, GRAD_NOISE)
 
 

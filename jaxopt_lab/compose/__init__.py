@@ -10,10 +10,11 @@ from jaxopt_lab.compose.experiment import (
     population_members,
     prepare_dataset,
     swept_keys,
+    with_data_recorded,
     with_model_recorded,
 )
 from jaxopt_lab.compose.techniques import TECHNIQUES
 
 __all__ = ["TECHNIQUES", "Experiment", "compose_experiment", "data_seed", "default_config",
            "load_config", "model_config", "population_members", "prepare_dataset", "swept_keys",
-           "validate", "with_model_recorded"]
+           "validate", "with_data_recorded", "with_model_recorded"]

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from jaxopt_lab.compose.techniques import TECHNIQUES
+from jaxopt_lab.core.layers import without_seams
 from jaxopt_lab.core.optim import INJECTED, build_optimizer, check_swept
 from jaxopt_lab.core.population import member_values
 from jaxopt_lab.core.precision import compute_dtype, loss_scale_summary, scales_loss
@@ -25,10 +26,17 @@ from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.step import Reducer, pmean_reducer, sharded_mean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
-from jaxopt_lab.data.sources import Dataset, as_dataset, load_dataset, with_validation
+from jaxopt_lab.data.sources import (
+    FROM_PYTHON,
+    Dataset,
+    as_dataset,
+    load_dataset,
+    with_validation,
+)
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.importpath import is_import_path
 from jaxopt_lab.models import NOT_HPARAMS, build_model, with_execution
-from jaxopt_lab.techniques.contract import Parts, StateFn, Technique
+from jaxopt_lab.techniques.contract import Parts, StateFn, Technique, takes_apply_fn
 
 LOSS_ARGS = ("params", "model_state", "batch", "rng", "hparams")
 
@@ -80,13 +88,27 @@ def with_model_recorded(config: ml_collections.ConfigDict,
     return config
 
 
+def with_data_recorded(config: ml_collections.ConfigDict, dataset) -> ml_collections.ConfigDict:
+    """`config` whose data.name says the run's data came from Python (unless it names an import
+    path, which rebuilds them), so config.json does not claim the config's own data set."""
+    if is_import_path(config.data.name):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.name = FROM_PYTHON + str(getattr(dataset, "name", None) or "custom")
+    return config
+
+
 def check_loss_signature(loss_fn: Callable) -> None:
-    """A user's loss must take the seam's five arguments; say so before anything traces."""
+    """A user's loss must take the seam's five arguments (and may take `apply_fn`, the composed
+    model's apply); say so before anything traces."""
+    extra = {"apply_fn": None} if takes_apply_fn(loss_fn) else {}
     try:
-        inspect.signature(loss_fn).bind(*LOSS_ARGS)
+        inspect.signature(loss_fn).bind(*LOSS_ARGS, **extra)
     except TypeError:
         raise UserError(f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} must take "
-                        f"({', '.join(LOSS_ARGS)}) and return (loss, aux)") from None
+                        f"({', '.join(LOSS_ARGS)}) and return (loss, aux); it may also take "
+                        "the keyword apply_fn, the composed model's apply") from None
     except ValueError:
         pass  # no signature to inspect (a builtin or C callable): let the trace tell
 
@@ -110,10 +132,9 @@ def _default_loss_hparams(config: ml_collections.ConfigDict, dataset: Dataset,
 
 
 def _initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
-                  model: nn.Module | None = None, loss_fn: LossFn | None = None,
-                  eval_fn: EvalFn | None = None, reducer: Reducer | None = None,
-                  swept: Collection[str] = (),
-                  load_run: Callable[[str], Any] | None = None) -> Parts:
+                   model: nn.Module | None, loss_fn: LossFn | None, eval_fn: EvalFn | None,
+                   reducer: Reducer | None, tx: optax.GradientTransformation | None,
+                   swept: Collection[str], load_run: Callable[..., Any] | None) -> Parts:
     """The experiment before any technique: the config's (or the caller's) model, loss,
     optimizer and reducer."""
     execution = {"dtype": compute_dtype(config.train.compute_dtype), "remat": config.train.remat}
@@ -127,11 +148,12 @@ def _initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
     else:
         check_loss_signature(loss_fn)
         hparams = {}
+    if tx is None:
+        tx = build_optimizer(config.optim, config.train.steps, swept)
     return Parts(
-        config=config, dataset=dataset, model=model, float_model=model, loss_fn=loss_fn,
-        own_loss=loss_fn is not None, augment=make_augment(**config.data.augment.to_dict()),
-        eval_fn=eval_fn,
-        tx=build_optimizer(config.optim, config.train.steps, swept), reducer=reducer,
+        config=config, dataset=dataset, model=model, float_model=without_seams(model),
+        loss_fn=None, user_loss=loss_fn, augment=make_augment(**config.data.augment.to_dict()),
+        eval_fn=eval_fn, tx=optax.with_extra_args_support(tx), reducer=reducer,
         caller_reducer=reducer is not None, sample_x=sample_input(dataset), hparams=hparams,
         state_summary=(loss_scale_summary,) if scales_loss(model) else (), load_run=load_run)
 
@@ -139,17 +161,23 @@ def _initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
 def compose_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
                        model: nn.Module | None = None, loss_fn: LossFn | None = None,
                        eval_fn: EvalFn | None = None, hparams: dict[str, float] | None = None,
-                       reducer: Reducer | None = None, swept: Collection[str] = (),
-                       techniques: Sequence[Technique] = TECHNIQUES,
-                       load_run: Callable[[str], Any] | None = None) -> Experiment:
+                       reducer: Reducer | None = None,
+                       tx: optax.GradientTransformation | None = None,
+                       swept: Collection[str] = (), techniques: Sequence[Technique] = TECHNIQUES,
+                       load_run: Callable[..., Any] | None = None) -> Experiment:
     """Composes model, loss, evaluation, reduction and update from a validated config.
 
     Args:
       config, dataset: the run's; `dataset.task` picks the default loss and evaluation.
-      model, loss_fn, eval_fn, reducer: a caller's own, used instead of the config's (a model
-        computes in train.compute_dtype with train.remat where they are not the defaults). A loss
-        without an eval_fn is evaluated with the data set's task on the model; a reducer is a
-        `core.step.Reducer` (gradient communication), e.g. one of `techniques.compress`.
+      model, loss_fn, eval_fn, reducer, tx: a caller's own, used instead of the config's (a
+        model computes in train.compute_dtype with train.remat where they are not the defaults).
+        A loss without an eval_fn is evaluated with the data set's task on the model; a loss
+        taking an `apply_fn` keyword is handed the composed model's apply (a five-argument loss
+        is refused where a technique changes the model); a reducer is a `core.step.Reducer`
+        (gradient communication), e.g. one of `techniques.compress`; tx any optax
+        transformation (then the config's optim block is not used). A technique the caller
+        applied from Python (a wrapped model, loss, tx or reducer) is recorded like one the
+        config applies, and the config may not apply it again.
       hparams: the per-trial values a caller's own loss reads (with the config's loss, its
         `loss.label_smoothing`).
       swept: the config keys a population varies (a swept optimizer value stays in the graph).
@@ -158,13 +186,27 @@ def compose_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         teacher); `jaxopt_lab.build_experiment` passes `jaxopt_lab.load_run`.
     """
     parts = _initial_parts(config, dataset, model=model, loss_fn=loss_fn, eval_fn=eval_fn,
-                          reducer=reducer, swept=swept, load_run=load_run)
+                           reducer=reducer, tx=tx, swept=swept, load_run=load_run)
     for technique in techniques:
-        options = technique.check(config)
-        if options is not None:
-            parts = technique.apply(parts, options)
+        parts = _apply(technique, parts)
     injected = {**INJECTED, **{k: v for t in techniques for k, v in t.injected.items()}}
     return _experiment(parts, hparams, injected)
+
+
+def _apply(technique: Technique, parts: Parts) -> Parts:
+    """`technique` at its seam: as the config says, or as the caller already applied it."""
+    options = technique.check(parts.config)
+    recognised = technique.recognise(parts) if technique.recognise else None
+    if recognised is not None and options is not None:
+        raise UserError(f"techniques.{technique.name} is on in the config and already applied to "
+                        f"what you passed from Python ({technique.name}.wrap): apply it once")
+    applied = recognised or (technique.apply(parts, options) if options is not None else None)
+    if applied is None:
+        return parts
+    if technique.seam == "model":
+        applied = dataclasses.replace(
+            applied, model_changed_by=(*applied.model_changed_by, technique.name))
+    return applied
 
 
 def _experiment(parts: Parts, hparams: dict[str, float] | None,

@@ -325,11 +325,27 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"{name} must be >= 0, got {config[section][key]}")
     if config.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0, got {config.optim.lr}")
+    _check_warmup(config)
     for name in ("data.validation_fraction", "loss.label_smoothing"):
         section, key = name.split(".")
         if not 0 <= config[section][key] < 1:
             raise UserError(f"{name} must be in [0, 1), got {config[section][key]}")
     check_population(config.population)  # its keys are checked when the run is built
+
+
+def _check_warmup(config: ml_collections.ConfigDict) -> None:
+    """A negative warm-up is refused; one longer than the run gets a warning line, not a
+    refusal: a short smoke run of a long config (`--config.train.steps=100` on a 200-step
+    warm-up) does this on purpose. Nor is it clipped: the value is injected into the optimizer
+    state, so a clipped one would differ from the config's again once `train.steps` is extended
+    on resume, and config.json would no longer say what trained. (A sweep refuses such a sampled
+    value instead: `tune/space.py`, `tune/trials.py`.)"""
+    optim, steps = config.optim, config.train.steps
+    if optim.warmup_steps < 0:
+        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if optim.schedule == "warmup_cosine" and optim.warmup_steps > steps:
+        print(f"warning: optim.warmup_steps={optim.warmup_steps} exceeds train.steps={steps}: "
+              "the learning rate never reaches optim.lr in this run", file=sys.stderr)
 
 
 def check_population(spec: Sequence) -> None:

@@ -14,6 +14,7 @@ there for either technique; its first multiplying layer is the one kept.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -54,9 +55,23 @@ def layers_in_call_order(model, variables: dict, sample_x) -> list[str]:
             if _prefix(scope) in kernels]
 
 
+SEAM_FIELDS = ("dot_general_cls", "conv_general_dilated_cls")  # the model seam's fields
+
+
+def without_seams(model):
+    """`model` with its model-seam fields emptied where it has them: the float model under a
+    technique's numerics (AQT's injected ops hide the layer order traced below)."""
+    fields = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) \
+        else set()
+    empty = {name: None for name in SEAM_FIELDS
+             if name in fields and getattr(model, name) is not None}
+    return model.clone(**empty) if empty else model
+
+
 def default_skip(model, variables: dict, sample_x) -> tuple[str, ...]:
-    """Patterns for the first and the last multiplying layers (one, if the model has one)."""
-    layers = layers_in_call_order(model, variables, sample_x)
+    """Patterns for the first and the last multiplying layers (one, if the model has one), read
+    from the float model."""
+    layers = layers_in_call_order(without_seams(model), variables, sample_x)
     if not layers:
         return ()
     ends = dict.fromkeys((layers[0], layers[-1]))  # ordered, without a repeat

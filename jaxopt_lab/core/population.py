@@ -26,6 +26,7 @@ from jaxopt_lab.core.config import check_population
 from jaxopt_lab.core.optim import INJECTED
 from jaxopt_lab.core.precision import diverged
 from jaxopt_lab.core.state import TrainState, create_train_state, state_shardings
+from jaxopt_lab.core.tasks import LABEL_SMOOTHING
 from jaxopt_lab.errors import UserError
 
 STATE_KEYS = ("seed", "data.seed")  # set when a member's state is made, not afterwards
@@ -74,8 +75,13 @@ def unstack_trials(population: TrainState) -> list[TrainState]:
 def allowed_keys(hparams: Iterable[str], injected: Mapping[str, str] = INJECTED) -> list[str]:
     """The keys a population may vary, given the state's hparams and the values injected into
     its optimizer state (config key -> name under a `hyperparams` dict, as
-    optax.inject_hyperparams keeps them: the optimizer's own and a technique's)."""
-    return [*STATE_KEYS, *injected, *sorted(hparams)]
+    optax.inject_hyperparams keeps them: the optimizer's own and a technique's).
+
+    `loss.label_smoothing` is always among them: the task's loss keeps it in the state only
+    where it is non-zero or swept, so a population that misspelled another key was told it
+    could not vary it either (one whose own loss reads no smoothing is told so by `set_values`).
+    """
+    return [*STATE_KEYS, *injected, *sorted({*hparams, LABEL_SMOOTHING})]
 
 
 def member_values(spec: Sequence[Sequence[Any]], hparams: Iterable[str],
@@ -111,6 +117,9 @@ def set_values(state: TrainState, values: Mapping[str, Any],
             to_inject[injected[key]] = value
         elif key in hparams:
             hparams[key] = jnp.asarray(value, jnp.float32).reshape(hparams[key].shape)
+        elif key == LABEL_SMOOTHING:
+            raise UserError(f"population varies {key!r}, but the loss reads no label smoothing "
+                            f"(a loss of your own: pass hparams={{{key!r}: value}} and read it)")
         elif key == "data.seed":
             seeds = np.asarray(value, np.uint32).reshape(-1)
             keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])

@@ -63,10 +63,17 @@ def default_data_dir() -> str:
     return os.environ.get("JAXOPT_LAB_DATA_DIR") or os.path.expanduser("~/.cache/jaxopt_lab/data")
 
 
+# data.name of a run given its data set from Python: config.json says so, and what it cannot
+# rebuild is asked for by name (`load_dataset`), instead of loading the config's data set.
+FROM_PYTHON = "from-python:"
+
+
 def check_dataset_name(name: str) -> None:
-    """Raises UserError unless `name` is a data set `load_dataset` knows (checked before any work)."""
+    """Raises UserError unless `name` is a data set `load_dataset` knows (checked before any work),
+    or records one a run was given from Python (`FROM_PYTHON`)."""
     if isinstance(name, str) and (name in DATASET_NAMES or is_import_path(name) or (
-            name.startswith(TFDS_PREFIX) and name[len(TFDS_PREFIX):].strip())):
+            name.startswith(TFDS_PREFIX) and name[len(TFDS_PREFIX):].strip())
+            or name.startswith(FROM_PYTHON)):
         return
     raise UserError(f"unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)}, "
                     f"{TFDS_PREFIX}<TFDS catalog name> or an import path package.module:function")
@@ -87,6 +94,12 @@ def load_dataset(name: str, data_dir: str | None = None, *,
         a quarter as many), the number of label values and the seed that fixes them.
     """
     check_dataset_name(name)
+    if name.startswith(FROM_PYTHON):
+        raise UserError(
+            f"the run was trained on data set {name[len(FROM_PYTHON):]!r} passed from Python "
+            "(dataset=), which its config cannot rebuild: pass it again (load_run(workdir, "
+            "dataset=...), train_and_evaluate(..., dataset=...)), or set data.name to an "
+            "import path 'package.module:function' that returns it")
     if is_import_path(name) and not name.startswith(TFDS_PREFIX):
         return as_dataset(load_object(name, "data.name")(), name)
     if name == "synthetic":

@@ -55,6 +55,7 @@ class Run:
     mesh: Any
     carry: Any  # initialised, restored, or (before a restore) abstract
     step: int = 0  # the step `carry` is at
+    workdir: str | None = None  # the run directory it was loaded from
 
     @property
     def state(self) -> TrainState:
@@ -69,13 +70,13 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, **part
 
 
 def build_run(config: ml_collections.ConfigDict, *, model=None, dataset=None, loss_fn=None,
-              eval_fn=None, hparams: dict[str, float] | None = None, reducer=None,
+              eval_fn=None, hparams: dict[str, float] | None = None, reducer=None, tx=None,
               techniques: Sequence[Technique] = TECHNIQUES, train: bool = True) -> Run:
     """A validated config's run, nothing trained or restored.
 
     Args:
       config: validated (`jaxopt_lab.load_config` / `validate`).
-      model, dataset, loss_fn, eval_fn, hparams, reducer: a caller's own parts, as
+      model, dataset, loss_fn, eval_fn, hparams, reducer, tx: a caller's own parts, as
         `train_and_evaluate` takes them.
       techniques: what may apply, in seam order.
       train: True makes the initial state (and the training data a technique adds, e.g.
@@ -89,7 +90,7 @@ def build_run(config: ml_collections.ConfigDict, *, model=None, dataset=None, lo
             raise UserError(f"data.batch_size={config.data.batch_size} exceeds the {num_train} "
                             f"training examples of {dataset.name}")
     experiment = compose_experiment(config, dataset, model=model, loss_fn=loss_fn,
-                                    eval_fn=eval_fn, hparams=hparams, reducer=reducer,
+                                    eval_fn=eval_fn, hparams=hparams, reducer=reducer, tx=tx,
                                     swept=swept_keys(config), techniques=techniques,
                                     load_run=load_run)
     if train and experiment.train_data is not None:
@@ -135,12 +136,14 @@ def load_run(workdir: str, step: int | None = None, *,
     run = build_run(config, train=False, techniques=techniques, **objects)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     try:
-        restored = checkpointer.restore(run.carry, step)
+        # Evaluation and export never read comm_state: another device count restores the rest.
+        restored = checkpointer.restore(run.carry, step, on_device_count_change=lambda *_: None)
     finally:
         checkpointer.close()
     if restored is None:
         raise UserError(f"{workdir} holds no readable checkpoint")
     run.carry, run.step = restored
+    run.workdir = workdir
     return run
 
 

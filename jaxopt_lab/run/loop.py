@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxopt_lab.compose import TECHNIQUES, with_model_recorded
+from jaxopt_lab.compose import TECHNIQUES, with_data_recorded, with_model_recorded
 from jaxopt_lab.core.accumulate import check_microbatches
 from jaxopt_lab.core.callsize import CallSizeChooser
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
@@ -76,16 +76,47 @@ def _build(config, workdir, *, model, until, **objects) -> Training:
     check_microbatches(config.data.batch_size // mesh.size, config.train.grad_accum_steps)
     if model is not None:
         config = with_model_recorded(config, model)
+    if objects.get("dataset") is not None:
+        config = with_data_recorded(config, objects["dataset"])
     check_workdir(workdir, config)
-    return prepare_training(build_run(config, model=model, **objects), workdir, until)
+    run = build_run(config, model=model, **objects)
+    if _simulates_communication(run) and jax.process_index() == 0:
+        method = run.experiment.techniques["compress"].get("method")
+        print(f"warning: techniques.compress ({method}) on 1 data-parallel device: nothing is "
+              "communicated; it changes training as it would on several, and "
+              "comm_bytes_per_step / comm_ratio are what each device would send (summary.json "
+              "marks them comm_simulated)", file=sys.stderr)
+    return prepare_training(run, workdir, until)
+
+
+def _simulates_communication(run) -> bool:
+    """A compressor on a mesh of one device: there is no one to send to."""
+    return run.mesh.size == 1 and "compress" in run.experiment.techniques
 
 
 def _restore(t: Training) -> None:
-    """The newest checkpoint that loads; then config.json and run.json record this invocation."""
-    restored = t.checkpointer.restore(t.run.carry, data_iterator=t.streamed)
+    """The newest checkpoint that loads (the step every process agreed on), said in one line on
+    the chief; then config.json and run.json record this invocation.
+
+    A checkpoint written on another number of data-parallel devices resumes with a fresh
+    comm_state (one entry per device: a compressor's residuals cannot be split or merged), as
+    one warning line says; everything else is restored.
+    """
+    is_chief = jax.process_index() == 0
+
+    def comm_state_reset(saved: int, now: int) -> None:
+        if is_chief:
+            print(f"warning: the checkpoint's comm_state was written on {saved} data-parallel "
+                  f"devices; re-initialised for {now}", file=sys.stderr)
+
+    restored = t.checkpointer.restore(t.run.carry, data_iterator=t.streamed,
+                                      on_device_count_change=comm_state_reset)
     if restored is not None:
         t.run.carry, t.resumed_from = restored
-    if jax.process_index() == 0:
+        if is_chief and t.resumed_from:  # step 0: a start written outside a run, not a resume
+            print(f"resumed from step {t.resumed_from} ({t.checkpointer.directory})",
+                  file=sys.stderr)
+    if is_chief:
         record_run(t.workdir, t.run.config)
 
 
@@ -182,11 +213,24 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
                 if t.stopped_at:
                     break
             t.call_size = chooser.summary()
-            return time.perf_counter() - start_time, step - start_step
+            elapsed = time.perf_counter() - start_time
         finally:
             bar.close()
             t.checkpointer.close()
             writer.close()
+    _pass_on(signals)
+    return elapsed, step - start_step
+
+
+def _pass_on(signals: StopSignals) -> None:
+    """A stop asked for too late to stop this run (after its last boundary but one) goes to the
+    StopSignals around it, if any: a procedure of several runs (optimize, a sweep) then stops
+    after this run instead of starting the next. Under plain `train` there is none: the run has
+    simply finished."""
+    for signum in signals.received:
+        outer = getattr(signal.getsignal(signum), "__self__", None)
+        if isinstance(outer, StopSignals) and signum not in outer.received:
+            outer.received.append(signum)
 
 
 def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
@@ -298,6 +342,8 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
     }
     if t.stopped_at is not None:
         summary["stopped_at"] = t.stopped_at
+    if _simulates_communication(run):  # multi-device summaries keep their keys
+        summary["comm_simulated"] = True
     is_chief = jax.process_index() == 0
     measured, counted = state_fields(run)
     summary.update(measured)
@@ -318,7 +364,7 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
 def train_run(config: ml_collections.ConfigDict, workdir: str, *, model=None, dataset=None,
               loss_fn: LossFn | None = None, eval_fn: EvalFn | None = None,
               hparams: dict[str, float] | None = None, reducer: Reducer | None = None,
-              stop_members: MemberStopper | None = None, techniques=TECHNIQUES,
+              tx=None, stop_members: MemberStopper | None = None, techniques=TECHNIQUES,
               until: int | None = None) -> Training:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint) until step `until`
     (default train.steps); returns the finished `Training`: its run (the final state) and
@@ -328,8 +374,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, *, model=None, da
     Arguments as `jaxopt_lab.train_and_evaluate` takes them (see there).
     """
     t = _build(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
-               eval_fn=eval_fn, hparams=hparams, reducer=reducer, techniques=techniques,
-               until=until)
+               eval_fn=eval_fn, hparams=hparams, reducer=reducer, tx=tx,
+               techniques=techniques, until=until)
     _restore(t)
     train_wall_s, steps_run = _train(t, stop_members)
     _finish(t, train_wall_s, steps_run)

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -27,6 +28,14 @@ from jaxopt_lab.errors import UserError
 
 # The stack a result depends on: AQT breaks on JAX upgrades, orbax changes its checkpoint format.
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "aqtp", "jaxopt-lab")
+# Keys a resumed run may change: how long it trains (train.steps extends it), how often it logs,
+# evaluates and checkpoints, what it measures at the end and how the data reach it. None of them
+# changes the weights a step computes, so config.json may record the new values.
+RESUMABLE = ("train.steps", "train.eval_every", "train.eval_batch_size", "train.log_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.progress",
+             "train.measure", "data.workers", "data.prefetch")
+# Blocks a run does not read: the settings of the procedures around runs (a sweep, optimize).
+NOT_READ_BY_A_RUN = ("sweep", "optimize")
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, is_chief: bool) -> None:
@@ -36,7 +45,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, is_chief
 
     Raises:
       UserError: the path is a file, cannot be created or is not writable, or it holds a run of
-        another model or data set. Other changed keys (lr, steps) are how a run is extended.
+        another model or data set, or of this model with other values than those of `RESUMABLE`
+        (train.steps extends a run; see `_check_same_run`).
     """
     check_workdir(workdir, config)
     if is_chief:
@@ -84,7 +94,14 @@ def _has_checkpoint(directory: str) -> bool:
 
 
 def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A workdir with checkpoints may only be resumed by the same model on the same data."""
+    """A workdir with checkpoints may only be resumed by the same model on the same data, with
+    the same values but those of `RESUMABLE`.
+
+    A changed value elsewhere (optim.lr, a technique's option) would be written into config.json
+    while the checkpoint holds weights (and injected optimizer values) trained with the old one:
+    the directory would describe a run that never happened. Keys only one side has (a run
+    written before the key existed) are not compared.
+    """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path) or not _has_checkpoint(os.path.join(workdir, "checkpoints")):
         return  # nothing to resume: any config may start here
@@ -95,9 +112,10 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{config_path} is unreadable ({type(e).__name__}: {e}) but {workdir} "
                         "holds checkpoints: restore that file or use a new --workdir") from None
-    model = json.loads(config.model.to_json_best_effort())  # tuples become lists, as when saved
-    data = config.data.name
+    current = json.loads(config.to_json_best_effort())  # tuples become lists, as when saved
+    model, data = current["model"], config.data.name
     if saved_model == model and saved_data == data:
+        _check_same_values(workdir, saved, current)
         return
     # Another model differs in everything; the same model is named with the hyperparameters.
     differing = [] if saved_model.get("name") != model.get("name") else sorted(
@@ -109,6 +127,51 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
 
     raise UserError(f"{workdir} holds a run of model {describe(saved_model)} on {saved_data!r}; "
                     f"this config trains {describe(model)} on {data!r}: use a new --workdir")
+
+
+def _check_same_values(workdir: str, saved: dict, current: dict) -> None:
+    """One line naming every key whose value differs from the saved run's (but `RESUMABLE`)."""
+    before, after = dict(_flat(saved)), dict(_flat(current))
+    differing = [k for k in sorted(before.keys() & after.keys())
+                 if before[k] != after[k] and k not in RESUMABLE
+                 and k.split(".")[0] not in NOT_READ_BY_A_RUN]
+    if differing:
+        changes = ", ".join(f"{k}={before[k]!r} there, {after[k]!r} here" for k in differing)
+        raise UserError(f"{workdir} holds a run trained with other values ({changes}): its "
+                        "checkpoints were not trained with these; rerun with the run's values "
+                        f"or use a new --workdir (a resume may change only {', '.join(RESUMABLE)})")
+
+
+def _flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a config as JSON holds it."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def warn_if_unfinished(workdir: str, step: int, steps: int, use: str) -> None:
+    """One line on stderr where `use` (quantize, export, a teacher) reads a run whose newest
+    checkpoint stops short of its train.steps: a run interrupted at step 20 of 300 would
+    otherwise be converted or taught from as if it were the trained model.
+
+    A run that ended there on purpose says so in its summary.json and is not warned about: early
+    stopping (`stopped_at`) and a shrunk run's step-0 checkpoint (`shrunk_from`).
+    """
+    if step >= steps or _ended_there(workdir, step):
+        return
+    print(f"warning: {use} reads {workdir} at step {step} of its train.steps={steps}: the run "
+          "stopped early (rerun its train command to finish it)", file=sys.stderr)
+
+
+def _ended_there(workdir: str, step: int) -> bool:
+    try:
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return summary.get("stopped_at") == step or ("shrunk_from" in summary and step == 0)
 
 
 def record_provenance(workdir: str) -> dict:

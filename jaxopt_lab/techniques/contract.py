@@ -16,6 +16,10 @@ import: a new technique is a new package plus one entry in that tuple (or a tupl
     apply:    (Parts, options) -> Parts: the technique applied at its seam to the experiment's
               parts (model, loss, tx, reducer, data), with what it reports (its summary.json
               record, state metrics and summaries).
+    recognise: (Parts) -> Parts or None: the technique already applied by the caller from
+              Python (a `quantize.wrap`ped model, a `prune.wrap`ped optimizer, a
+              `distill.wrap`ped loss, a compressing reducer), recorded as if the config had
+              applied it; the config may not apply it a second time.
     prepare_data: (config, Dataset) -> Dataset, for a technique that adds training data
               (distillation's transfer set), before anything is built.
 Each option field carries its comment in the options class: that is the schema's documentation.
@@ -24,6 +28,8 @@ Each option field carries its comment in the options class: that is the schema's
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,6 +41,7 @@ import optax
 from jaxopt_lab.core.step import Reducer
 from jaxopt_lab.core.tasks import Augment, EvalFn, LossFn, make_task
 from jaxopt_lab.data.sources import Dataset
+from jaxopt_lab.errors import UserError
 
 StateFn = Callable[[Any], dict]  # TrainState -> {name: value}
 
@@ -51,8 +58,8 @@ class Parts:
     dataset: Dataset
     model: nn.Module  # the model seam, with the techniques applied so far
     float_model: nn.Module  # before any technique: what layer order and default skips read
-    loss_fn: LossFn | None  # None: the data set's task's loss on the final model
-    own_loss: bool  # the caller passed loss_fn (the task's loss cannot be rebuilt around it)
+    loss_fn: LossFn | None  # a loss-seam technique's loss; None: the caller's or the task's
+    user_loss: LossFn | None  # the caller's own loss, as they passed it
     augment: Augment | None  # the on-device augmentation the task's loss applies
     eval_fn: EvalFn | None
     tx: optax.GradientTransformationExtraArgs
@@ -65,7 +72,13 @@ class Parts:
     record: dict[str, dict] = dataclasses.field(default_factory=dict)  # summary.json techniques
     extra_params: Callable[[Any], dict] | None = None  # key -> params trained beside the model's
     train_data: Callable[[Dataset], Dataset] | None = None  # applied to the data before training
-    load_run: Callable[[str], Any] | None = None  # directory -> a run (`jaxopt_lab.load_run`)
+    load_run: Callable[..., Any] | None = None  # (directory, **objects) -> a run (load_run)
+    model_changed_by: tuple[str, ...] = ()  # the techniques that changed the model seam
+
+    @property
+    def own_loss(self) -> bool:
+        """The caller passed a loss: the task's loss cannot be rebuilt around it."""
+        return self.user_loss is not None
 
     def task_loss(self, capture: Sequence[str] = ()) -> LossFn:
         """The data set's task's loss on the model as composed so far (`capture`: module paths
@@ -73,8 +86,35 @@ class Parts:
         return make_task(self.dataset.task, self.model, self.augment, capture).loss_fn
 
     def loss(self) -> LossFn:
-        """The loss as composed so far: the caller's or a wrapper's, else the task's."""
-        return self.loss_fn if self.loss_fn is not None else self.task_loss()
+        """The loss as composed so far: a wrapper's, else the caller's (handed the composed
+        model's `apply` where it takes `apply_fn`), else the task's on the composed model.
+
+        Raises:
+          UserError: the caller's loss applies a model of its own while a technique changed the
+            model seam: it would train without that technique.
+        """
+        if self.loss_fn is not None:
+            return self.loss_fn
+        if self.user_loss is None:
+            return self.task_loss()
+        if takes_apply_fn(self.user_loss):
+            return functools.partial(self.user_loss, apply_fn=self.model.apply)
+        if self.model_changed_by:
+            names = ", ".join(f"techniques.{n}" for n in self.model_changed_by)
+            raise UserError(f"{names} changed the model, but loss_fn "
+                            f"{getattr(self.user_loss, '__name__', 'yours')!r} applies a model "
+                            "of its own: give it an `apply_fn` keyword (the composed model's "
+                            "apply) and call that, or leave the loss to the data set's task")
+        return self.user_loss
+
+
+def takes_apply_fn(loss_fn: Callable) -> bool:
+    """Whether a loss takes the `apply_fn` keyword: the composed model's `apply`."""
+    try:
+        parameters = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # no signature to inspect: a builtin or C callable
+        return False
+    return "apply_fn" in parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +125,7 @@ class Technique:
     options: type  # a frozen dataclass
     check: Callable[[ml_collections.ConfigDict], Any]
     apply: Callable[[Parts, Any], Parts]
+    seam: str  # model | loss | update | communication: where it applies
     config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_only: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # keys first
     python_only: tuple[str, ...] = ()  # option fields the config block leaves out
@@ -92,6 +133,9 @@ class Technique:
     # optax.inject_hyperparams does (config key -> name there): a population may vary them
     injected: Mapping[str, str] = dataclasses.field(default_factory=dict)
     prepare_data: Callable[[ml_collections.ConfigDict, Dataset], Dataset] | None = None
+    # the technique applied by the caller from Python (a wrapped model, loss, optimizer or
+    # reducer passed in): parts with its record and reports, else None
+    recognise: Callable[[Parts], Parts | None] | None = None
 
     def defaults(self) -> dict[str, Any]:
         """The block's keys and defaults, in order: the config-only keys, then the options'

@@ -107,6 +107,7 @@ def check_space(config: ml_collections.ConfigDict) -> list[Dimension]:
     dims = dimensions(config.sweep.space)
     if not dims:
         raise UserError("sweep.space is empty: nothing to search (see jaxopt_lab/tune/space.py)")
+    _check_warmup_range(config, dims)
     seen: dict[str, Dimension] = {}
     for key, kind, spec, when in dims:
         if key in seen:
@@ -143,6 +144,25 @@ def check_space(config: ml_collections.ConfigDict) -> list[Dimension]:
         for value in spec:  # each bound or choice
             _check_value(config, key, value)
     return dims
+
+
+def _check_warmup_range(config: ml_collections.ConfigDict, dims: Sequence[Dimension]) -> None:
+    """A warm-up the space can sample longer than train.steps is refused before any trial: such
+    a trial never reaches optim.lr (a config's own value only gets a warning, but a sampler
+    would learn from values that never warmed up). Where train.steps is swept too, each
+    trial is checked (`trials.job_config`)."""
+    by_key = {d[0]: d for d in dims}
+    warmup, schedule = by_key.get("optim.warmup_steps"), by_key.get("optim.schedule")
+    if warmup is None or "train.steps" in by_key:
+        return
+    schedules = schedule[2] if schedule and schedule[1] == "categorical" else ()
+    if config.optim.schedule != "warmup_cosine" and "warmup_cosine" not in schedules:
+        return
+    numbers = [v for v in warmup[2] if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers and max(numbers) > config.train.steps:
+        raise UserError(f"sweep.space 'optim.warmup_steps' reaches {max(numbers)}, more than "
+                        f"train.steps={config.train.steps}: a trial would never reach optim.lr; "
+                        "lower its high")
 
 
 def _check_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,11 +30,11 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from jaxopt_lab.compose.config import validate
-from jaxopt_lab.core.interrupt import Preempted
+from jaxopt_lab.core.interrupt import Preempted, StopSignals
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.tune.samplers import check_names, make_pruner, make_sampler
-from jaxopt_lab.tune.space import Dimension, check_space, suggest
-from jaxopt_lab.tune.trials import MEASURED, Job, run_job, shape_key
+from jaxopt_lab.tune.space import Dimension, apply, check_space, suggest
+from jaxopt_lab.tune.trials import MEASURED, Job, check_measured, run_job, shape_key
 
 RECORD = "sweep.json"  # the sweep's config and storage, so a rerun and its workers agree
 DIRECTIONS = ("maximize", "minimize")
@@ -219,20 +220,41 @@ class Sweep:
             return self._orphans() or self._ask()
 
     def work(self, on_done=None) -> None:
-        """Claims and trains jobs until the study has its trials."""
-        while jobs := self.claim():
-            for job, lock in jobs:
+        """Claims and trains jobs until the study has its trials.
+
+        SIGTERM or Ctrl-C stops it as it stops `train`: inside a job, the job's run saves and
+        raises `Preempted`; between jobs (claiming, telling the study), at the next job, whose
+        trials stay RUNNING with their locks free, so the rerun claims and trains them.
+        """
+        with StopSignals(announce=False) as signals:
+            while jobs := self.claim():
                 try:
-                    run_job(job, self.config, self.workdir, self.objectives, self.study)
+                    for job, lock in jobs:
+                        _stop_if_asked(signals)
+                        run_job(job, self.config, self.workdir, self.objectives, self.study)
+                        lock.close()
+                        if on_done is not None:
+                            on_done()
                 finally:
-                    lock.close()
-                if on_done is not None:
-                    on_done()
+                    for _, lock in jobs:
+                        lock.close()
+
+
+def _stop_if_asked(signals: StopSignals) -> None:
+    if signals.received:
+        signum = signals.received[0]
+        raise Preempted(f"{signal.Signals(signum).name}: the sweep stopped between trials; "
+                        "rerun the same command to finish the study",
+                        StopSignals.EXIT_CODES[signum])
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, storage: str = "") -> Sweep:
     """The sweep in `workdir`: checked, recorded (a rerun must bring the same config)."""
     validate(config)
+    dims = check_sweep(config)
+    swept_data = next((d[2] for d in dims if d[0] == "data.name"), None)
+    for name in swept_data or (config.data.name,):  # every data set a trial may train on
+        check_measured(apply(config, {"data.name": name}))
     os.makedirs(workdir, exist_ok=True)
     record = {"config": config.to_dict(), "storage": storage or storage_url(config, workdir)}
     path = os.path.join(workdir, RECORD)
@@ -297,7 +319,19 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, storage: str =
         update()
     finally:
         bar.close()
+    check_some_succeeded(sweep)
     return sweep.study
+
+
+def check_some_succeeded(sweep: Sweep) -> None:
+    """A study whose every trial failed is an error, not a result: the reason (the first
+    trial's, one line) reaches the terminal rather than only study.journal."""
+    done = sweep.done()
+    if not done or any(t.state != TrialState.FAIL for t in done):
+        return
+    reasons = [t.user_attrs["error"] for t in done if t.user_attrs.get("error")]
+    reason = " ".join(reasons[0].split()) if reasons else "no reason recorded"
+    raise UserError(f"all {len(done)} trials of the sweep failed; the first: {reason}")
 
 
 def _best(sweep: Sweep, done: list) -> float | None:
@@ -308,16 +342,31 @@ def _best(sweep: Sweep, done: list) -> float | None:
 
 
 def _run_workers(sweep: Sweep, count: int, update) -> None:
+    """Starts `count` workers and watches them. A stop signal here is passed on as SIGTERM
+    (save and stop; never a second Ctrl-C's "stop at once", should the terminal have sent them
+    the first itself); once they have saved, `Preempted`."""
     procs = [subprocess.Popen([sys.executable, "-m", "jaxopt_lab.tune.sweep", sweep.workdir,
                                str(index + 1)]) for index in range(count)]
     try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
-            update()
+        with StopSignals(announce=False) as signals:
+            passed_on = False
+            while any(p.poll() is None for p in procs):
+                time.sleep(1.0)
+                update()
+                if signals.received and not passed_on:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)
+                    passed_on = True
     finally:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
+    if signals.received:
+        signum = signals.received[0]
+        raise Preempted(f"{signal.Signals(signum).name}: the sweep's workers saved their trials "
+                        "and stopped; rerun the same command to finish the study",
+                        StopSignals.EXIT_CODES[signum])
     failed = [p.returncode for p in procs if p.returncode]
     if failed:
         raise UserError(f"{len(failed)} of {count} sweep workers failed (exit codes {failed}); "
@@ -333,6 +382,8 @@ def _worker_main(workdir: str, worker: int) -> int:
     except Preempted as e:  # the trial's checkpoint is saved; a rerun resumes it
         print(e, file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before a run's handlers were installed: nothing to save
+        return 130
     return 0
 
 

@@ -18,7 +18,7 @@ import ml_collections
 import optuna
 from optuna.trial import TrialState
 
-from jaxopt_lab.compose import TECHNIQUES
+from jaxopt_lab.compose import TECHNIQUES, prepare_dataset
 from jaxopt_lab.compose.config import validate
 from jaxopt_lab.core.optim import INJECTED
 from jaxopt_lab.core.population import STATE_KEYS
@@ -34,6 +34,11 @@ VALUE_KEYS = frozenset({*STATE_KEYS, *INJECTED, *(k for t in TECHNIQUES for k in
                         LABEL_SMOOTHING, distill.TEMPERATURE, distill.ALPHA})
 MEASURED = ("latency_ms_batch1", "latency_ms_batch256", "num_params", "model_bytes",
             "flops_per_example", "train_wall_s")
+# What each task's evaluation measures on a split (the keys of core/tasks.py's eval_fn; the
+# summary names them `<split>_<metric>`): what a `validation_*` objective may name. Pinned
+# against the tasks themselves by tests/test_risky.py.
+TASK_METRICS = {"classification": ("loss", "accuracy"), "regression": ("loss", "mse"),
+                "language_model": ("loss", "bits_per_char", "accuracy")}
 
 
 @dataclasses.dataclass
@@ -53,12 +58,34 @@ def shape_key(params: dict[str, Any]) -> tuple:
     return tuple(sorted((k, v) for k, v in params.items() if k not in VALUE_KEYS))
 
 
+def check_measured(config: ml_collections.ConfigDict) -> None:
+    """Each `validation_*` objective names a metric the task of the config's data set evaluates
+    (a misspelled `validation_acc` would otherwise train every trial fully and fail it at the
+    end). The data set is read here once, as each trial reads it, to learn its task.
+
+    Raises:
+      UserError: one line naming the objective and what the run measures.
+    """
+    named = [m for m, _ in config.sweep.objectives if m.startswith("validation_")]
+    if not named:
+        return
+    task = prepare_dataset(config).task
+    measured = [f"validation_{m}" for m in TASK_METRICS.get(task, ())]
+    for metric in named:
+        if metric not in measured:
+            raise UserError(f"sweep.objectives {metric!r} is not measured: data set "
+                            f"{config.data.name!r} ({task}) gives {', '.join(measured)}; "
+                            f"the run also measures {', '.join(MEASURED)}")
+
+
 def job_config(base: ml_collections.ConfigDict, trials: Sequence[optuna.Trial],
                population: bool) -> ml_collections.ConfigDict:
     """The run's config: the base with the trials' shape params, and for a population each
     member's values (a member without a conditional key keeps the base config's value)."""
     params = [t.params for t in trials]
     config = apply(base, dict(shape_key(params[0])))
+    for values in params:
+        _check_warmup(apply(config, values))
     with config.unlocked():
         config.train.progress = False
         if population:
@@ -70,6 +97,17 @@ def job_config(base: ml_collections.ConfigDict, trials: Sequence[optuna.Trial],
             config.train.progress = False
     validate(config)
     return config
+
+
+def _check_warmup(config: ml_collections.ConfigDict) -> None:
+    """A sampled warm-up longer than the run is refused for the trial (which then fails with
+    this line), not only warned about as a config's is: the sampler would learn from a value
+    that never warmed up. `check_space` refuses such a range before the first trial; this
+    catches what it cannot see (train.steps swept too)."""
+    optim, steps = config.optim, config.train.steps
+    if optim.schedule == "warmup_cosine" and optim.warmup_steps > steps:
+        raise UserError(f"optim.warmup_steps={optim.warmup_steps} exceeds this trial's "
+                        f"train.steps={steps}: the learning rate would never reach optim.lr")
 
 
 def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,

@@ -26,6 +26,7 @@ from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.run.build import load_run, merge_splits
+from jaxopt_lab.run.rundir import warn_if_unfinished
 from jaxopt_lab.techniques.quantize import (
     calibrate,
     convert,
@@ -62,6 +63,7 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
     run = load_run(workdir)
     if run.members:
         raise UserError(f"{workdir} holds a population; quantize one run (train a member alone)")
+    warn_if_unfinished(workdir, run.step, run.config.train.steps, "quantize")
     scheme = pick_scheme(scheme)
     activations = scheme == "w8a8"
     sample_x = sample_input(run.dataset)
@@ -157,11 +159,19 @@ def outputs_identical(model, variables, serving, serve, arrays, batch_size: int)
     return True
 
 
+SEAMS = ("dot_general_cls", "conv_general_dilated_cls")  # where `wrap` injected AQT
+
+
 def float_model(run):
-    """The run's model without quantization (a QAT run's seams emptied)."""
+    """The run's model without quantization (a QAT run's seams emptied).
+
+    Only the seams the module has are emptied: a module of your own needs only the fields it
+    uses (a Dense-only one has no `conv_general_dilated_cls`), as `wrap` injects only those.
+    """
     model = run.experiment.model
     if "quantize" in run.experiment.techniques:
-        model = model.clone(dot_general_cls=None, conv_general_dilated_cls=None)
+        fields = {f.name for f in dataclasses.fields(model)}
+        model = model.clone(**{seam: None for seam in SEAMS if seam in fields})
     return model
 
 

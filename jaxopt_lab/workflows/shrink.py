@@ -52,6 +52,7 @@ def shrink_run(workdir: str, member: int | None = None, out: str | None = None) 
     """Shrinks the run in `workdir` (member `member` of a population) into `out` (default
     workdir/shrunk/); returns (and writes) its summary.json."""
     run = load_run(workdir)
+    check_channel_pruned(run, workdir)
     state = member_state(run, member, workdir)
     original = {"params": model_params(state.params), **state.model_state}
     model, variables = shrink(run.experiment.model, original)
@@ -84,6 +85,17 @@ def shrink_run(workdir: str, member: int | None = None, out: str | None = None) 
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def check_channel_pruned(run, workdir: str) -> None:
+    """Only a run pruned with pattern="channels" has whole channels to cut: any other run would
+    come out as an identical "shrunk" copy of itself, which says nothing was gained."""
+    record = run.experiment.techniques.get("prune")
+    pattern = record.get("pattern") if record else None
+    if pattern != "channels":
+        how = "was never pruned" if record is None else f"was pruned with pattern={pattern!r}"
+        raise UserError(f"{workdir} {how}: shrink cuts the channels that pruning with "
+                        "techniques.prune.pattern=channels removed; nothing to shrink here")
 
 
 def shrunk_config(config: ml_collections.ConfigDict, model,

@@ -49,7 +49,7 @@ def train_teacher_first(config: ml_collections.ConfigDict, workdir: str,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model=None,
                        dataset=None, loss_fn=None, eval_fn=None,
-                       hparams: dict[str, float] | None = None, reducer=None,
+                       hparams: dict[str, float] | None = None, reducer=None, tx=None,
                        stop_members: MemberStopper | None = None,
                        techniques=TECHNIQUES) -> dict:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
@@ -62,13 +62,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
       dataset: a `data.sources.Dataset`, or a mapping of split names to TFDS/grain data sources
         (`as_dataset`); default: `config.data`.
       loss_fn: `loss_fn(params, model_state, batch, rng, hparams) -> (loss, aux)`, aux holding
-        at least {"metrics": {...}, "model_state": ...}; default: the data set's task.
+        at least {"metrics": {...}, "model_state": ...}; default: the data set's task. Give it
+        a keyword `apply_fn` and call that instead of your module's apply: it is the composed
+        model's (with quantization, say); a loss without one is refused where a technique
+        changes the model.
       eval_fn: `eval_fn(params, model_state, batch) -> {metric: per-example values}`; default:
         the data set's task's evaluation.
       hparams: per-trial scalars your loss reads from its `hparams` argument (a population may
         vary them by name).
       reducer: a `core.step.Reducer` of your own (gradient communication); default: the
         config's `techniques.compress`, an exact all-reduce unless it names a compressor.
+      tx: an optax transformation of your own (`prune.wrap`ped or not); default: the config's
+        `optim` block. Techniques applied from Python (a `quantize.wrap`ped model, a
+        `distill.wrap`ped loss, a `prune.wrap`ped tx, a compressing reducer) are recorded in
+        summary.json like the config's; the config may not apply one a second time.
       stop_members: called at every evaluation before the last step with (step, per-member
         metrics; one dict for a single run); the members it returns are stopped (a single run
         returning [0] ends there, checkpointed, its summary's `stopped_at` set).
@@ -77,5 +84,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     """
     config = train_teacher_first(config, workdir, techniques)
     return train_run(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn,
-                     eval_fn=eval_fn, hparams=hparams, reducer=reducer,
+                     eval_fn=eval_fn, hparams=hparams, reducer=reducer, tx=tx,
                      stop_members=stop_members, techniques=techniques).summary

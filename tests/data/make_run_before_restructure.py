@@ -19,6 +19,7 @@ config.train.progress = False
 config.train.measure = False
 config.train.steps_per_call = 1
 config.techniques.quantize.method = "qat"
+config.techniques.quantize.skip = ()
 config.techniques.prune.method = "magnitude"
 config.techniques.prune.sparsity = 0.5
 config.techniques.prune.begin_step = 5

@@ -29,6 +29,7 @@ from jaxopt_lab.techniques.compress.options import (
     METHODS,
     CompressOptions,
     compress_options,
+    compression_record,
 )
 from jaxopt_lab.techniques.compress.powersgd import PowerSGDState, powersgd
 from jaxopt_lab.techniques.compress.quantized import int8, qsgd
@@ -36,7 +37,7 @@ from jaxopt_lab.techniques.compress.sign import signsgd
 from jaxopt_lab.techniques.compress.sparse import randomk, topk
 
 __all__ = ["DEFAULT_MIN_SIZE", "METHODS", "Codec", "CompressOptions", "PowerSGDState",
-           "ResidualState", "allreduce", "compress_options", "elementwise_reducer", "int8",
+           "ResidualState", "allreduce", "compress_options", "compression_record", "elementwise_reducer", "int8",
            "make_reducer", "powersgd", "qsgd", "randomk", "signsgd", "topk"]
 
 def allreduce() -> Reducer:

@@ -8,7 +8,7 @@ import dataclasses
 import ml_collections
 
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.techniques.compress import make_reducer
+from jaxopt_lab.techniques.compress import compression_record, make_reducer
 from jaxopt_lab.techniques.compress.options import CompressOptions, compress_options
 from jaxopt_lab.techniques.contract import Parts, Technique
 
@@ -24,12 +24,21 @@ def check(config: ml_collections.ConfigDict) -> CompressOptions | None:
 
 
 def apply(parts: Parts, options: CompressOptions) -> Parts:
-    """A compressing reducer at the communication seam, unless the caller passed their own."""
+    """A compressing reducer at the communication seam."""
     if parts.caller_reducer:
-        return parts
-    return dataclasses.replace(
-        parts, reducer=make_reducer(**dataclasses.asdict(options)),
-        record={**parts.record, "compress": options.describe()})
+        raise UserError(f"techniques.compress.method={options.method!r}, but you passed a "
+                        "reducer of your own: set the method to none, or pass its reducer")
+    return dataclasses.replace(parts, reducer=make_reducer(**dataclasses.asdict(options)),
+                               record={**parts.record, "compress": options.describe()})
 
 
-TECHNIQUE = Technique(name="compress", options=CompressOptions, check=check, apply=apply)
+def recognise(parts: Parts) -> Parts | None:
+    """A compressing reducer the caller passed (`compress.topk(...)`, ...)."""
+    record = compression_record(parts.reducer) if parts.reducer is not None else None
+    if record is None:
+        return None
+    return dataclasses.replace(parts, record={**parts.record, "compress": record})
+
+
+TECHNIQUE = Technique(name="compress", options=CompressOptions, check=check, apply=apply,
+                      seam="communication", recognise=recognise)

@@ -86,3 +86,15 @@ def compress_options(**options: Any) -> CompressOptions:
     for name, value in options.items():
         check_option(name, value)
     return CompressOptions(**options)
+
+
+def described(reducer, method: str, **values: Any):
+    """`reducer` carrying what summary.json records of it, on its reduce function, so a run
+    given this reducer from Python records the compression it really does."""
+    reducer.reduce.compress_record = CompressOptions(method=method, **values).describe()
+    return reducer
+
+
+def compression_record(reducer) -> dict | None:
+    """What a compressing reducer does, as summary.json records it; None for another one."""
+    return getattr(reducer.reduce, "compress_record", None)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxopt_lab.core.step import Reducer, data_mean
 from jaxopt_lab.techniques.compress.exchange import nbytes
-from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check
+from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check, described
 
 Q_SEED = 0  # every device and every run starts from the same Q
 _EXACT = jax.lax.Precision.HIGHEST  # TPUs and TF32 GPUs would otherwise round these products
@@ -125,4 +125,5 @@ def powersgd(rank: int = 2, start_step: int = 10, error_feedback: bool = True,
         state = PowerSGDState(state.step + 1, residual, q)
         return jax.tree.unflatten(treedef, mean), state, stats
 
-    return Reducer(init, reduce)
+    return described(Reducer(init, reduce), "powersgd", rank=rank, start_step=start_step,
+                     error_feedback=error_feedback, min_size=min_size)

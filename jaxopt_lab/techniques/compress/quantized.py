@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxopt_lab.core.step import Reducer
 from jaxopt_lab.techniques.compress.exchange import Codec, elementwise_reducer
-from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check
+from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check, described
 
 INT8_MAX = 127
 
@@ -63,12 +63,15 @@ def qsgd(levels: int = 16, error_feedback: bool = False,
          min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
     """QSGD stochastic quantization to `levels` levels per tensor (unbiased)."""
     check(levels=levels, error_feedback=error_feedback, min_size=min_size)
-    return elementwise_reducer(_qsgd_codec(levels), error_feedback=error_feedback,
-                               min_size=min_size)
+    reducer = elementwise_reducer(_qsgd_codec(levels), error_feedback=error_feedback,
+                                  min_size=min_size)
+    return described(reducer, "qsgd", levels=levels, error_feedback=error_feedback,
+                     min_size=min_size)
 
 
 def int8(error_feedback: bool = False, min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
     """Symmetric int8 quantization with one float32 scale per tensor."""
     check(error_feedback=error_feedback, min_size=min_size)
-    return elementwise_reducer(Codec(_int8_encode, _add_decoded), error_feedback=error_feedback,
-                               min_size=min_size)
+    reducer = elementwise_reducer(Codec(_int8_encode, _add_decoded),
+                                  error_feedback=error_feedback, min_size=min_size)
+    return described(reducer, "int8", error_feedback=error_feedback, min_size=min_size)

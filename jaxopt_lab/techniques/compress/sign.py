@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxopt_lab.core.step import Reducer
 from jaxopt_lab.techniques.compress.exchange import Codec, elementwise_reducer
-from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check
+from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check, described
 
 
 def _signed(positive, scale):
@@ -40,5 +40,6 @@ def _add_decoded(acc, payload):
 def signsgd(error_feedback: bool = True, min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
     """Scaled-sign compression, per tensor, with error feedback by default (EF-signSGD)."""
     check(error_feedback=error_feedback, min_size=min_size)
-    return elementwise_reducer(Codec(_encode, _add_decoded), error_feedback=error_feedback,
-                               min_size=min_size)
+    reducer = elementwise_reducer(Codec(_encode, _add_decoded), error_feedback=error_feedback,
+                                  min_size=min_size)
+    return described(reducer, "signsgd", error_feedback=error_feedback, min_size=min_size)

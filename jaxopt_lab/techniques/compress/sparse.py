@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxopt_lab.core.step import Reducer
 from jaxopt_lab.techniques.compress.exchange import Codec, elementwise_reducer
-from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check
+from jaxopt_lab.techniques.compress.options import DEFAULT_MIN_SIZE, check, described
 
 
 def kept(ratio: float, size: int) -> int:
@@ -62,8 +62,10 @@ def topk(ratio: float = 0.01, error_feedback: bool = True,
          min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
     """Top-k sparsification by magnitude, per tensor, with error feedback by default."""
     check(ratio=ratio, error_feedback=error_feedback, min_size=min_size)
-    return elementwise_reducer(_sparse_codec(ratio, _largest), error_feedback=error_feedback,
-                               min_size=min_size)
+    reducer = elementwise_reducer(_sparse_codec(ratio, _largest), error_feedback=error_feedback,
+                                  min_size=min_size)
+    return described(reducer, "topk", ratio=ratio, error_feedback=error_feedback,
+                     min_size=min_size)
 
 
 def randomk(ratio: float = 0.01, error_feedback: bool = True,
@@ -71,5 +73,7 @@ def randomk(ratio: float = 0.01, error_feedback: bool = True,
     """Random-k sparsification from the reducer's key (per device and step), with error
     feedback by default."""
     check(ratio=ratio, error_feedback=error_feedback, min_size=min_size)
-    return elementwise_reducer(_sparse_codec(ratio, _uniform), error_feedback=error_feedback,
-                               min_size=min_size)
+    reducer = elementwise_reducer(_sparse_codec(ratio, _uniform), error_feedback=error_feedback,
+                                  min_size=min_size)
+    return described(reducer, "randomk", ratio=ratio, error_feedback=error_feedback,
+                     min_size=min_size)

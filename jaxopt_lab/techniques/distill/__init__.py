@@ -36,6 +36,8 @@ import jax.numpy as jnp
 
 from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import LossFn
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.contract import takes_apply_fn
 from jaxopt_lab.techniques.distill import hints
 from jaxopt_lab.techniques.distill.options import (
     DEFAULTS,
@@ -52,7 +54,7 @@ from jaxopt_lab.techniques.distill.transfer import (
 )
 
 __all__ = ["ALPHA", "FORMS", "TEACHER_LOGITS", "TEMPERATURE", "DistillOptions",
-           "describe_teacher", "soft_loss", "teacher_fn", "transfer_inputs", "with_teacher_logits",
+           "describe_teacher", "distillation_record", "soft_loss", "teacher_fn", "transfer_inputs", "with_teacher_logits",
            "with_transfer", "wrap"]
 
 TEMPERATURE = "techniques.distill.temperature"  # hparams keys (config paths, as all are)
@@ -75,8 +77,9 @@ def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = DEFAULTS.tempera
          alpha: float = DEFAULTS.alpha, form: str = DEFAULTS.form,
          member: int = DEFAULTS.teacher_member, features: Sequence[Sequence[str]] = (),
          feature_weight: float = DEFAULTS.feature_weight) -> LossFn:
-    """`loss_fn` (which must return aux["logits"] and aux["inputs"]; with `features`, also
-    aux["intermediates"] of the student layers: build it with `capture`) distilled from `teacher`
+    """`loss_fn` (which must return aux["logits"], and aux["inputs"] where it augments its inputs;
+    with `features`, also aux["intermediates"] of the student layers: build it with `capture`)
+    distilled from `teacher`
     (a run from `jaxopt_lab.load_run`, its population member `member`, or a (module, variables) pair).
 
     Logs `distill_soft_loss`, `distill_hard_loss` and, with features, `distill_hint_loss`.
@@ -85,16 +88,20 @@ def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = DEFAULTS.tempera
     features = hints.check_features(features, feature_weight)
     forward = teacher_fn(teacher, member, capture=[t for _, t in features])
 
-    def distilled(params, model_state, batch, rng, hparams):
-        hard, aux = loss_fn(model_params(params), model_state, batch, rng, hparams)
+    def distilled(params, model_state, batch, rng, hparams, **model):
+        hard, aux = loss_fn(model_params(params), model_state, batch, rng, hparams, **model)
+        if "logits" not in aux:
+            raise UserError(f"distill: loss_fn {getattr(loss_fn, '__name__', '')!r} must return "
+                            "the student's outputs as aux['logits']")
         t = hparams.get(TEMPERATURE, jnp.float32(temperature))
         a = hparams.get(ALPHA, jnp.float32(alpha))
         if TEACHER_LOGITS in batch and not features:
             teacher_logits, teacher_features = batch[TEACHER_LOGITS], {}
-        else:
-            teacher_logits, teacher_features = forward(aux["inputs"])
+        else:  # the inputs the student saw, after on-device augmentation where it has any
+            teacher_logits, teacher_features = forward(aux.get("inputs", batch["x"]))
         soft = soft_loss(aux["logits"], teacher_logits, t, form)
-        metrics = {**aux["metrics"], "distill_soft_loss": soft, "distill_hard_loss": hard}
+        metrics = {**aux.get("metrics", {}), "distill_soft_loss": soft,
+                   "distill_hard_loss": hard}
         loss = a * soft + (1.0 - a) * hard
         if features:
             hint = hints.hint_loss(params, aux.get("intermediates", {}), teacher_features,
@@ -103,4 +110,20 @@ def wrap(loss_fn: LossFn, teacher: Any, *, temperature: float = DEFAULTS.tempera
             loss = loss + feature_weight * hint
         return loss, {**aux, "metrics": metrics}
 
-    return distilled
+    if takes_apply_fn(loss_fn):  # the composed model's apply passes through to the student's loss
+        def wrapped(params, model_state, batch, rng, hparams, *, apply_fn):
+            return distilled(params, model_state, batch, rng, hparams, apply_fn=apply_fn)
+    else:
+        def wrapped(params, model_state, batch, rng, hparams):
+            return distilled(params, model_state, batch, rng, hparams)
+    # What summary.json records of it, so a run given this loss from Python records it.
+    wrapped.distill_record = {
+        "temperature": temperature, "alpha": alpha, "form": form,
+        "feature_weight": feature_weight, "member": member,
+        "features": [list(pair) for pair in features], **describe_teacher(teacher, member)}
+    return wrapped
+
+
+def distillation_record(loss_fn: LossFn) -> dict | None:
+    """What `wrap` made `loss_fn` do, as summary.json records it; None for another loss."""
+    return getattr(loss_fn, "distill_record", None)

@@ -56,12 +56,15 @@ def teacher_fn(teacher: Any, member: int = -1, capture: Sequence[str] = ()) -> C
     return forward
 
 
-def describe_teacher(teacher: Any, workdir: str, member: int = -1) -> dict:
-    """summary.json's teacher fields: its test accuracy (from its own summary in `workdir`, where
-    it has one; a population's member `member`) and its parameter count, beside the student's."""
+def describe_teacher(teacher: Any, member: int = -1) -> dict:
+    """summary.json's teacher fields: where it comes from (a loaded run's directory), its
+    parameter count beside the student's and its test accuracy (from its own summary, where it
+    has one; a population's member `member`)."""
     _, variables = module_and_variables(teacher, member)
-    fields = {"teacher_params": sum(int(x.size) for x in jax.tree.leaves(variables["params"]))}
-    path = os.path.join(workdir, "summary.json")
+    workdir = getattr(teacher, "workdir", None)
+    fields = {"teacher": workdir or "(module, variables) from Python",
+              "teacher_params": sum(int(x.size) for x in jax.tree.leaves(variables["params"]))}
+    path = os.path.join(workdir, "summary.json") if workdir else ""
     if os.path.exists(path):
         with open(path) as f:
             summary = json.load(f)

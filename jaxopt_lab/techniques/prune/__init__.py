@@ -38,7 +38,7 @@ from jaxopt_lab.techniques.prune.tickets import magnitude_masks, pruned_fraction
 from jaxopt_lab.techniques.prune.transform import PruneState, find_state, prune_transform
 
 __all__ = ["ChannelGroup", "PruneOptions", "PruneState", "channel_groups", "decode", "encode",
-           "encoded_bytes", "find_state", "magnitude_masks", "prune_options", "pruned_fraction",
+           "encoded_bytes", "find_state", "magnitude_masks", "prune_options", "pruned_fraction", "pruning_record",
            "resolve_skip", "shrink", "sparsity_metrics", "sparsity_summary", "with_masks",
            "wrap"]
 
@@ -71,7 +71,16 @@ def wrap(tx: optax.GradientTransformation, *, model=None, sample_x: Any = None,
                             "parameters share a channel) or groups= of your own")
         groups = channel_groups(model, abstract_variables(model, sample_x)["params"],
                                 sample_x)
-    return prune_transform(tx, o, skip, groups or (), seed)
+    pruned = prune_transform(tx, o, skip, groups or (), seed)
+    # What summary.json records of it, kept on its update function, so a run given this
+    # optimizer from Python records the pruning it really does (`pruning_record`).
+    pruned.update.prune_record = {**o.describe(), "skip": list(skip)}
+    return pruned
+
+
+def pruning_record(tx: optax.GradientTransformation) -> dict | None:
+    """What `wrap` made `tx` do, as summary.json records it; None for another optimizer."""
+    return getattr(tx.update, "prune_record", None)
 
 
 def _pruned_kernels(masks: Any) -> list[tuple[str, jax.Array]]:

@@ -51,6 +51,7 @@ __all__ = [
     "convert",
     "quantization_of",
     "quantize_options",
+    "quantized_fraction",
     "resolve_skip",
     "serve_fn",
     "served_eval_fn",
@@ -88,17 +89,33 @@ def wrap(model, *, sample_x: Any = None, **options: Any):
     return inject(model, opts, resolve_skip(opts, model, sample_x))
 
 
-def state_metrics(model, sample_x: Any):
-    """The step metrics a quantized run logs: its bits and the share of its multiplying layers'
-    weights that are quantized (the rest are left in float by `skip`). Constants of the run."""
-    options, skip = quantization_of(model)
+def quantized_fraction(model, sample_x: Any) -> float:
+    """The share of a `wrap`ped model's multiplying layers' weights that are quantized (the
+    rest are left in float by `skip`)."""
+    _, skip = quantization_of(model)
     params = abstract_variables(model, sample_x)["params"]
-    leaves = jax.tree.leaves(params)
     quantized = jax.tree.leaves(touched(params, skip))
-    kernels = [(leaf.size, on) for path, leaf, on in zip(param_paths(params), leaves, quantized)
+    kernels = [(leaf.size, on) for path, leaf, on in
+               zip(param_paths(params), jax.tree.leaves(params), quantized, strict=True)
                if path.endswith("['kernel']")]
     total = sum(size for size, _ in kernels) or 1
-    fraction = sum(size for size, on in kernels if on) / total
+    return sum(size for size, on in kernels if on) / total
+
+
+def state_metrics(model, sample_x: Any):
+    """The step metrics a quantized run logs: its bits and `quantized_fraction`. Constants of
+    the run.
+
+    Raises:
+      UserError: where no layer is quantized (`skip` covers them all): training would run in
+        float under a quantization record.
+    """
+    options, skip = quantization_of(model)
+    fraction = quantized_fraction(model, sample_x)
+    if fraction == 0:
+        raise UserError(f"quantize: no layer is left to quantize (skip={list(skip)} covers every "
+                        "multiplying layer; the default leaves the first and last in float): "
+                        "set skip=() or your own patterns")
     bits = 8 if options.numerics != "int" else options.bits
 
     def metrics(state) -> dict:

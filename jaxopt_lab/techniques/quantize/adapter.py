@@ -32,7 +32,20 @@ def check(config: ml_collections.ConfigDict) -> QuantizeOptions | None:
 
 def apply(parts: Parts, options: QuantizeOptions) -> Parts:
     """AQT at the model seam; the default skip is read from the model as the caller gave it."""
-    model = wrap(parts.model, sample_x=parts.sample_x, **dataclasses.asdict(options))
+    return _quantized(parts, wrap(parts.model, sample_x=parts.sample_x,
+                                  **dataclasses.asdict(options)))
+
+
+def recognise(parts: Parts) -> Parts | None:
+    """A model the caller passed through `quantize.wrap`."""
+    try:
+        quantization_of(parts.model)
+    except ValueError:
+        return None
+    return _quantized(parts, parts.model)
+
+
+def _quantized(parts: Parts, model) -> Parts:
     resolved, skip = quantization_of(model)
     return dataclasses.replace(
         parts, model=model,
@@ -41,4 +54,5 @@ def apply(parts: Parts, options: QuantizeOptions) -> Parts:
 
 
 TECHNIQUE = Technique(name="quantize", options=QuantizeOptions, check=check, apply=apply,
-                      config_only={"method": "none"}, python_only=("static_activations",))
+                      seam="model", recognise=recognise, config_only={"method": "none"},
+                      python_only=("static_activations",))
