@@ -37,7 +37,7 @@ FORMS = ("auto", "serving", "model")
 
 
 def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
-               form: str = "auto", member: int | None = None) -> dict:
+               form: str = "auto", member: int | None = None, **objects) -> dict:
     """Writes `out` (the serialized program) and `out`.json (its metadata); returns the latter.
 
     Args:
@@ -46,6 +46,7 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
       form: "serving" (the quantized serving form), "model" (the run's model as it evaluates) or
         "auto" (the serving form where the run has one).
       member: for a population run, the member to export (its model as it evaluates).
+      objects: what the run was trained with from Python (`load_run`'s), if anything.
     """
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown:
@@ -55,7 +56,7 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
     if os.path.isdir(out):
         raise UserError(f"--out {out} is a directory: name the file to write, e.g. "
                         f"{os.path.join(out, 'model.stablehlo')}")
-    run = load_run(workdir)
+    run = load_run(workdir, **objects)
     member_state(run, member, workdir)  # refuses a missing or impossible --member in one line
     warn_if_unfinished(workdir, run.step, run.config.train.steps, "export")
     if form == "serving" and not os.path.exists(os.path.join(workdir, "quantized", "summary.json")):
@@ -80,7 +81,8 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (),
         "task": run.dataset.task,
         "techniques": run.experiment.techniques,
         "form": exported_form,
-        "input": {"shape": ["batch", *sample.shape[1:]], "dtype": str(sample.dtype)},
+        "input": {"shape": ["batch", *sample.shape[1:]], "dtype": str(sample.dtype),
+                  "preprocessing": run.dataset.preprocessing},
         "output": {"shape": ["batch", *output.shape[1:]], "dtype": str(output.dtype)},
         "platforms": list(exported.platforms),
         "bytes": os.path.getsize(out),

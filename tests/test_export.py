@@ -16,6 +16,7 @@ from helpers import run_cli, tiny_config
 from jaxopt_lab import load_run, model_config, train_and_evaluate
 from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.data.sources import PREPROCESSING
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import export_run
 from jaxopt_lab.techniques.quantize import serve_fn
@@ -66,6 +67,7 @@ def test_the_artifact_runs_without_jaxopt_lab_and_matches_the_framework(tmp_path
         artifact = str(tmp_path / f"{name}.stablehlo")
         metadata = export_run(workdir, artifact)
         assert metadata["input"]["shape"][0] == "batch" and metadata["platforms"] == ["cpu"]
+        assert metadata["input"]["preprocessing"] == PREPROCESSING["mnist1d"]
         assert metadata["form"] == "model"
         assert ("quantize" in metadata["techniques"]) == (name == "qat")
         sizes[name] = metadata["bytes"]

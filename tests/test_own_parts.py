@@ -24,7 +24,7 @@ from jaxopt_lab import (
 from jaxopt_lab.core.tasks import inference
 from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.errors import UserError
-from tests.helpers import tiny_config
+from tests.helpers import run_cli, tiny_config
 
 STEPS = 30
 
@@ -201,3 +201,11 @@ def test_quantization_that_would_quantize_no_layer_is_refused(tmp_path):
     summary = train_and_evaluate(_config(quantize=QAT), str(tmp_path / "all"), model=TwoDense(3),
                                  dataset=blobs(), loss_fn=loss_with_apply_fn)
     assert summary["techniques"]["quantize"]["skip"] == []
+
+
+def test_the_cli_names_what_a_run_given_python_data_needs(tmp_path):
+    train_and_evaluate(_config(), str(tmp_path), dataset=blobs())
+    result = run_cli("eval", "--workdir", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trained on data set 'blobs' passed from Python" in lines[0]

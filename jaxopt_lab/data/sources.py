@@ -35,6 +35,17 @@ _EMBEDDED = {
     "python_text": (builders.PythonText, None),  # language model
 }
 
+# name -> how its x is made from the raw data (exported beside a model: its callers must match it)
+PREPROCESSING = {
+    "mnist1d": "the mnist1d generator's signals as generated: float32 [40], no scaling",
+    "mnist1d_shuffled": "as mnist1d, positions permuted by the generator's shuffle_seq",
+    "digits": "scikit-learn's 8x8 pixel values (0..16) divided by 16: float32 [8, 8, 1] in [0, 1]",
+    "diabetes": "scikit-learn's 10 features as shipped (columns centred and scaled to unit "
+                "norm): float32 [10]",
+    "python_text": "bytes as int32 tokens (ASCII 1..127 as themselves, other bytes 0), "
+                   "windows of 128",
+    "synthetic": "standard normal noise, float32",
+}
 
 TASKS = ("classification", "regression", "language_model")
 
@@ -56,6 +67,8 @@ class Dataset:
     name: str
     task: str = "classification"  # one of TASKS: picks the default loss and evaluation
     validation: dict[str, np.ndarray] | None = None
+    # what was done to the raw data to make x: what a deployed model's callers must do too
+    preprocessing: str = "as the data set gives them"
 
 
 def default_data_dir() -> str:
@@ -113,7 +126,8 @@ def load_dataset(name: str, data_dir: str | None = None, *,
         builder = builder_cls(data_dir=data_dir, config=config, file_format=builders.FILE_FORMAT)
         builder.download_and_prepare()
     splits = builder.as_data_source()
-    return _from_splits(name, splits, "x", "label", builder.info.features["label"].num_classes)
+    dataset = _from_splits(name, splits, "x", "label", builder.info.features["label"].num_classes)
+    return dataclasses.replace(dataset, preprocessing=PREPROCESSING[name])
 
 
 def _synthetic(shape: tuple[int, ...], size: int, num_classes: int, seed: int) -> Dataset:
@@ -131,7 +145,7 @@ def _synthetic(shape: tuple[int, ...], size: int, num_classes: int, seed: int) -
                 "label": rng.integers(0, num_classes, n).astype(np.int32)}
 
     return Dataset(train=split(size), test=split(size // 4), num_classes=num_classes,
-                   input_shape=shape, name="synthetic")
+                   input_shape=shape, name="synthetic", preprocessing=PREPROCESSING["synthetic"])
 
 
 def _catalog(name: str, data_dir: str) -> Dataset:
@@ -217,8 +231,11 @@ def _from_splits(name: str, splits: dict, x_key: str, label_key: str,
     if task not in TASKS:
         raise UserError(f"data set {name!r} has task {task!r}; allowed: {', '.join(TASKS)}")
     train, test = (_read(splits[s], x_key, label_key, task) for s in ("train", test_split))
+    scaled = task != "language_model" and np.asarray(splits["train"][0][x_key]).dtype == np.uint8
     return Dataset(train=train, test=test, num_classes=int(num_classes),
-                   input_shape=tuple(train["x"].shape[1:]), name=name, task=task)
+                   input_shape=tuple(train["x"].shape[1:]), name=name, task=task,
+                   **({"preprocessing": "uint8 values divided by 255: float32 in [0, 1]"}
+                      if scaled else {}))
 
 
 def _read(source, x_key: str, label_key: str, task: str) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ from jaxopt_lab.core.state import (
     init_sharded_state,
     sample_input,
 )
-from jaxopt_lab.data.sources import Dataset
+from jaxopt_lab.data.sources import FROM_PYTHON, Dataset
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.contract import Technique
 
@@ -66,7 +66,19 @@ class Run:
 def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, **parts) -> Experiment:
     """The composer (`compose.compose_experiment`, which takes the same keywords) with run
     loading plugged in, for a technique that reads another run (a distillation teacher)."""
-    return compose_experiment(config, dataset, load_run=load_run, **parts)
+    return compose_experiment(config, dataset, load_run=run_loader(dataset), **parts)
+
+
+def run_loader(dataset: Dataset):
+    """`load_run` for a technique reading another run (a distillation teacher): a run that was
+    trained on a data set passed from Python is handed this run's, the one there is to give."""
+
+    def load(directory: str) -> Run:
+        trained_on = str(read_config(directory).data.get("name", ""))
+        return load_run(directory, **({"dataset": dataset}
+                                      if trained_on.startswith(FROM_PYTHON) else {}))
+
+    return load
 
 
 def build_run(config: ml_collections.ConfigDict, *, model=None, dataset=None, loss_fn=None,
@@ -92,7 +104,7 @@ def build_run(config: ml_collections.ConfigDict, *, model=None, dataset=None, lo
     experiment = compose_experiment(config, dataset, model=model, loss_fn=loss_fn,
                                     eval_fn=eval_fn, hparams=hparams, reducer=reducer, tx=tx,
                                     swept=swept_keys(config), techniques=techniques,
-                                    load_run=load_run)
+                                    load_run=run_loader(dataset))
     if train and experiment.train_data is not None:
         dataset = experiment.train_data(dataset)
     members = population_members(config, experiment)

@@ -109,7 +109,10 @@ class Parts:
 
 
 def takes_apply_fn(loss_fn: Callable) -> bool:
-    """Whether a loss takes the `apply_fn` keyword: the composed model's `apply`."""
+    """Whether a loss still takes the `apply_fn` keyword, the composed model's `apply` (one
+    already handed it, a `functools.partial`, does not)."""
+    if isinstance(loss_fn, functools.partial) and "apply_fn" in loss_fn.keywords:
+        return False
     try:
         parameters = inspect.signature(loss_fn).parameters
     except (TypeError, ValueError):  # no signature to inspect: a builtin or C callable

@@ -50,7 +50,7 @@ def pick_scheme(scheme: str) -> str:
 
 
 def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "auto",
-                 options: dict | None = None) -> dict:
+                 options: dict | None = None, **objects) -> dict:
     """Converts the run in `workdir`; returns (and writes) RUN/quantized/summary.json.
 
     Args:
@@ -59,8 +59,9 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
       scheme: "w8" (weights only), "w8a8" or "auto" (by backend).
       options: quantize options for PTQ (bits, numerics, per_channel, skip); a QAT run keeps its
         own, except `activations`, which the scheme sets.
+      objects: what the run was trained with from Python (`load_run`'s), if anything.
     """
-    run = load_run(workdir)
+    run = load_run(workdir, **objects)
     if run.members:
         raise UserError(f"{workdir} holds a population; quantize one run (train a member alone)")
     warn_if_unfinished(workdir, run.step, run.config.train.steps, "quantize")

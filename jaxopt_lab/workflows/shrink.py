@@ -48,10 +48,19 @@ def get_config():
 '''
 
 
-def shrink_run(workdir: str, member: int | None = None, out: str | None = None) -> dict:
+# What a run given parts from Python passes on to its shrunk run: all but the model (the shrunk
+# one is built from the config at its new widths) and the optimizer (pruning is done).
+CARRIED = ("dataset", "loss_fn", "eval_fn", "hparams")
+
+
+def shrink_run(workdir: str, member: int | None = None, out: str | None = None,
+               **objects) -> dict:
     """Shrinks the run in `workdir` (member `member` of a population) into `out` (default
-    workdir/shrunk/); returns (and writes) its summary.json."""
-    run = load_run(workdir)
+    workdir/shrunk/); returns (and writes) its summary.json. `objects` are what the run was
+    trained with from Python (`load_run`'s); the shrunk run is built from its config's model at
+    the new widths, with the same data set, loss, evaluation and per-trial values."""
+    run = load_run(workdir, **objects)
+    carried = {k: v for k, v in objects.items() if k in CARRIED}
     check_channel_pruned(run, workdir)
     state = member_state(run, member, workdir)
     original = {"params": model_params(state.params), **state.model_state}
@@ -63,10 +72,10 @@ def shrink_run(workdir: str, member: int | None = None, out: str | None = None) 
         raise UserError(f"{out} already holds a run (shrunk before, perhaps fine-tuned); "
                         "remove it to shrink again")
     prepare_workdir(out, config, is_chief=True)
-    _write_checkpoint(out, config, run.dataset, variables)
+    _write_checkpoint(out, config, {**carried, "dataset": run.dataset}, variables)
     _write_config_py(out, config, workdir)
 
-    shrunk = load_run(out)  # read back as `jaxopt-lab eval` will
+    shrunk = load_run(out, **carried)  # read back as `jaxopt-lab eval` will
     sample_x = sample_input(run.dataset)
     x = run.dataset.test["x"][:256]
     difference = np.abs(np.asarray(inference(run.experiment.model)(original, x))
@@ -114,9 +123,9 @@ def shrunk_config(config: ml_collections.ConfigDict, model,
     return config
 
 
-def _write_checkpoint(out: str, config, dataset, variables: dict) -> None:
+def _write_checkpoint(out: str, config, objects: dict, variables: dict) -> None:
     """The shrunk variables in a fresh TrainState of the new config, saved at step 0."""
-    state = build_run(config, dataset=dataset).state
+    state = build_run(config, **objects).state
     placed = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
                           {"params": variables["params"],
                            "model_state": {k: v for k, v in variables.items() if k != "params"}},
