@@ -14,6 +14,7 @@ import pytest
 
 from jaxopt_lab import default_config, model_config, validate
 from jaxopt_lab.core.launch import with_device_count
+from jaxopt_lab.data.sources import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +79,18 @@ def assert_one_four_and_two_processes_agree(tmp_path: Path, args: list[str], env
         params = load_run(str(tmp_path / name)).state.params
         for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=name)
+
+
+def blobs(classes: int = 3, features: int = 8, train: int = 600, test: int = 200,
+          seed: int = 0):
+    """Gaussian blobs, one per class: a data set of a user's own, made in Python."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, features)).astype(np.float32) * 2
+
+    def split(n):
+        label = rng.integers(0, classes, n).astype(np.int32)
+        return {"x": centres[label] + rng.normal(size=(n, features)).astype(np.float32),
+                "label": label}
+
+    return Dataset(train=split(train), test=split(test), num_classes=classes,
+                   input_shape=(features,), name="blobs")

@@ -13,6 +13,7 @@ import pytest
 
 from jaxopt_lab import (
     build_experiment,
+    compress,
     distill,
     evaluate_run,
     load_run,
@@ -22,9 +23,8 @@ from jaxopt_lab import (
     train_and_evaluate,
 )
 from jaxopt_lab.core.tasks import inference
-from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.errors import UserError
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import blobs, run_cli, tiny_config
 
 STEPS = 30
 
@@ -43,20 +43,6 @@ class DenseNet(nn.Module):
         x = nn.relu(nn.Dense(self.hidden, dot_general_cls=self.dot_general_cls)(x))
         x = nn.relu(nn.Dense(self.hidden, dot_general_cls=self.dot_general_cls)(x))
         return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls)(x)
-
-
-def blobs() -> Dataset:
-    """Three Gaussian blobs in 8 dimensions: the user's own data set."""
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(3, 8)).astype(np.float32) * 2
-
-    def split(n):
-        label = rng.integers(0, 3, n).astype(np.int32)
-        return {"x": centres[label] + rng.normal(size=(n, 8)).astype(np.float32),
-                "label": label}
-
-    return Dataset(train=split(600), test=split(200), num_classes=3, input_shape=(8,),
-                   name="blobs")
 
 
 def loss_with_apply_fn(params, model_state, batch, rng, hparams, *, apply_fn):
@@ -209,3 +195,16 @@ def test_the_cli_names_what_a_run_given_python_data_needs(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "trained on data set 'blobs' passed from Python" in lines[0]
+
+
+def test_a_compressing_reducer_from_python_is_recorded_and_hints_need_the_task_loss(teacher,
+                                                                                   tmp_path):
+    summary = train_and_evaluate(_config(), str(tmp_path / "topk"), model=DenseNet(3),
+                                 dataset=blobs(), reducer=compress.topk(0.1))
+    assert summary["techniques"]["compress"]["method"] == "topk"
+    assert summary["techniques"]["compress"]["ratio"] == 0.1
+    student = tiny_config(steps=STEPS, measure=False)
+    student.techniques.distill.teacher = teacher
+    student.techniques.distill.features = (("Dense_0", "Dense_0"),)
+    with pytest.raises(UserError, match="distill features need the task's own loss"):
+        train_and_evaluate(student, str(tmp_path / "hints"), loss_fn=loss_of_its_own_model)

@@ -12,12 +12,11 @@ import optax
 import pytest
 
 from jaxopt_lab import evaluate_run, load_run, train_and_evaluate
-from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.export import deployed_form, export_run
 from jaxopt_lab.models.channels import layer_slices, param_path, wire
 from jaxopt_lab.workflows.convert import quantize_run
 from jaxopt_lab.workflows.shrink import shrink_run
-from tests.helpers import tiny_config
+from tests.helpers import blobs, tiny_config
 
 
 class Net(nn.Module):
@@ -50,19 +49,6 @@ class Net(nn.Module):
         return nn.Dense(self.num_classes, dot_general_cls=self.dot_general_cls)(x)
 
 
-def blobs() -> Dataset:
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(4, 12)).astype(np.float32) * 2
-
-    def split(n):
-        label = rng.integers(0, 4, n).astype(np.int32)
-        return {"x": centres[label] + rng.normal(size=(n, 12)).astype(np.float32),
-                "label": label}
-
-    return Dataset(train=split(800), test=split(200), num_classes=4, input_shape=(12,),
-                   name="blobs")
-
-
 def my_loss(params, model_state, batch, rng, hparams, *, apply_fn):
     """Cross-entropy on the composed model (quantized, here), with the outputs distillation
     reads."""
@@ -82,7 +68,7 @@ def _config(steps: int):
 
 
 def test_own_parts_composed_from_python_train_resume_shrink_quantize_export(tmp_path):
-    data = blobs()
+    data = blobs(classes=4, features=12, train=800, seed=1)
     teacher = str(tmp_path / "teacher")
     train_and_evaluate(_config(60), teacher, model=Net(4, hidden=(64, 64)), dataset=data,
                        loss_fn=my_loss)

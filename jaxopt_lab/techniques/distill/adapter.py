@@ -116,13 +116,13 @@ def apply(parts: Parts, options: DistillOptions) -> Parts:
     task's own loss to capture the student's layers)."""
     teacher = _load_teacher(parts, options.teacher)
     member, features = options.teacher_member, options.features
+    if features and parts.own_loss:
+        raise UserError("distill features need the task's own loss (it captures the student's "
+                        "layers); with your loss_fn, use distill.wrap")
     loss_fn, extra_params, train_data = parts.loss(), parts.extra_params, None
     if parts.own_loss:
         check_student_loss(parts, loss_fn)
     if features:
-        if parts.own_loss:
-            raise UserError("distill features need the task's own loss (it captures the "
-                            "student's layers); with your loss_fn, use distill.wrap")
         loss_fn = parts.task_loss(hints.capture_patterns([s for s, _ in features]))
         extra_params = hints.init_hints(
             parts.model, parts.sample_x,
