@@ -16,6 +16,8 @@ import: a new technique is a new package plus one entry in that tuple (or a tupl
     apply:    (Parts, options) -> Parts: the technique applied at its seam to the experiment's
               parts (model, loss, tx, reducer, data), with what it reports (its summary.json
               record, state metrics and summaries).
+    seam:     model | loss | update | communication. A model-seam technique makes a caller's
+              loss that applies its own module (no `apply_fn`) a one-line refusal.
     recognise: (Parts) -> Parts or None: the technique already applied by the caller from
               Python (a `quantize.wrap`ped model, a `prune.wrap`ped optimizer, a
               `distill.wrap`ped loss, a compressing reducer), recorded as if the config had
