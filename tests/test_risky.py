@@ -330,10 +330,8 @@ def test_quantize_of_a_qat_run_of_a_dense_only_module(tmp_path):
 
 
 def test_a_stop_at_a_runs_last_boundary_goes_to_the_procedure_around_it():
-    with StopSignals(announce=False) as outer:
-        with StopSignals(announce=False) as inner:
-            os.kill(os.getpid(), signal.SIGINT)
-        loop._pass_on(inner)
+    with StopSignals(announce=False) as outer, StopSignals(announce=False) as inner:
+        os.kill(os.getpid(), signal.SIGINT)
     assert inner.received == outer.received == [signal.SIGINT]
 
 

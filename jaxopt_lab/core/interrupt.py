@@ -59,6 +59,18 @@ class StopSignals:
             print("\ninterrupted: saving a checkpoint at the next log boundary "
                   "(Ctrl-C again stops at once)", file=sys.stderr)
 
+    def stop_if_received(self, what: str) -> None:
+        """Raises `Preempted` ("SIGINT: `what`", the shell's exit code) once a signal came."""
+        if self.received:
+            signum = self.received[0]
+            raise Preempted(f"{signal.Signals(signum).name}: {what}", self.EXIT_CODES[signum])
+
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+            # A stop asked for inside (a run of a procedure of several: optimize, a sweep) is
+            # the procedure's too: it then stops after this run instead of starting the next.
+            outer = getattr(handler, "__self__", None)
+            if (isinstance(outer, StopSignals) and signum in self.received
+                    and signum not in outer.received):
+                outer.received.append(signum)

@@ -17,10 +17,9 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 
 from jaxopt_lab.compose.config import load_config
-from jaxopt_lab.core.interrupt import Preempted, StopSignals
+from jaxopt_lab.core.interrupt import StopSignals
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import deployed_form
@@ -69,33 +68,29 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
         return _pipeline(config, config_path, workdir, overrides, baseline, progress, signals)
 
 
-def _stop_if_asked(signals: StopSignals, done: str) -> None:
+def _stop_after(signals: StopSignals, done: str) -> None:
     """Between the pipeline's steps: a SIGTERM or Ctrl-C that came outside a training run
-    (profiling, converting, timing) or at a run's very end stops here, as `train` stops;
-    rerunning skips what is finished."""
-    if signals.received:
-        signum = signals.received[0]
-        raise Preempted(f"{signal.Signals(signum).name}: optimize stopped after {done}; rerun "
-                        "the same command to resume", StopSignals.EXIT_CODES[signum])
+    (profiling, converting, timing) or at a run's very end stops here, as `train` stops."""
+    signals.stop_if_received(f"optimize stopped after {done}; rerun the same command to resume")
 
 
 def _pipeline(config, config_path: str, workdir: str, overrides: tuple[str, ...],
               baseline: str | None, progress: bool, signals: StopSignals) -> dict:
-    """`optimize`'s steps, each followed by a look at `signals` (see `_stop_if_asked`)."""
+    """`optimize`'s steps, each followed by a look at `signals` (`_stop_after`)."""
     baseline_dir = baseline or os.path.join(workdir, "baseline")
     if baseline:
         if not os.path.exists(os.path.join(baseline, "summary.json")):
             raise UserError(f"--baseline {baseline}: holds no summary.json (not a finished run)")
     else:
         _train(config, baseline_dir, "baseline", progress)
-        _stop_if_asked(signals, "training the baseline")
+        _stop_after(signals, "training the baseline")
     if "validation_accuracy" not in _fields(os.path.join(baseline_dir, "summary.json"), None):
         raise UserError(f"{baseline_dir} has no validation_accuracy: optimize compares "
                         "classifiers (a population or a regression run cannot be its baseline)")
     profile_path = os.path.join(workdir, "profile", "profile.json")
     if not os.path.exists(profile_path):  # where the baseline's time and bytes go
         profile_config(config, workdir, progress=progress)
-        _stop_if_asked(signals, "profiling the baseline")
+        _stop_after(signals, "profiling the baseline")
     with open(profile_path) as f:
         profile = json.load(f)
     plan = recipes(config, baseline_dir)
@@ -110,7 +105,7 @@ def _pipeline(config, config_path: str, workdir: str, overrides: tuple[str, ...]
         except UserError as e:  # a technique that does not fit this model: report, go on
             failures[recipe.name] = str(e)
             _say(progress, f"{recipe.name} failed: {e}")
-        _stop_if_asked(signals, recipe.name)
+        _stop_after(signals, recipe.name)
     _say(progress, f"timing {len(candidates) + 1} models side by side")
     forms, sample_x = _forms(baseline_dir, candidates)
     latencies = compare_latency(forms, sample_x, progress=progress)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from jaxopt_lab.core.feed import (
     shard_batch,
     zero_totals,
 )
-from jaxopt_lab.core.interrupt import Preempted, StopSignals
+from jaxopt_lab.core.interrupt import StopSignals
 from jaxopt_lab.core.measure import compiled_memory
 from jaxopt_lab.core.metrics import MetricsWriter
 from jaxopt_lab.core.population import stop_members
@@ -218,19 +217,7 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
             bar.close()
             t.checkpointer.close()
             writer.close()
-    _pass_on(signals)
     return elapsed, step - start_step
-
-
-def _pass_on(signals: StopSignals) -> None:
-    """A stop asked for too late to stop this run (after its last boundary but one) goes to the
-    StopSignals around it, if any: a procedure of several runs (optimize, a sweep) then stops
-    after this run instead of starting the next. Under plain `train` there is none: the run has
-    simply finished."""
-    for signum in signals.received:
-        outer = getattr(signal.getsignal(signum), "__self__", None)
-        if isinstance(outer, StopSignals) and signum not in outer.received:
-            outer.received.append(signum)
 
 
 def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
@@ -268,10 +255,8 @@ def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
         t.checkpointer.save(step, run.carry, t.streamed)
     if stop and step < total:
         t.checkpointer.wait()
-        signum = signals.received[0]
-        raise Preempted(f"{signal.Signals(signum).name}: checkpoint saved at step {step} in "
-                        f"{t.checkpointer.directory}; rerun the same command to resume",
-                        StopSignals.EXIT_CODES[signum])
+        signals.stop_if_received(f"checkpoint saved at step {step} in "
+                                 f"{t.checkpointer.directory}; rerun the same command to resume")
 
 
 def _single_record(window: dict, last_good: str) -> dict:

@@ -230,7 +230,8 @@ class Sweep:
             while jobs := self.claim():
                 try:
                     for job, lock in jobs:
-                        _stop_if_asked(signals)
+                        signals.stop_if_received("the sweep stopped between trials; rerun "
+                                                 "the same command to finish the study")
                         run_job(job, self.config, self.workdir, self.objectives, self.study)
                         lock.close()
                         if on_done is not None:
@@ -238,14 +239,6 @@ class Sweep:
                 finally:
                     for _, lock in jobs:
                         lock.close()
-
-
-def _stop_if_asked(signals: StopSignals) -> None:
-    if signals.received:
-        signum = signals.received[0]
-        raise Preempted(f"{signal.Signals(signum).name}: the sweep stopped between trials; "
-                        "rerun the same command to finish the study",
-                        StopSignals.EXIT_CODES[signum])
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, storage: str = "") -> Sweep:
@@ -362,11 +355,8 @@ def _run_workers(sweep: Sweep, count: int, update) -> None:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-    if signals.received:
-        signum = signals.received[0]
-        raise Preempted(f"{signal.Signals(signum).name}: the sweep's workers saved their trials "
-                        "and stopped; rerun the same command to finish the study",
-                        StopSignals.EXIT_CODES[signum])
+    signals.stop_if_received("the sweep's workers saved their trials and stopped; rerun the "
+                             "same command to finish the study")
     failed = [p.returncode for p in procs if p.returncode]
     if failed:
         raise UserError(f"{len(failed)} of {count} sweep workers failed (exit codes {failed}); "

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from jaxopt_lab.core.distributed import data_mesh
 from jaxopt_lab.core.evaluate import make_evaluator, padded_batches
+from jaxopt_lab.core.layers import without_seams
 from jaxopt_lab.core.measure import latency_ms, model_bytes
 from jaxopt_lab.core.state import model_params, sample_input
 from jaxopt_lab.core.tasks import inference
@@ -160,20 +161,11 @@ def outputs_identical(model, variables, serving, serve, arrays, batch_size: int)
     return True
 
 
-SEAMS = ("dot_general_cls", "conv_general_dilated_cls")  # where `wrap` injected AQT
-
-
 def float_model(run):
-    """The run's model without quantization (a QAT run's seams emptied).
-
-    Only the seams the module has are emptied: a module of your own needs only the fields it
-    uses (a Dense-only one has no `conv_general_dilated_cls`), as `wrap` injects only those.
-    """
+    """The run's model without quantization: a QAT run's seams emptied (only those the module
+    has: a Dense-only module of your own has no `conv_general_dilated_cls`)."""
     model = run.experiment.model
-    if "quantize" in run.experiment.techniques:
-        fields = {f.name for f in dataclasses.fields(model)}
-        model = model.clone(**{seam: None for seam in SEAMS if seam in fields})
-    return model
+    return without_seams(model) if "quantize" in run.experiment.techniques else model
 
 
 def serving_model(run, summary: dict):
