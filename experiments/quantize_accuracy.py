@@ -211,7 +211,7 @@ def write(results: dict, out: Path, seeds: int, name: str) -> None:
         summary[model_name] = {
             **{v: r["accuracy"][v]["mean"] for v in ("float", "int8_qat", "int8_ptq",
                                                      "int4_qat", "int8_qat_w8")
-               if v in r["accuracy"]},
+               if v in r["accuracy"]},  # reported, not chosen
             "int8_serving_size_ratio": r["serving"]["w8a8_all_layers"]["size_ratio"],
             "int8_serving_size_ratio_per_tensor":
                 r["serving"]["w8a8_all_layers_per_tensor"]["size_ratio"],

@@ -29,6 +29,7 @@ _PUBLIC = {
     "Experiment": "jaxopt_lab.compose.experiment",
     "TECHNIQUES": "jaxopt_lab.compose.techniques",
     "UserError": "jaxopt_lab.errors",
+    "choose": "jaxopt_lab.selection",
 }
 _PACKAGES = {name: f"jaxopt_lab.techniques.{name}"
              for name in ("prune", "quantize", "distill", "compress")}
@@ -40,6 +41,7 @@ __all__ = [
     "UserError",
     "build_experiment",
     "build_run",
+    "choose",
     "compress",
     "default_config",
     "distill",

@@ -26,6 +26,7 @@ from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.step import Reducer, pmean_reducer, sharded_mean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
 from jaxopt_lab.data.augment import make_augment
+from jaxopt_lab.data.generated import with_generated_validation
 from jaxopt_lab.data.sources import (
     FROM_PYTHON,
     Dataset,
@@ -249,12 +250,14 @@ def data_seed(config: ml_collections.ConfigDict) -> int:
 def prepare_dataset(config: ml_collections.ConfigDict, dataset=None,
                     techniques: Sequence[Technique] = TECHNIQUES) -> Dataset:
     """The run's data: a caller's own (see `as_dataset`) or the config's, with its validation
-    split carved out and what the techniques add (a distillation transfer set)."""
+    split carved out (or generated) and what the techniques add (a distillation transfer set)."""
     if dataset is None:
         dataset = load_dataset(config.data.name, config.data.dir or None,
                                synthetic_shape=tuple(config.data.synthetic_shape),
                                synthetic_size=config.data.synthetic_size, seed=config.seed)
-    dataset = with_validation(as_dataset(dataset), config.data.validation_fraction)
+    dataset = with_generated_validation(as_dataset(dataset), config.data.generated_validation,
+                                        config.data.dir or None)
+    dataset = with_validation(dataset, config.data.validation_fraction)
     for technique in techniques:
         if technique.prepare_data is not None:
             dataset = technique.prepare_data(config, dataset)

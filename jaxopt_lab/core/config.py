@@ -40,6 +40,9 @@ def core_config() -> ml_collections.ConfigDict:
     c.data.name = "mnist1d"
     c.data.batch_size = 100  # global batch, split over all devices of all processes
     c.data.validation_fraction = 0.1  # carved from train, fixed across seeds; 0 = none
+    # fresh examples from the data set's generator as the validation split instead (mnist1d),
+    # leaving a paper's train and test splits as they are; 0 = none
+    c.data.generated_validation = 0
     c.data.seed = -1  # seeds the order of the training data; -1 = the run's seed
     c.data.dir = ""  # "" = $JAXOPT_LAB_DATA_DIR or ~/.cache/jaxopt_lab/data
     c.data.on_device = True  # small data sets live on the device; False streams through grain
@@ -330,7 +333,22 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         section, key = name.split(".")
         if not 0 <= config[section][key] < 1:
             raise UserError(f"{name} must be in [0, 1), got {config[section][key]}")
+    _check_validation(config.data)
     check_population(config.population)  # its keys are checked when the run is built
+
+
+def has_validation(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run holds out a validation split (carved from train or generated)."""
+    return config.data.validation_fraction > 0 or config.data.generated_validation > 0
+
+
+def _check_validation(data: ml_collections.ConfigDict) -> None:
+    generated = data.generated_validation
+    if isinstance(generated, bool) or not isinstance(generated, int) or generated < 0:
+        raise UserError(f"data.generated_validation must be an int >= 0, got {generated!r}")
+    if generated and data.validation_fraction > 0:
+        raise UserError(f"data.generated_validation={generated} and data.validation_fraction="
+                        f"{data.validation_fraction} both make a validation split: set one to 0")
 
 
 def _check_warmup(config: ml_collections.ConfigDict) -> None:

@@ -19,6 +19,7 @@ import os
 import shutil
 
 from jaxopt_lab.compose.config import load_config
+from jaxopt_lab.core.config import has_validation
 from jaxopt_lab.core.interrupt import StopSignals
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.errors import UserError
@@ -57,7 +58,7 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
         with config.unlocked():
             config.optimize.max_accuracy_drop = float(max_accuracy_drop)
     check_block(config.optimize)
-    if config.data.validation_fraction <= 0:
+    if not has_validation(config):
         raise UserError(f"optimize picks candidates on validation accuracy, and {config_path} "
                         "holds out no validation split: add --config.data.validation_fraction=0.1")
     if config.population:

@@ -14,6 +14,8 @@ import json
 import os
 from collections.abc import Sequence
 
+from jaxopt_lab.selection import choose
+
 # Lower is better for these, higher for accuracy.
 _COSTS = ("latency_ms_batch256", "model_bytes")
 
@@ -51,18 +53,17 @@ def pareto_flags(rows: list[dict]) -> list[bool]:
 
 def best_candidate(baseline: dict, rows: list[dict], max_drop: float,
                    objective: str) -> str | None:
-    """The name of the best admissible row, or None where none keeps the accuracy."""
-    admissible = [r for r in rows if 100 * (baseline["validation_accuracy"]
-                                            - r["validation_accuracy"]) <= max_drop + 1e-9]
-    if not admissible:
-        return None
+    """The name of the best row within `max_drop` points of the baseline's validation accuracy,
+    or None where none keeps it."""
 
     def score(row: dict) -> float:
         size = row["size_ratio"]
         speed = row["speedup_batch256"]
         return {"size_latency": size * speed, "latency": speed, "size": size}[objective]
 
-    return max(admissible, key=score)["name"]
+    best = choose(rows, "validation_accuracy",
+                  at_least=baseline["validation_accuracy"] - max_drop / 100, prefer=score)
+    return None if best is None else best["name"]
 
 
 def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[str, str],

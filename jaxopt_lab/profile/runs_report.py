@@ -82,7 +82,7 @@ def plot_curves(workdirs: list[str], names: list[str], members: list[int | None]
                        None))
     fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for records, name in zip(histories, names, strict=True):
-        logged = [r for r in records if "loss" in r]
+        logged = [r for r in records if "loss" in r]  # reported, not chosen
         loss_ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], label=name)
         evaluated = [r for r in records if metric in r]
         eval_ax.plot([r["step"] for r in evaluated], [r[metric] for r in evaluated], marker="o",

@@ -67,7 +67,7 @@ def _row(trial: FrozenTrial, objectives: list[tuple[str, str]]) -> dict:
     if values[0] is None and iv:
         values[0] = iv[max(iv)]
     metrics = {k: v for k, v in attrs.items()
-               if (k.startswith(("validation_", "test_")) or k in (LATENCY, "model_bytes"))
+               if (k.startswith(("validation_", "test_")) or k in (LATENCY, "model_bytes"))  # reported, not chosen
                and isinstance(v, int | float) and k not in dict(objectives)}
     where = (f"{attrs['population_dir']}[{attrs.get('population_index', '?')}]"
              if "population_dir" in attrs else str(attrs.get("run_dir", "")))

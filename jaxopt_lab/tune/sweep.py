@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from jaxopt_lab.compose.config import validate
+from jaxopt_lab.core.config import has_validation
 from jaxopt_lab.core.interrupt import Preempted, StopSignals
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.tune.samplers import check_names, make_pruner, make_sampler
@@ -59,9 +60,9 @@ def check_sweep(config: ml_collections.ConfigDict) -> list[Dimension]:
             raise UserError(f"sweep.objectives {metric!r}: searches select on the validation "
                             f"split, never on test (use {'validation_' + metric[5:]!r})")
         if metric.startswith("validation_"):
-            if config.data.validation_fraction <= 0:
+            if not has_validation(config):
                 raise UserError(f"sweep.objectives {metric!r} needs a validation split: set "
-                                "data.validation_fraction > 0")
+                                "data.validation_fraction > 0 (or data.generated_validation)")
         elif metric in MEASURED:
             if not config.train.measure and metric != "train_wall_s":
                 raise UserError(f"sweep.objectives {metric!r} is measured only with "

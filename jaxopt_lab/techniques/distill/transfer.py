@@ -15,44 +15,28 @@ forward in every step. They travel as the batch key TEACHER_LOGITS.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from jaxopt_lab.core.tasks import LABELED
-from jaxopt_lab.data.builders import make_mnist1d
-from jaxopt_lab.data.sources import Dataset, default_data_dir
+from jaxopt_lab.data.generated import GENERATORS, generated_examples
+from jaxopt_lab.data.sources import Dataset
 from jaxopt_lab.errors import UserError
 
 TEACHER_LOGITS = "teacher_logits"  # batch key of precomputed teacher outputs
-TRANSFER_SEED = 1  # MNIST-1D's train, validation and test examples all come from seed 42
-GENERATED = ("mnist1d",)  # data sets whose generator makes fresh inputs
+TRANSFER_SEED = 1  # a generator seed of its own (data/generated.py)
 MIX_SEED = 0  # fixes where the transfer examples sit among the labelled ones
 
 
 def transfer_inputs(name: str, size: int, data_dir: str | None = None) -> np.ndarray:
-    """`size` fresh inputs from data set `name`'s generator, cached in the data dir (generating
-    MNIST-1D takes ~0.6 ms an example)."""
-    if name not in GENERATED:
+    """`size` fresh inputs from data set `name`'s generator (cached in the data dir)."""
+    if name not in GENERATORS:
         raise UserError(f"techniques.distill.transfer_size: data set {name!r} has no generator "
-                        f"of fresh inputs (only {', '.join(GENERATED)}); set data.augment for "
+                        f"of fresh inputs (only {', '.join(GENERATORS)}); set data.augment for "
                         "new inputs from the training set instead")
-    directory = os.path.join(os.path.expanduser(data_dir or default_data_dir()), "transfer")
-    path = os.path.join(directory, f"{name}_seed{TRANSFER_SEED}_{size}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    classes = 10
-    data = make_mnist1d(num_samples=math.ceil(size / classes) * classes, seed=TRANSFER_SEED,
-                        train_split=1.0)
-    x = data["x"][:size].astype(np.float32)
-    os.makedirs(directory, exist_ok=True)
-    partial = f"{path}.{os.getpid()}.npy"
-    np.save(partial, x)
-    os.replace(partial, path)  # atomic: a concurrent run reads the whole file or none
-    return x
+    return generated_examples(name, size, TRANSFER_SEED, data_dir)["x"]
 
 
 def with_transfer(dataset: Dataset, x: np.ndarray) -> Dataset:
