@@ -2,7 +2,8 @@
 with MNIST-1D", ICML 2024): logistic regression, MLP and CNN with the paper's settings (Adam 1e-2,
 batch 100, 6000 steps), and the CNN on the shuffled variant.
 
-    .venv/bin/python experiments/mnist1d_table.py [--seeds 3] [--workdir runs/mnist1d_table]
+    .venv/bin/python experiments/mnist1d_table.py [--seeds 10] [--workdir runs/mnist1d_table]
+        [--reshuffle] [--fresh]
 
 Writes results/mnist1d_table.md and results/mnist1d_table.json (test accuracies as fractions,
 mean over seeds, under the keys logreg, mlp, cnn, cnn_shuffled); with --reshuffle, the same under
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--reshuffle", action="store_true",
                         help="reshuffle every epoch instead of the paper's in-order batches; "
                              "writes mnist1d_table_reshuffled.{md,json}")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete earlier runs first (otherwise a finished seed is reused and "
+                             "a stopped one resumes from its last checkpoint)")
     args = parser.parse_args()
     name = "mnist1d_table_reshuffled" if args.reshuffle else "mnist1d_table"
     protocol = ("batches reshuffled every epoch (not the paper's protocol)" if args.reshuffle
@@ -54,7 +58,8 @@ def main() -> None:
                                  [f"--config.seed={seed}", "--config.train.progress=False",
                                   f"--config.data.shuffle={args.reshuffle}"])
             workdir = Path(args.workdir) / name / key / f"seed{seed}"
-            shutil.rmtree(workdir, ignore_errors=True)  # fresh runs: never resume a stale one
+            if args.fresh:
+                shutil.rmtree(workdir, ignore_errors=True)
             summary = train_and_evaluate(config, str(workdir))
             runs[key].append(summary)
             print(f"{key} seed {seed}: test accuracy {summary['test_accuracy']:.4f} "

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.metrics import read_metrics
 from jaxopt_lab.core.state import model_params, sample_input
+from jaxopt_lab.selection import choose
 
 
 def state_fields(run) -> tuple[dict, list[dict]]:
@@ -70,7 +71,6 @@ def communication(workdir: str) -> dict:
 
 def best_member(members: list[dict]) -> int | None:
     """The member with the lowest validation loss: selection is on validation, never on test."""
-    losses = [m.get("validation_loss", math.nan) for m in members]
-    if all(math.isnan(x) for x in losses):
-        return None
-    return int(np.nanargmin(losses))
+    rows = [{"index": i, "validation_loss": m["validation_loss"]} for i, m in enumerate(members)
+            if not math.isnan(m.get("validation_loss", math.nan))]
+    return choose(rows, "validation_loss", maximize=False)["index"] if rows else None
