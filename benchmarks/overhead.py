@@ -6,12 +6,15 @@ per-step loop, at the K the automatic choice picks and at K=50 against a hand-wr
 scanned at that K.
 
     .venv/bin/python benchmarks/overhead.py [--steps 3000] [--repeats 3] [--models cnn1d mlp]
-                                            [--json rows.json]
+                                            [--out RESULTS.md] [--json rows.json]
 
 Writes the table into benchmarks/RESULTS.md (replacing its "overhead" section, or on an
-accelerator its "overhead-<backend>" section), machine named.
+accelerator its "overhead-<backend>" section), machine named, and every repeat's rates and
+ratios into benchmarks/overhead.json (overhead_<backend>.json): medians hide how far one
+machine's noise reaches.
 With --breakdown, instead adds the framework's parts one at a time to the hand-written step and
-writes the "overhead-breakdown" section: where the framework's time goes.
+writes the "overhead-breakdown" section and benchmarks/overhead_breakdown.json: where the
+framework's time goes.
 """
 
 from __future__ import annotations
@@ -198,24 +201,41 @@ def machine_name() -> str:
             f"{os.cpu_count()} cores, jax {jax.__version__}")
 
 
-def breakdown_table(models: list[str], steps: int, repeats: int) -> list[str]:
-    """Each LADDER rung, then the framework's compiled call and its full loop, against the
-    hand-written step: where the framework's time goes."""
-    names = [name for name, _ in LADDER] + [
-        "framework's compiled call (make_train_step + sampler + totals), bare Python loop",
-        "framework loop (train_and_evaluate, K=1)"]
-    lines = [("| model | " + " | ".join(names) + " |"), "|---|" + "---|" * len(names)]
+BREAKDOWN = [name for name, _ in LADDER] + [
+    "framework's compiled call (make_train_step + sampler + totals), bare Python loop",
+    "framework loop (train_and_evaluate, K=1)"]
+
+
+def breakdown_rows(models: list[str], steps: int, repeats: int) -> list[dict]:
+    """Per model: each LADDER rung, then the framework's compiled call and its full loop, as a
+    ratio to the hand-written step of the same repeat: medians and ranges, and under
+    "per_repeat" every repeat's steps/s and ratio of each."""
+    rows = []
     for model in models:
-        rates = [[] for _ in names]
+        rates = [[] for _ in BREAKDOWN]
         for _ in range(repeats):  # interleaved, so drift hits every variant alike
             for i, (_, features) in enumerate(LADDER):
                 rates[i].append(handwritten_steps_per_s(model, steps, features))
             rates[-2].append(framework_call_steps_per_s(model, steps))
             rates[-1].append(framework_steps_per_s(model, steps, 1)[0])
             print(model, [f"{r[-1]:.0f}" for r in rates], flush=True)
-        ratios = [[r / h for r, h in zip(rung, rates[0])] for rung in rates[1:]]
-        lines.append(f"| {model} | {statistics.median(rates[0]):.0f} steps/s | "
-                     + " | ".join(_median_and_range(x) for x in ratios) + " |")
+        ratios = {name: [r / h for r, h in zip(rung, rates[0])]
+                  for name, rung in zip(BREAKDOWN[1:], rates[1:])}
+        rows.append({"model": model, "hand_steps_per_s": statistics.median(rates[0]),
+                     "ratio": {name: statistics.median(v) for name, v in ratios.items()},
+                     "ratio_range": {name: [min(v), max(v)] for name, v in ratios.items()},
+                     "per_repeat": {"steps_per_s": dict(zip(BREAKDOWN, rates)),
+                                    "ratio": ratios}})
+    return rows
+
+
+def breakdown_table(rows: list[dict]) -> list[str]:
+    """The hand-written step's rate, then every other column as a ratio to it."""
+    lines = [("| model | " + " | ".join(BREAKDOWN) + " |"), "|---|" + "---|" * len(BREAKDOWN)]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['hand_steps_per_s']:.0f} steps/s | "
+                     + " | ".join(_median_and_range(row["per_repeat"]["ratio"][name])
+                                  for name in BREAKDOWN[1:]) + " |")
     return lines
 
 
@@ -224,7 +244,8 @@ SCANNED_K = 50  # the scanned comparison: the largest K the automatic choice con
 
 def overhead_rows(models: list[str], steps: int, repeats: int) -> list[dict]:
     """Per model: the framework loop against its like hand-written loop at K=1, at the K the
-    automatic choice picks, and at K=50 scanned; medians and ranges over interleaved repeats."""
+    automatic choice picks, and at K=50 scanned; medians and ranges over interleaved repeats,
+    and under "per_repeat" every repeat's value of each (same keys, one value per repeat)."""
     rows = []
     for model in models:
         rates = {name: [] for name in ("hand_k1", "fw_k1", "fw_auto", "hand_auto", "fw_k50",
@@ -245,12 +266,14 @@ def overhead_rows(models: list[str], steps: int, repeats: int) -> list[dict]:
                   flush=True)
         row = {"model": model, "auto_k": chosen,
                **{f"{name}_steps_per_s": statistics.median(v) for name, v in rates.items()}}
+        per_repeat = {f"{name}_steps_per_s": v for name, v in rates.items()}
         for label, fw, hand in (("k1", "fw_k1", "hand_k1"), ("auto", "fw_auto", "hand_auto"),
                                 ("k50", "fw_k50", "hand_k50")):
             ratios = [f / h for f, h in zip(rates[fw], rates[hand])]
             row[f"ratio_{label}"] = statistics.median(ratios)
             row[f"ratio_{label}_range"] = [min(ratios), max(ratios)]
-        rows.append(row)
+            per_repeat[f"ratio_{label}"] = ratios
+        rows.append({**row, "per_repeat": per_repeat})
     return rows
 
 
@@ -275,6 +298,12 @@ def _median_and_range(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
 
 
+def _shown(path: Path) -> str:
+    """`path` as a section names it: from the repository root where it lies inside."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -284,28 +313,34 @@ def main() -> None:
                         help="instead: add the framework's parts one at a time to the "
                              "hand-written step (section 'overhead-breakdown')")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--json", help="also write the overhead rows to this JSON file")
+    parser.add_argument("--json", help="where every repeat's rates and ratios go (default: "
+                                       "beside --out, named after the section, e.g. "
+                                       "overhead.json, overhead_breakdown.json)")
     args = parser.parse_args()
 
+    backend = jax.default_backend()
+    tag = ("overhead-breakdown" if args.breakdown else
+           "overhead" if backend == "cpu" else f"overhead-{backend}")
+    json_path = Path(args.json or Path(args.out).with_name(tag.replace("-", "_") + ".json"))
     command = (f"`benchmarks/overhead.py{' --breakdown' if args.breakdown else ''} "
                f"--steps {args.steps} --repeats {args.repeats}` on {machine_name()}.")
-    common = "MNIST-1D, batch 100, Adam 1e-2, data on device; medians over interleaved repeats."
+    common = ("MNIST-1D, batch 100, Adam 1e-2, data on device; medians over interleaved repeats "
+              f"(every repeat's rates and ratios in `{_shown(json_path)}`).")
+    rows = (breakdown_rows if args.breakdown else overhead_rows)(args.models, args.steps,
+                                                                  args.repeats)
+    json_path.write_text(json.dumps({"machine": machine_name(), "steps": args.steps,
+                                     "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     if args.breakdown:
-        print(write_section(Path(args.out), "overhead-breakdown", [
+        print(write_section(Path(args.out), tag, [
             "## Overhead breakdown: the framework's parts added one at a time", "",
             command, common,
             ("Each column is a steps/s ratio against the hand-written step of the first column "
              "(1.00 = no cost), median (lowest–highest) over the repeats, each repeat against "
              "its own hand-written run; the ladder columns are cumulative."), "",
-            *breakdown_table(args.models, args.steps, args.repeats)]))
+            *breakdown_table(rows)]))
         return
-    rows = overhead_rows(args.models, args.steps, args.repeats)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine_name(), "steps": args.steps,
-                                               "repeats": args.repeats, "rows": rows}, indent=2))
-    tag = "overhead" if jax.default_backend() == "cpu" else f"overhead-{jax.default_backend()}"
     print(write_section(Path(args.out), tag, [
-        f"## Overhead: framework loop vs hand-written jit loop ({jax.default_backend()})", "",
+        f"## Overhead: framework loop vs hand-written jit loop ({backend})", "",
         command, common,
         ("Rates are the median of ten windows of a tenth of the steps each, synced at each end "
          "(the framework's log windows, the first, which compiles, left out). The hand-written "

@@ -7,7 +7,7 @@ float32, the w8 serving form (int8 weights dequantized inside the compiled graph
 arithmetic) and w8a8 (int8 × int8 → int32 matmuls), each compiled with its variables as arguments,
 at batch 1 and 256. Repeats interleave the forms; a ratio is float time / form time within one
 repeat (> 1 = faster), reported as median (lowest–highest). Weights are random: latency does not
-depend on their values. `--write` puts the table in benchmarks/RESULTS.md and
+depend on their values. `--write` puts the table in benchmarks/RESULTS.md and every repeat in
 benchmarks/quantize_cpu.json.
 """
 
@@ -48,6 +48,8 @@ def forms(name: str) -> dict[str, tuple]:
 
 
 def measure(repeats: int) -> list[dict]:
+    """One row per model, batch and form: medians and ranges, and under "per_repeat" every
+    repeat's ms and ratio, so a later reader can tell noise from a difference."""
     rows = []
     for name, (_, _, shape) in MODELS.items():
         available = forms(name)
@@ -61,7 +63,9 @@ def measure(repeats: int) -> list[dict]:
                 rows.append({"model": name, "batch": batch, "form": form,
                              "median_ms": 1e3 * statistics.median(times),
                              "ratio_median": statistics.median(ratios),
-                             "ratio_min": min(ratios), "ratio_max": max(ratios)})
+                             "ratio_min": min(ratios), "ratio_max": max(ratios),
+                             "per_repeat": {"ms": [1e3 * t for t in times],
+                                            "ratio": ratios}})
             print(f"{name} batch {batch}: " + ", ".join(
                 f"{r['form']} {r['ratio_median']:.2f}x" for r in rows[-len(seconds):]), flush=True)
     return rows
