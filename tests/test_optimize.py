@@ -43,6 +43,13 @@ def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
             assert candidate[key] == recorded[key], (candidate["name"], key)
         assert candidate["model_bytes"] == recorded[source["model_bytes_key"]]
         assert candidate["model_bytes"] < report["baseline"]["model_bytes"]
+        # every round's latency kept, and the speed-up's range taken within rounds
+        baseline_rounds = report["baseline"]["latency_ms_batch256_rounds"]
+        rounds = candidate["latency_ms_batch256_rounds"]
+        assert len(rounds) == len(baseline_rounds) > 1
+        assert min(rounds) == candidate["latency_ms_batch256"]
+        ratios = [b / c for b, c in zip(baseline_rounds, rounds, strict=True)]
+        assert candidate["speedup_batch256_range"] == [min(ratios), max(ratios)]
 
     # The structured int8 candidate is the shrunk model's int8 serving form: half of Conv_1's
     # 64 filters (the default skip keeps the first conv and the logits whole), served as trained.
@@ -69,7 +76,7 @@ def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
     # Timing again is what a rerun does; here it costs compiles and says nothing new.
     monkeypatch.setattr(pipeline, "_forms", lambda *args, **kwargs: ({}, None))
     monkeypatch.setattr(pipeline, "compare_latency", lambda forms, sample, progress: {
-        row["name"]: {k: row[k] for k in ("latency_ms_batch1", "latency_ms_batch256")}
+        row["name"]: {k: v for k, v in row.items() if k.startswith("latency_ms_batch")}
         for row in (report["baseline"], *report["candidates"])})
     again = optimize("configs/digits_cnn.py", str(tmp_path), tuple(TINY), progress=False)
     assert again == report

@@ -27,7 +27,9 @@ def compare_latency(
     calls: int = 20,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """{name: {"latency_ms_batch<b>": ms}}: each form's best over `rounds` of its median call.
+    """{name: {"latency_ms_batch<b>": ms, "latency_ms_batch<b>_rounds": [ms, ...]}}: each form's
+    best over `rounds` of its median call, and every round's median (a ratio between two forms is
+    taken within each round, where both met the same machine, to give its range).
 
     `forms` maps a name to (apply, variables), called as `apply(variables, x)`; the variables are
     arguments, not constants folded into the program, as a deployed model holds them. `sample_x`
@@ -38,7 +40,7 @@ def compare_latency(
         x = jnp.zeros((b, *sample_x.shape[1:]), sample_x.dtype)
         for name, (apply, variables) in forms.items():
             compiled[name, b] = (jax.jit(apply).lower(variables, x).compile(), variables, x)
-    best = {key: float("inf") for key in compiled}
+    per_round = {key: [] for key in compiled}
     for _ in tqdm(range(rounds), desc="latency rounds", disable=not progress, leave=False):
         for key, (fn, variables, x) in compiled.items():
             jax.block_until_ready(fn(variables, x))  # warm caches after the previous model
@@ -47,5 +49,7 @@ def compare_latency(
                 start = time.perf_counter()
                 jax.block_until_ready(fn(variables, x))
                 times.append(time.perf_counter() - start)
-            best[key] = min(best[key], statistics.median(times) * 1e3)
-    return {name: {f"latency_ms_batch{b}": best[name, b] for b in batch_sizes} for name in forms}
+            per_round[key].append(statistics.median(times) * 1e3)
+    return {name: {**{f"latency_ms_batch{b}": min(per_round[name, b]) for b in batch_sizes},
+                   **{f"latency_ms_batch{b}_rounds": per_round[name, b] for b in batch_sizes}}
+            for name in forms}

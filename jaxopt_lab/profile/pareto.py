@@ -74,6 +74,10 @@ def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[
         for b in (1, 256):
             row[f"speedup_batch{b}"] = (baseline[f"latency_ms_batch{b}"]
                                         / row[f"latency_ms_batch{b}"])
+            rounds = f"latency_ms_batch{b}_rounds"
+            if rounds in row and rounds in baseline:  # the speed-up of each round: its range
+                ratios = [x / y for x, y in zip(baseline[rounds], row[rounds], strict=True)]
+                row[f"speedup_batch{b}_range"] = [min(ratios), max(ratios)]
     for row, flag in zip(rows, pareto_flags(rows), strict=True):
         row["pareto"] = flag
     report = {
@@ -94,6 +98,15 @@ def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[
     return report
 
 
+def _speedup(row: dict, batch: int) -> str:
+    """The best rounds' ratio, and the range of the per-round ratios where they were kept."""
+    text = f"{row[f'speedup_batch{batch}']:.2f}×"
+    if f"speedup_batch{batch}_range" in row:
+        low, high = row[f"speedup_batch{batch}_range"]
+        text += f" ({low:.2f}–{high:.2f})"
+    return text
+
+
 def markdown(report: dict) -> str:
     """The report as a Markdown table, the best named, each recipe's overrides listed."""
     import jax
@@ -104,8 +117,9 @@ def markdown(report: dict) -> str:
         (f"Baseline: {base['run_dir']}. Latencies timed side by side in one process "
         f"({jax.default_backend()}, jax {jax.__version__}): each model's best round of "
         "median calls, rounds taken in turn. Speed-up and size ratio are against the "
-        "baseline; accuracy and bytes come from the summary.json of each candidate's run "
-        "directory."), "",
+        "baseline (speed-up: the best rounds' ratio, in brackets the range of the ratios "
+        "taken within each round); accuracy and bytes come from the summary.json of each "
+        "candidate's run directory."), "",
         ("| candidate | techniques | val acc % | test acc % | bytes | × smaller | ms @1 "
          "| ms @256 | × faster @256 | FLOPs/ex | train s | Pareto |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -124,7 +138,7 @@ def markdown(report: dict) -> str:
             f"| {100 * row['validation_accuracy']:.2f} | {100 * row['test_accuracy']:.2f} "
             f"| {row['model_bytes']} | {row['size_ratio']:.1f}× "
             f"| {row['latency_ms_batch1']:.3f} | {row['latency_ms_batch256']:.3f} "
-            f"| {row['speedup_batch256']:.2f}× | {row['flops']} | {row['train_wall_s']:.0f} "
+            f"| {_speedup(row, 256)} | {row['flops']} | {row['train_wall_s']:.0f} "
             f"| {'yes' if row.get('pareto') else ''} |")
     best = report["best"]
     drop = report["max_accuracy_drop"]
@@ -136,7 +150,7 @@ def markdown(report: dict) -> str:
         row = next(r for r in report["candidates"] if r["name"] == best)
         lines.append(f"**Best within {drop} points of validation accuracy "
                      f"({report['objective']}): {best}** — {row['size_ratio']:.1f}× smaller, "
-                     f"{row['speedup_batch256']:.2f}× faster at batch 256, "
+                     f"{_speedup(row, 256)} faster at batch 256, "
                      f"{100 * (row['validation_accuracy'] - base['validation_accuracy']):+.2f} "
                      f"points; deployable from {row['run_dir']}.")
     for name, error in report["failed"].items():
