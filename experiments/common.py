@@ -1,5 +1,5 @@
-"""What the experiment scripts share: the machine's name, mean ± std, and results files that
-several scripts fill in part by part."""
+"""What the experiment scripts share: the machine's name, mean ± std, each split's figures, and
+results files that several scripts fill in part by part."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ("validation", "test")
+NOT_MEASURED = "— (not measured)"  # a validation figure of a result that predates the split
 
 
 def machine() -> str:
@@ -25,6 +27,28 @@ def stats(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
 
 
+def paired(values: list[float], baseline: list[float]) -> dict:
+    """`stats` of the per-seed differences `values - baseline` (members paired by seed)."""
+    return stats([a - b for a, b in zip(values, baseline, strict=True)])
+
+
+def split_accuracies(members: list[dict]) -> dict[str, list[float]]:
+    """{split: each member's accuracy on it} for the splits every member was evaluated on: a run
+    without a validation split (or that predates it) has test figures only."""
+    return {split: [m[f"{split}_accuracy"] for m in members] for split in SPLITS
+            if all(f"{split}_accuracy" in m for m in members)}
+
+
+def shown(figure: dict | None, points: bool = False) -> str:
+    """A `stats` dict as a table cell: an accuracy "mean ± std", or with `points` a difference
+    in signed points; `NOT_MEASURED` where the figure is missing."""
+    if figure is None:
+        return NOT_MEASURED
+    if points:
+        return f"{100 * figure['mean']:+.2f} ± {100 * figure['std']:.2f}"
+    return f"{figure['mean']:.4f} ± {figure['std']:.4f}"
+
+
 def update_summary(path: Path, fields: dict) -> None:
     """Sets `fields` in the JSON object at `path`, keeping the keys other scripts wrote."""
     summary = json.loads(path.read_text()) if path.exists() else {}
@@ -34,20 +58,21 @@ def update_summary(path: Path, fields: dict) -> None:
 
 def plot_paired_differences(results: dict, path: Path, baseline: str,
                             goal_points: float | None = None) -> None:
-    """A bar per model and variant: its mean paired difference to `baseline`, in points, ± std
-    (`results[model]["paired_difference"][variant]` holds fractions); the goal as a dashed line."""
+    """A bar per model and variant: its mean paired test difference to `baseline`, in points,
+    ± std (`results[model]["test_paired_difference"][variant]` holds fractions); the goal as a
+    dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results)
-    variants = list(next(iter(results.values()))["paired_difference"])
+    variants = list(next(iter(results.values()))["test_paired_difference"])
     fig, ax = plt.subplots(figsize=(4 + 1.5 * len(names), 3.5))
     width = 0.8 / max(1, len(variants))
     for j, variant in enumerate(variants):
-        means = [100 * results[n]["paired_difference"][variant]["mean"] for n in names]
-        stds = [100 * results[n]["paired_difference"][variant]["std"] for n in names]
+        means = [100 * results[n]["test_paired_difference"][variant]["mean"] for n in names]
+        stds = [100 * results[n]["test_paired_difference"][variant]["std"] for n in names]
         ax.bar(np.arange(len(names)) + j * width, means, width, yerr=stds, label=variant)
     ax.axhline(0, color="black", linewidth=0.8)
     if goal_points is not None:

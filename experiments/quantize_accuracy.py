@@ -9,7 +9,9 @@ the float and quantized members with the same index share initialisation and dat
 quantizes each float member after training: int8 weights and activations, static activation
 scales from 10 training batches. Serving: each model's float member 0 converted with `skip=()`
 (every layer) and with the default skip, in both schemes (w8: int8 weights, float arithmetic;
-w8a8: int8 × int8), timed against the float model on this CPU.
+w8a8: int8 × int8), timed against the float model on this CPU. Each model holds out validation
+(MNIST-1D: 1000 fresh generator examples, the paper's train and test untouched; digits: 10 % of
+train, its config's default); rows carry each split's accuracy and paired difference.
 
 Writes results/quantize_accuracy.{md,json,png} and results/quantize_summary.json.
 """
@@ -25,7 +27,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import plot_paired_differences, stats
+from common import (
+    SPLITS,
+    paired,
+    plot_paired_differences,
+    shown,
+    split_accuracies,
+    stats,
+)
 
 from jaxopt_lab import load_config, load_run, train_and_evaluate
 from jaxopt_lab.core.measure import latency_ms, model_bytes
@@ -40,14 +49,16 @@ from jaxopt_lab.workflows.convert import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (config file, overrides). Steps are shortened from the configs' own (6000 and 2000) to
-# keep the whole script within about an hour on 2 CPU cores; the comparison is paired.
+# keep the whole script within about an hour on 2 CPU cores; the comparison is paired. MNIST-1D's
+# validation split is 1000 fresh generator examples; digits holds out 10 % of train.
+VALIDATION = "--config.data.generated_validation=1000"
 MODELS = {
-    "mnist1d_cnn": ("mnist1d_cnn.py", ["--config.train.steps=3000"]),
+    "mnist1d_cnn": ("mnist1d_cnn.py", ["--config.train.steps=3000", VALIDATION]),
     # 128 channels at a constant 1e-2 end noisy (final accuracies of one config spread over 5
     # points across seeds); a cosine decay settles them, so a paired difference means something.
     "mnist1d_cnn128": ("mnist1d_cnn.py", ["--config.model.channels=128",
                                           "--config.train.steps=2000",
-                                          "--config.optim.schedule=cosine"]),
+                                          "--config.optim.schedule=cosine", VALIDATION]),
     "digits_cnn": ("digits_cnn.py", ["--config.train.steps=2000"]),
 }
 Q = "--config.techniques.quantize"
@@ -89,9 +100,11 @@ def train_variants(name: str, seeds: int, workroot: Path, fresh: bool,
     return workdirs
 
 
-def ptq_accuracies(float_run, seeds: int) -> list[float]:
+def ptq_accuracies(float_run, seeds: int) -> dict[str, list[float]]:
+    """{split: each PTQ member's accuracy} on every split the float run has."""
     dataset, sample_x = float_run.dataset, sample_input(float_run.dataset)
-    accuracies = []
+    arrays = {"validation": dataset.validation, "test": dataset.test}
+    accuracies = {split: [] for split in SPLITS if arrays[split] is not None}
     for i in range(seeds):
         variables = {"params": member(float_run.state.params, i),
                      **member(float_run.state.model_state, i)}
@@ -100,8 +113,9 @@ def ptq_accuracies(float_run, seeds: int) -> list[float]:
             batches=CALIBRATION_BATCHES, batch_size=float_run.config.data.batch_size,
             activations=True)
         serving = quantize.convert(model, variables, sample_x)
-        accuracies.append(evaluate_serving(model, serving, dataset.test, dataset.task,
-                                           1000)["test_accuracy"])
+        for split, values in accuracies.items():
+            values.append(evaluate_serving(model, serving, arrays[split], dataset.task, 1000,
+                                           split)[f"{split}_accuracy"])
     return accuracies
 
 
@@ -183,19 +197,62 @@ def main() -> None:
                                   ["float", "int8_qat", *[v for v in args.variants.split(",")
                                                          if v not in ("float", "int8_qat")]])
         runs = {variant: load_run(str(workdir)) for variant, workdir in workdirs.items()}
-        accuracy = {variant: [m["test_accuracy"] for m in json.loads(
-            (workdir / "summary.json").read_text())["members"]]
-            for variant, workdir in workdirs.items()}
-        accuracy["int8_ptq"] = ptq_accuracies(runs["float"], args.seeds)
-        print(f"{name} int8_ptq: {np.mean(accuracy['int8_ptq']):.4f}", flush=True)
-        diffs = {v: stats([a - f for a, f in zip(acc, accuracy["float"])])
-                 for v, acc in accuracy.items() if v != "float"}
-        results[name] = {"accuracy": {v: stats(a) for v, a in accuracy.items()},
-                         "paired_difference": diffs,
+        members = {variant: json.loads((workdir / "summary.json").read_text())["members"]
+                   for variant, workdir in workdirs.items()}
+        results[name] = {**accuracy_rows(name, runs, members, args.seeds),
                          "serving": serving_forms(runs["float"], runs["int8_qat"]),
                          "steps": runs["float"].config.train.steps,
                          "schedule": runs["float"].config.optim.schedule}
     write(results, Path(args.out), args.seeds, args.name)
+
+
+def accuracy_rows(name: str, runs: dict, members: dict[str, list[dict]], seeds: int) -> dict:
+    """`<split>_accuracy` and `<split>_paired_difference` (to float, same seed) per variant, int8
+    PTQ's included, for each split that every variant was evaluated on."""
+    accuracy = {variant: split_accuracies(ms) for variant, ms in members.items()}
+    accuracy["int8_ptq"] = ptq_accuracies(runs["float"], seeds)
+    print(f"{name} int8_ptq: {np.mean(accuracy['int8_ptq']['test']):.4f}", flush=True)
+    rows = {}
+    for split in SPLITS:
+        if all(split in a for a in accuracy.values()):
+            values = {variant: a[split] for variant, a in accuracy.items()}
+            rows[f"{split}_accuracy"] = {v: stats(a) for v, a in values.items()}
+            rows[f"{split}_paired_difference"] = {v: paired(a, values["float"])
+                                                  for v, a in values.items() if v != "float"}
+    return rows
+
+
+def summary_fields(results: dict) -> dict:
+    """results/quantize_summary.json: mean test accuracies per model, each accuracy beside the
+    size of a serving form with the same skip setting (`pairs` says which goes with which).
+    Recomputed from the results file by tests/test_results.py."""
+    summary = {}
+    for model_name, r in results.items():
+        if model_name == "mnist1d_cnn128":
+            continue
+        test = r["test_accuracy"]
+        accuracy = {v: test[v]["mean"] for v in ("float", "int8_qat", "int8_ptq", "int4_qat",
+                                                 "int8_qat_w8")
+                    if v in test}  # reported, not chosen
+        if "int8_qat_full" in test:
+            accuracy["int8_qat_all_layers"] = test["int8_qat_full"]["mean"]
+        summary[model_name] = {
+            **accuracy,
+            "int8_serving_size_ratio": r["serving"]["w8a8_all_layers"]["size_ratio"],
+            "int8_serving_size_ratio_per_tensor":
+                r["serving"]["w8a8_all_layers_per_tensor"]["size_ratio"],
+            "int8_serving_size_ratio_default_skip":
+                r["serving"]["w8a8_default_skip"]["size_ratio"],
+            "pairs": {
+                "int8_qat": ("int8_serving_size_ratio_default_skip (first and last layer float, "
+                             "the default skip)"),
+                "int8_qat_all_layers": ("int8_serving_size_ratio (every layer int8; this variant "
+                                        "also trained with int8 backward matmuls)")},
+            "serving_bit_identical": all(
+                r["serving"][k]["bit_identical"] for k in r["serving"] if k != "float"
+                and isinstance(r["serving"][k], dict)) and r["serving"]["qat_w8_bit_identical"]
+            and r["serving"]["qat_w8a8_bit_identical"]}
+    return summary
 
 
 def write(results: dict, out: Path, seeds: int, name: str) -> None:
@@ -204,28 +261,17 @@ def write(results: dict, out: Path, seeds: int, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(
         {"machine": machine, "seeds": seeds, "models": results}, indent=2) + "\n")
-    summary = {}
-    for model_name, r in results.items():
-        if model_name == "mnist1d_cnn128":
-            continue
-        summary[model_name] = {
-            **{v: r["accuracy"][v]["mean"] for v in ("float", "int8_qat", "int8_ptq",
-                                                     "int4_qat", "int8_qat_w8")
-               if v in r["accuracy"]},  # reported, not chosen
-            "int8_serving_size_ratio": r["serving"]["w8a8_all_layers"]["size_ratio"],
-            "int8_serving_size_ratio_per_tensor":
-                r["serving"]["w8a8_all_layers_per_tensor"]["size_ratio"],
-            "serving_bit_identical": all(
-                r["serving"][k]["bit_identical"] for k in r["serving"] if k != "float"
-                and isinstance(r["serving"][k], dict)) and r["serving"]["qat_w8_bit_identical"]
-            and r["serving"]["qat_w8a8_bit_identical"]}
+    summary = summary_fields(results)
     if name == "quantize_accuracy":
         (out / "quantize_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         "# Quantization: accuracy, size and latency",
         "",
-        (f"Written by `experiments/quantize_accuracy.py` on {machine}. Test accuracy, mean ± std "
-        f"over {seeds} seeds; Δ is the mean paired difference to float (same seed), in points. "
+        (f"Written by `experiments/quantize_accuracy.py` on {machine}. Accuracy, mean ± std "
+        f"over {seeds} seeds; Δ is the mean paired difference in test accuracy to float (same "
+        "seed), in points. Validation: MNIST-1D's is 1000 fresh generator examples (train and "
+        "test are the paper's), digits' 10 % of train; \"not measured\": the run predates the "
+        "validation split (adding one does not change training, so its test figures stand). "
         "int8_qat trains int8 weights and activations (w8a8), int8_qat_w8 int8 weights only "
         "(w8, what CPU serving uses). QAT variants quantize every layer but the first and last (the default "
         "`skip`), except "
@@ -233,16 +279,17 @@ def write(results: dict, out: Path, seeds: int, name: str) -> None:
         f"PTQ quantizes the float runs after training (w8a8, static activation scales from "
         f"{CALIBRATION_BATCHES} training batches)."),
         "",
-        "| model | steps, schedule | variant | test accuracy | Δ vs float (points) |",
-        "|---|---|---|---|---|",
+        ("| model | steps, schedule | variant | validation accuracy | test accuracy "
+         "| Δ test vs float (points) |"),
+        "|---|---|---|---|---|---|",
     ]
     for model_name, r in results.items():
-        for variant, s in r["accuracy"].items():
-            d = r["paired_difference"].get(variant)
-            delta = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d else "—"
+        for variant, s in r["test_accuracy"].items():
+            d = r["test_paired_difference"].get(variant)
+            validation = r.get("validation_accuracy", {}).get(variant)
             lines.append(f"| {model_name} | {r['steps']}, {r['schedule']} | {variant} | "
-                         f"{s['mean']:.4f} ± "
-                         f"{s['std']:.4f} | {delta} |")
+                         f"{shown(validation)} | {shown(s)} | "
+                         f"{shown(d, points=True) if d else '—'} |")
     lines += ["", "## Serving forms (float member 0 of each model, this CPU)", "",
               ("`size ratio` = float32 `model_bytes` / serving `model_bytes`; latency = the best "
                f"of {ROUNDS} rounds of the median of 20 calls, the forms interleaved in each "

@@ -73,3 +73,10 @@ def test_a_data_set_without_a_generator_is_pointed_to_validation_fraction():
     validate(config)
     with pytest.raises(UserError, match="validation_fraction instead"):
         prepare_dataset(config)
+
+
+def test_a_prepared_data_set_keeps_its_validation_split():
+    config = _checked(100)
+    prepared = prepare_dataset(config)
+    again = prepare_dataset(config, prepared)  # shrink and export hand a run's data set back
+    assert np.array_equal(again.validation["x"], prepared.validation["x"])

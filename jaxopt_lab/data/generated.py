@@ -49,16 +49,14 @@ def generated_examples(name: str, size: int, seed: int,
 def with_generated_validation(dataset: Dataset, size: int,
                               data_dir: str | None = None) -> Dataset:
     """`dataset` with `size` fresh generator examples as its validation split (train and test
-    untouched); unchanged where `size` is 0."""
-    if size <= 0:
+    untouched); unchanged where `size` is 0 or it has a validation split already (a run's own
+    data set handed back: shrink, quantize and export pass the prepared one)."""
+    if size <= 0 or dataset.validation is not None:
         return dataset
     if dataset.name not in GENERATORS:
         raise UserError(f"data.generated_validation={size}: data set {dataset.name!r} has no "
                         f"generator of fresh examples (only {', '.join(GENERATORS)}); hold out "
                         "part of train with data.validation_fraction instead")
-    if dataset.validation is not None:
-        raise UserError(f"data.generated_validation={size}: data set {dataset.name!r} already "
-                        "has a validation split")
     examples = generated_examples(dataset.name, size, VALIDATION_GENERATOR_SEED, data_dir)
     return dataclasses.replace(dataset, validation={
         "x": examples["x"].astype(dataset.train["x"].dtype),
