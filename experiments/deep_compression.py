@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import ROOT, machine, stats
+from common import ROOT, SPLITS, machine, stats
 
 from jaxopt_lab import choose, load_config, load_run, train_and_evaluate
 from jaxopt_lab.core.measure import model_bytes
@@ -167,9 +167,6 @@ def _summary(workdir) -> dict:
 # What each stage is measured against in "bought": the stage it adds one step to.
 PREVIOUS = {"pruned": "dense", "pruned_int8": "pruned", "pruned_int8 + lzma": "pruned_int8",
             "pruned_int4": "pruned", "pruned_int4 + lzma": "pruned_int4"}
-
-
-SPLITS = ("validation", "test")
 
 
 def table(result: dict) -> list[dict]:

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, stats
+from common import ROOT, SPLITS, machine, stats
 
 from jaxopt_lab import choose, load_config, train_and_evaluate
 
@@ -34,7 +34,6 @@ STUDENT_STEPS = 12000
 TRANSFER = 40000
 D = "--config.techniques.distill"
 VALIDATION = "--config.data.generated_validation=1000"
-SPLITS = ("validation", "test")
 SMALL_KD_VARIANTS = ("small_cnn_kd", "small_cnn_kd_transfer", "small_cnn_hints_transfer")
 
 

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, stats, update_summary
+from common import ROOT, SPLITS, machine, stats, update_summary
 
 from jaxopt_lab import choose, load_config, train_and_evaluate
 
@@ -156,9 +156,6 @@ def paired_rows(runs: dict[str, list[dict]], table: dict) -> dict:
                 row[f"{split}_paired_difference"] = stats(
                     [a - d for a, d in zip(acc, dense[split], strict=True)])
     return rows
-
-
-SPLITS = ("validation", "test")
 
 
 def curves(model: str, root: Path, fresh: bool) -> dict:
