@@ -242,7 +242,9 @@ def write(results: dict, out: Path) -> None:
               "are the paper's), digits' 10 % of train. Parts whose validation is \"not "
               "measured\" ran before the validation split existed; adding one does not change "
               "training (tests/test_generated_validation.py), so their test figures stand, but "
-              "nothing is chosen on them."), ""]
+              "nothing is chosen on them. Compare figures within a part: parts ran at different "
+              "times, and the code and the machine changed between them (the same seeds can land "
+              "half a point apart)."), ""]
     for model, entry in results.items():
         titles = {"headline": f"headline, {entry.get('seeds')} seeds, {entry['steps']} steps",
                   "probe": (f"the issue's probe schedule, {entry.get('probe_seeds')} seeds, "
