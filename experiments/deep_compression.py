@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import ROOT, SPLITS, machine, stats
+from common import ROOT, SPLITS, machine, paired, stats
 
 from jaxopt_lab import choose, load_config, load_run, train_and_evaluate
 from jaxopt_lab.core.measure import model_bytes
@@ -189,8 +189,8 @@ def table(result: dict) -> list[dict]:
                 for split in SPLITS:
                     key = f"{split}_accuracy"
                     row[key] = stats([m[key] for m in chosen])
-                    row[f"{split}_paired_difference"] = stats(
-                        [m[key] - dense[split][m["seed"]] for m in chosen])
+                    row[f"{split}_paired_difference"] = paired(
+                        [m[key] for m in chosen], [dense[split][m["seed"]] for m in chosen])
                 rows.append(row)
     for row in rows:
         previous = next((r for r in rows if r["stage"] == PREVIOUS.get(row["stage"])

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, SPLITS, machine, stats
+from common import ROOT, SPLITS, machine, paired, stats
 
 from jaxopt_lab import choose, load_config, train_and_evaluate
 
@@ -81,11 +81,6 @@ def train(name: str, spec: tuple[str, list[str], int], seeds: int, workdir: Path
           f" ({summary['steps_per_s']:.1f} steps/s)", flush=True)
     return {**{f"{split}_accuracy": stats(accuracy[split]) for split in SPLITS},
             "params": summary["num_params"], "steps": steps, "steps_per_s": summary["steps_per_s"]}
-
-
-def paired(a: dict, b: dict, split: str = "test") -> dict:
-    key = f"{split}_accuracy"
-    return stats([x - y for x, y in zip(a[key]["per_seed"], b[key]["per_seed"], strict=True)])
 
 
 def small_cnn_kd_variant(r: dict) -> str:
@@ -149,7 +144,8 @@ def comparisons(r: dict) -> dict:
              "small_cnn_hints_transfer - small_cnn_kd_transfer": ("small_cnn_hints_transfer",
                                                                   "small_cnn_kd_transfer"),
              "tiny_cnn_kd_transfer - tiny_cnn_alone": ("tiny_cnn_kd_transfer", "tiny_cnn_alone")}
-    return {name: {split: paired(r[a], r[b], split) for split in SPLITS}
+    return {name: {split: paired(r[a][f"{split}_accuracy"]["per_seed"],
+                                 r[b][f"{split}_accuracy"]["per_seed"]) for split in SPLITS}
             for name, (a, b) in pairs.items()}
 
 

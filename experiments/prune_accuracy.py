@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, SPLITS, machine, stats, update_summary
+from common import ROOT, SPLITS, machine, paired, stats, update_summary
 
 from jaxopt_lab import choose, load_config, train_and_evaluate
 
@@ -153,8 +153,7 @@ def paired_rows(runs: dict[str, list[dict]], table: dict) -> dict:
             for split in splits:
                 acc = accuracies(runs[name], q, split)
                 row[f"{split}_accuracy"] = stats(acc)
-                row[f"{split}_paired_difference"] = stats(
-                    [a - d for a, d in zip(acc, dense[split], strict=True)])
+                row[f"{split}_paired_difference"] = paired(acc, dense[split])
     return rows
 
 
