@@ -3,10 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+JAX2ONNX := $(shell sed -n 's/^jax2onnx==//p' constraints.txt)
 
 .PHONY: install notebooks demo test test-fast lint clean
 
-# The library alone (what `make demo` needs), then the test extra (torch, psycopg, pytest ...).
+# The library alone (what `make demo` needs), then the test extra (torch, psycopg, pytest ...)
+# and the deploy extra (ONNX, ONNX Runtime, OpenVINO, jax2onnx).
 BASE_STAMP := $(VENV)/.installed-base-stamp
 
 $(BASE_STAMP): setup.cfg pyproject.toml constraints.txt
@@ -16,8 +18,10 @@ $(BASE_STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	@touch $(BASE_STAMP)
 
+# jax2onnx without its dependency resolution: constraints.txt says why.
 $(STAMP): $(BASE_STAMP)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,deploy]'
+	$(BIN)/python -m pip install -q --no-deps jax2onnx==$(JAX2ONNX)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -36,7 +40,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10 tests
 
 lint: install
-	$(BIN)/ruff check jaxopt_lab tests experiments benchmarks configs
+	$(BIN)/ruff check jaxopt_lab tests experiments benchmarks configs examples
 
 clean:
 	rm -rf $(VENV) runs

@@ -55,8 +55,9 @@ def _add_quantize(commands) -> None:
         epilog="writes RUN/quantized/serving (the checkpoint) and RUN/quantized/summary.json")
     quantize.add_argument("--workdir", required=True, help="a run directory written by train")
     quantize.add_argument("--calibrate", type=int, default=0, metavar="N",
-                          help="float run: training batches that calibrate static activation "
-                               "scales (needed for w8a8)")
+                          help="training batches that calibrate static activation scales: "
+                               "needed for w8a8 of a float run; a QAT run's scales become static "
+                               "(the form ONNX int8 exports)")
     quantize.add_argument("--scheme", default="auto", choices=("auto", "w8", "w8a8"),
                           help="w8: int8 weights, float arithmetic; w8a8: int8 x int8; auto: w8 "
                                "on CPU, w8a8 on accelerators")
@@ -84,11 +85,24 @@ def _add_shrink(commands) -> None:
 
 def _add_export(commands) -> None:
     export = commands.add_parser(
-        "export", help="write a run's inference as a StableHLO file (jax.export) that jax alone "
-                       "loads and runs, any batch size",
-        epilog="writes FILE and FILE.json (input signature, the run's model and techniques)")
+        "export", help="write a run's inference as a file another program runs without "
+                       "jaxopt_lab, any batch size: StableHLO (jax alone) or ONNX (ONNX Runtime, "
+                       "OpenVINO)",
+        epilog="writes FILE and FILE.json (input signature and preprocessing, the run's model, "
+               "techniques and quantization); docs/deploy.md")
     export.add_argument("--workdir", required=True, help="a run directory written by train")
     export.add_argument("--out", required=True, metavar="FILE", help="the artifact to write")
+    export.add_argument("--to", choices=("stablehlo", "onnx"), default="stablehlo",
+                        help="stablehlo: a jax.export program; onnx: an ONNX model (the [deploy] "
+                             "extra)")
+    export.add_argument("--int8-ops", choices=("integer", "qdq"), default="integer",
+                        help="ONNX int8 form: integer (ConvInteger / MatMulInteger, int8 "
+                             "arithmetic in ONNX Runtime) or qdq (Quantize/DequantizeLinear "
+                             "pairs, for toolchains that fuse them)")
+    export.add_argument("--check", nargs="*", default=["onnxruntime"], metavar="RUNTIME",
+                        help="ONNX: run the written model in onnxruntime / openvino on 256 test "
+                             "examples next to the framework's outputs (default onnxruntime; "
+                             "--check alone: none)")
     export.add_argument("--platforms", nargs="*", default=(), metavar="P",
                         help="cpu, cuda, rocm, tpu: where it may run (default: this backend)")
     export.add_argument("--form", choices=("auto", "serving", "model"), default="auto",
@@ -214,6 +228,10 @@ def _quantize(args) -> int:
     print(f"{summary['method']} {summary['scheme']} serving form: "
           f"{args.workdir}/quantized/serving ({summary['size_ratio']:.2f}x smaller than float32; "
           f"scheme {args.scheme} -> {summary['options']['scheme']} on {summary['backend']})")
+    if "dynamic_test_accuracy" in summary:
+        print(f"static activation scales ({args.calibrate} batches): test accuracy "
+              f"{summary['test_accuracy']:.4f}, per-example (QAT) scales "
+              f"{summary['dynamic_test_accuracy']:.4f}")
     return 0
 
 
@@ -236,10 +254,17 @@ def _export(args) -> int:
     from jaxopt_lab.export import export_run
 
     metadata = export_run(args.workdir, args.out, tuple(args.platforms), args.form,
-                          args.member)
-    print(f"wrote {args.out} ({metadata['form']}, {metadata['bytes']} bytes; input {metadata['input']['shape']} "
-          f"{metadata['input']['dtype']}; platforms {', '.join(metadata['platforms'])}) and "
+                          args.member, to=args.to, int8_ops=args.int8_ops,
+                          check=tuple(args.check))
+    where = (f"platforms {', '.join(metadata['platforms'])}" if args.to == "stablehlo"
+             else f"ONNX opset {metadata['opset']}")
+    print(f"wrote {args.out} ({metadata['form']}, {metadata['bytes']} bytes; input "
+          f"{metadata['input']['shape']} {metadata['input']['dtype']}; {where}) and "
           f"{args.out}.json")
+    for check in metadata.get("checks", []):
+        print(f"checked in {check['runtime']} on {check['examples']} test examples: max |Δ| "
+              f"{check['max_abs_difference']:.2e} (outputs up to {check['max_abs_output']:.2f}), "
+              f"argmax agreement {check['argmax_agreement']:.2%}")
     return 0
 
 

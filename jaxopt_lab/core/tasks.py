@@ -98,6 +98,18 @@ def inference(model) -> Callable[[dict, jax.Array], jax.Array]:
     return apply
 
 
+def stateless_inference(model) -> Callable[[dict, jax.Array], jax.Array]:
+    """`inference` without random streams, for converters that trace the program into another
+    runtime (ONNX): no key is split in it, and a model that draws randomness at inference fails
+    loudly instead of carrying a fixed key into the artifact."""
+
+    def apply(variables: dict, x: jax.Array) -> jax.Array:
+        y = model.apply(variables, x, **train_kwargs(model, False))
+        return y.astype(jnp.float32) if jnp.issubdtype(y.dtype, jnp.floating) else y
+
+    return apply
+
+
 def train_kwargs(model, train: bool) -> dict:
     """{"train": train} for modules whose __call__ takes it (every registry model); a user's
     module without the argument is called without it."""

@@ -14,7 +14,7 @@ def _conv(module: "CNN2D", x: jax.Array, features: int) -> jax.Array:
     """3×3 conv → ReLU → 2×2 max-pool, the block `remat` recomputes."""
     x = nn.Conv(features, (3, 3), conv_general_dilated_cls=module.conv_general_dilated_cls,
                 dtype=module.dtype)(x)
-    return nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    return nn.max_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
 
 
 class CNN2D(nn.Module):

@@ -1,7 +1,10 @@
 """`jaxopt-lab quantize --workdir RUN`: a finished run to its quantized serving form.
 
-A QAT run is converted with the options it trained with; a float run is quantized after training
-(PTQ): its weights as they are, activation scales calibrated on `calibrate` training batches.
+A QAT run is converted with the options it trained with (its activation scales measured per
+example, or with `calibrate` N made static: calibrated on N training batches, the form ONNX int8
+runtimes serve; the summary then keeps the dynamic evaluation beside it); a float run is quantized
+after training (PTQ): its weights as they are, activation scales calibrated on `calibrate` training
+batches.
 Either way the serving form (int8 or int4 / fp8 values, their scales, float biases) is written to
 RUN/quantized/serving, evaluated on the validation and test splits, checked output for output against the
 quantized model's own evaluation, measured, and summarized in RUN/quantized/summary.json.
@@ -24,7 +27,7 @@ from jaxopt_lab.core.evaluate import make_evaluator, padded_batches
 from jaxopt_lab.core.layers import without_seams
 from jaxopt_lab.core.measure import latency_ms, model_bytes
 from jaxopt_lab.core.state import model_params, sample_input
-from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.core.tasks import inference, make_task
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.run.build import load_run, merge_splits
 from jaxopt_lab.run.rundir import warn_if_unfinished
@@ -55,8 +58,9 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
     """Converts the run in `workdir`; returns (and writes) RUN/quantized/summary.json.
 
     Args:
-      calibrate_batches: PTQ of a float run: training batches for the static activation scales
-        (needed unless the scheme quantizes weights only).
+      calibrate_batches: training batches for static activation scales: needed for PTQ of a
+        float run unless the scheme quantizes weights only; for a QAT run, optional (0 keeps
+        its per-example scales).
       scheme: "w8" (weights only), "w8a8" or "auto" (by backend).
       options: quantize options for PTQ (bits, numerics, per_channel, skip); a QAT run keeps its
         own, except `activations`, which the scheme sets.
@@ -68,16 +72,18 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
     warn_if_unfinished(workdir, run.step, run.config.train.steps, "quantize")
     scheme = pick_scheme(scheme)
     activations = scheme == "w8a8"
+    if calibrate_batches and not activations:
+        raise UserError(f"--calibrate {calibrate_batches} with scheme {scheme}: weights-only "
+                        "quantization has no activation scales to calibrate; use --scheme w8a8")
     sample_x = sample_input(run.dataset)
     variables = {"params": model_params(run.state.params), **run.state.model_state}
     trained = run.experiment.techniques.get("quantize")
+    dynamic = {}
     if trained is not None:
         if options:
             raise UserError(f"{workdir} was trained with QAT ({trained['scheme']}); its options "
                             "are fixed, only --scheme may differ")
-        trained_options, skip = quantization_of(run.experiment.model)
-        qoptions = dataclasses.replace(trained_options, activations=activations, skip=skip)
-        model = wrap(run.experiment.model, **dataclasses.asdict(qoptions))
+        model, variables, dynamic = _qat_form(run, variables, calibrate_batches, activations)
         method = "qat"
     else:
         if activations and calibrate_batches < 1:
@@ -100,12 +106,13 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
         "scheme": qoptions.scheme,
         "backend": jax.default_backend(),
         "options": {**qoptions.describe(), "skip": list(skip)},
-        "calibration_batches": calibrate_batches if method == "ptq" and activations else 0,
+        "calibration_batches": calibrate_batches if activations else 0,
         **merge_splits(evaluate_serving(model, serving, getattr(run.dataset, split),
                                         run.dataset.task, run.config.train.eval_batch_size,
                                         split)
                        for split in ("validation", "test")
                        if getattr(run.dataset, split) is not None),
+        **dynamic,
         "serving_bit_identical": outputs_identical(model, variables, serving, serve, test,
                                                    run.config.train.eval_batch_size),
         "model_bytes": model_bytes(serving),
@@ -122,6 +129,42 @@ def quantize_run(workdir: str, *, calibrate_batches: int = 0, scheme: str = "aut
     return summary
 
 
+def _qat_form(run, variables: dict, batches: int, activations: bool):
+    """A QAT run's quantized model for serving, with its options: (model, variables, dynamic).
+
+    With `batches` (and activations) its activation scales become static, calibrated on that
+    many training batches, the form integer runtimes serve (ONNX QDQ); `dynamic` then holds the
+    QAT model's own evaluation, per-example scales, as `dynamic_<split>_<metric>`: the gap to the
+    static form's is what calibrating cost.
+    """
+    trained_options, skip = quantization_of(run.experiment.model)
+    static = activations and batches > 0
+    qoptions = dataclasses.replace(trained_options, activations=activations,
+                                   static_activations=static, skip=skip)
+    model = wrap(run.experiment.model, **dataclasses.asdict(qoptions))
+    if not static:
+        return model, variables, {}
+    dynamic_model = wrap(run.experiment.model, **dataclasses.asdict(
+        dataclasses.replace(qoptions, static_activations=False)))
+    dynamic = merge_splits(
+        evaluate_model(dynamic_model, variables, getattr(run.dataset, split), run.dataset.task,
+                       run.config.train.eval_batch_size, split)
+        for split in ("validation", "test") if getattr(run.dataset, split) is not None)
+    variables = calibrated(model, variables, run.dataset.train["x"], batches,
+                           run.config.data.batch_size)
+    return model, variables, {f"dynamic_{key}": value for key, value in dynamic.items()}
+
+
+def calibrated(model, variables: dict, train_x, batches: int, batch_size: int) -> dict:
+    """`variables` with static activation scales calibrated on the first `batches` batches of
+    `train_x` (AQT's running mean of per-batch absolute maxima)."""
+    if batches * batch_size > len(train_x):
+        raise UserError(f"--calibrate {batches} needs {batches * batch_size} training "
+                        f"examples; the training split has {len(train_x)}")
+    inputs = [jnp.asarray(train_x[i * batch_size:(i + 1) * batch_size]) for i in range(batches)]
+    return calibrate(model, variables, inputs)
+
+
 def post_training(float_model, variables: dict, train_x, sample_x, *, batches: int,
                   batch_size: int, activations: bool, **options):
     """PTQ: `float_model` wrapped for quantization and its `variables`, with static activation
@@ -130,12 +173,7 @@ def post_training(float_model, variables: dict, train_x, sample_x, *, batches: i
     model = wrap(float_model, sample_x=sample_x, activations=activations,
                  static_activations=activations, **options)
     if activations:
-        if batches * batch_size > len(train_x):
-            raise UserError(f"--calibrate {batches} needs {batches * batch_size} training "
-                            f"examples; the training split has {len(train_x)}")
-        inputs = [jnp.asarray(train_x[i * batch_size:(i + 1) * batch_size])
-                  for i in range(batches)]
-        variables = calibrate(model, variables, inputs)
+        variables = calibrated(model, variables, train_x, batches, batch_size)
     return model, variables
 
 
@@ -147,6 +185,16 @@ def evaluate_serving(model, serving: dict, arrays: dict, task: str, batch_size: 
                               data_mesh(), split)
     return evaluate(types.SimpleNamespace(
         params=serving["params"], model_state={k: v for k, v in serving.items() if k != "params"}))
+
+
+def evaluate_model(model, variables: dict, arrays: dict, task: str, batch_size: int,
+                   split: str) -> dict:
+    """`<split>_<metric>` means of `model` as it evaluates (a QAT model: quantized on the fly)."""
+    evaluate = make_evaluator(make_task(task, model).eval_fn, arrays, batch_size, data_mesh(),
+                              split)
+    return evaluate(types.SimpleNamespace(
+        params=variables["params"],
+        model_state={k: v for k, v in variables.items() if k != "params"}))
 
 
 def outputs_identical(model, variables, serving, serve, arrays, batch_size: int) -> bool:

@@ -1,0 +1,172 @@
+"""Rewrites of a traced ONNX graph so runtimes see what they fuse: `DQ → Conv/MatMul` directly.
+
+jax2onnx lowers a channels-last conv as `Transpose → Conv → Transpose`, so the QDQ nodes of the
+int8 form land before a Transpose. Runtimes fuse `DequantizeLinear` into the integer kernel only
+where it feeds the op itself, so:
+
+- a frozen weight `DQ(int8 initializer) → Transpose` becomes `DQ(transposed initializer)`, its
+  per-channel axis permuted with it;
+- an input `Q → DQ → Transpose` (one per-tensor scale) becomes `Transpose → Q → DQ`: a transpose
+  commutes with elementwise quantization, so the values are unchanged.
+
+jax2onnx lowers `lax.reduce_window_max` over channels-last (B, H, W, C) as a MaxPool with four
+spatial axes (B, H, W, C) behind two Unsqueezes, which ONNX Runtime refuses ("Unsupported
+pooling size"); where the window spans one position of the batch and of one other axis, it becomes
+`Transpose → MaxPool (over the true spatial axes) → Transpose`.
+
+Also dropped: jax2onnx's intermediate shape annotations (`value_info`), which can disagree with
+its own layout rewrites (ResNets fail to load with them), and initializers nothing reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The rewrites above, in place; returns `model`."""
+    graph = model.graph
+    del graph.value_info[:]
+    _fold_weight_transposes(graph)
+    _hoist_transposes(graph)
+    _channels_last_pools(graph)
+    finish(graph)
+    return model
+
+
+def finish(graph) -> None:
+    """After a rewrite: initializers nothing reads dropped, nodes in topological order."""
+    _drop_unused_initializers(graph)
+    _sort_topologically(graph)
+
+
+def consumers_of(graph) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def attribute_of(node, name: str, default=None):
+    """A node's attribute value, `default` where it is not set."""
+    for found in node.attribute:
+        if found.name == name:
+            return onnx.helper.get_attribute_value(found)
+    return default
+
+
+def _rename_uses(graph, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+    for output in graph.output:
+        if output.name == old:
+            output.name = new
+
+
+def _fold_weight_transposes(graph) -> None:
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = consumers_of(graph)
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Transpose":
+            continue
+        transpose = users[0]
+        value = numpy_helper.to_array(initializers[node.input[0]])
+        perm = list(attribute_of(transpose, "perm", range(value.ndim - 1, -1, -1)))
+        folded = numpy_helper.from_array(np.transpose(value, perm), node.input[0] + "_t")
+        graph.initializer.append(folded)
+        node.input[0] = folded.name
+        scale = numpy_helper.to_array(initializers[node.input[1]])
+        if scale.ndim:
+            axis = attribute_of(node, "axis", 1) % value.ndim
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axis", perm.index(axis)))
+        graph.node.remove(transpose)
+        _rename_uses(graph, transpose.output[0], node.output[0])
+
+
+def _hoist_transposes(graph) -> None:
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers = consumers_of(graph)
+    for dequantize in list(graph.node):
+        quantize = producers.get(dequantize.input[0])
+        users = consumers.get(dequantize.output[0], [])
+        if (dequantize.op_type != "DequantizeLinear" or quantize is None
+                or quantize.op_type != "QuantizeLinear" or len(users) != 1
+                or users[0].op_type != "Transpose"
+                or len(consumers.get(quantize.output[0], [])) != 1
+                or numpy_helper.to_array(initializers[quantize.input[1]]).ndim):
+            continue
+        transpose = users[0]
+        moved_output = transpose.output[0]
+        transpose.input[0] = quantize.input[0]
+        transpose.output[0] = moved_output + "_pre_q"
+        quantize.input[0] = transpose.output[0]
+        _rename_uses(graph, moved_output, dequantize.output[0])
+
+
+def _channels_last_pools(graph) -> None:
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers = consumers_of(graph)
+    for pool in list(graph.node):
+        inner = producers.get(pool.input[0]) if pool.op_type == "MaxPool" else None
+        outer = producers.get(inner.input[0]) if inner is not None else None
+        users = consumers.get(pool.output[0], [])
+        if (outer is None or inner.op_type != "Unsqueeze" or outer.op_type != "Unsqueeze"
+                or len(users) != 1 or users[0].op_type != "Squeeze"):
+            continue
+        kernel = list(attribute_of(pool, "kernel_shape"))
+        n = len(kernel)
+        strides = list(attribute_of(pool, "strides", [1] * n))
+        pads = list(attribute_of(pool, "pads", [0] * 2 * n))
+        kept = [a for a in range(1, n)
+                if kernel[a] == 1 and strides[a] == 1 and pads[a] == pads[a + n] == 0]
+        if kernel[0] != 1 or strides[0] != 1 or len(kept) != 1 or not 3 <= n <= 5:
+            continue
+        channel = kept[0]
+        spatial = [a for a in range(1, n) if a != channel]
+        perm = [0, channel, *spatial]
+        squeeze = users[0]
+        pool.input[0] = outer.input[0] + "_channels_first"
+        del pool.attribute[:]
+        pool.attribute.extend([
+            onnx.helper.make_attribute("kernel_shape", [kernel[a] for a in spatial]),
+            onnx.helper.make_attribute("strides", [strides[a] for a in spatial]),
+            onnx.helper.make_attribute("pads", [pads[a] for a in spatial]
+                                       + [pads[a + n] for a in spatial])])
+        graph.node.extend([
+            onnx.helper.make_node("Transpose", [outer.input[0]], [pool.input[0]], perm=perm),
+            onnx.helper.make_node("Transpose", [pool.output[0]], [squeeze.output[0]],
+                                  perm=list(np.argsort(perm)))])
+        for node in (inner, outer, squeeze):
+            graph.node.remove(node)
+
+
+def _sort_topologically(graph) -> None:
+    """Orders the nodes so each comes after the producers of its inputs (ONNX requires it)."""
+    ready = {""} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [node for node in pending if all(name in ready for name in node.input)]
+        if not runnable:
+            raise ValueError("the ONNX graph has a cycle or an input nothing produces")
+        for node in runnable:
+            ordered.append(node)
+            ready.update(node.output)
+        pending = [node for node in pending if node not in runnable]
+    copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input}
+    keep = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

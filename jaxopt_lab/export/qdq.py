@@ -1,0 +1,171 @@
+"""The static int8 serving form as an ONNX QDQ graph, with the run's own quantization parameters.
+
+ONNX runtimes run int8 arithmetic where a float op reads DequantizeLinear outputs: ONNX Runtime
+fuses `DQ(x) → Conv ← DQ(w)` into integer kernels (QLinearConv, MatMulInteger...), OpenVINO's
+low-precision transformations do the same. So the exported program is the float model with two
+substitutions at every quantized layer's seam (`dot_general_cls`, `conv_general_dilated_cls`):
+
+- its weight is `dequantize(int8 value, per-channel scale)`: the values and scales that
+  `jaxopt-lab quantize` froze (AQT's CONVERT), not recomputed;
+- its input is `fake_quantize(x, scale)` with the layer's static per-tensor scale: AQT's
+  calibrated mean of absolute maxima over AQT's quant bound (127.5 for int8), as AQT serves it.
+
+Both are JAX primitives of our own, lowered by jax2onnx (a plugin here) to QuantizeLinear /
+DequantizeLinear and, under `jax.jit`, to the same arithmetic in XLA. Layers the run left in float
+(`skip`), biases and BatchNorm stay float: BatchNorm after a quantized conv is not folded into it
+(folding would change the frozen weights and scales the run served with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.techniques.quantize import QUANT_COLLECTION, quantization_of
+from jaxopt_lab.techniques.quantize.layers import layer_path, skipped
+from jaxopt_lab.techniques.quantize.options import tensor_quantizer
+
+_FROZEN = "qrhs"  # where AQT's freezer (and QuantizedConv) keep a layer's int8 weight
+_CALIBRATION = "MeanOfAbsMaxCalibration_0"
+INT8_RANGE = (-128, 127)  # what QuantizeLinear saturates to
+
+
+def _fake_quantize(x, scale):
+    q = jnp.clip(jnp.round(x / scale), *INT8_RANGE)
+    return (q * scale).astype(x.dtype)
+
+
+def _dequantize(value, scale, *, axis: int):
+    shape = [1] * value.ndim
+    if scale.ndim:
+        shape[axis] = scale.shape[0]
+    return value.astype(scale.dtype) * scale.reshape(shape)
+
+
+fake_quantize_p = Primitive("jaxopt_fake_quantize")
+fake_quantize_p.def_impl(_fake_quantize)
+fake_quantize_p.def_abstract_eval(lambda x, scale: jax.core.ShapedArray(x.shape, x.dtype))
+mlir.register_lowering(fake_quantize_p, mlir.lower_fun(_fake_quantize, multiple_results=False))
+
+dequantize_p = Primitive("jaxopt_dequantize")
+dequantize_p.def_impl(_dequantize)
+dequantize_p.def_abstract_eval(
+    lambda value, scale, *, axis: jax.core.ShapedArray(value.shape, scale.dtype))
+mlir.register_lowering(dequantize_p, mlir.lower_fun(_dequantize, multiple_results=False))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedLayer:
+    """One quantized layer's frozen parameters: `value` int8 in the kernel's layout, `scale`
+    per output channel (1-D, along `axis`) or one scalar, and the static input scale."""
+
+    value: np.ndarray
+    scale: np.ndarray
+    axis: int
+    input_scale: np.ndarray | None
+
+
+def quantized_layers(model, serving: dict) -> dict[str, QuantizedLayer]:
+    """{layer path, e.g. "['Conv_1']": its frozen parameters} from a serving form written by
+    `jaxopt-lab quantize` (`model` is its quantized model)."""
+    options, _ = quantization_of(model)
+    if options.numerics != "int" or options.bits != 8:
+        raise UserError(f"ONNX int8 export: the serving form is {options.scheme}; ONNX QDQ "
+                        "export supports int8 (bits=8, numerics='int') only")
+    quant_bound = tensor_quantizer(options).numerics.get_quant_bound()
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(serving[QUANT_COLLECTION]))
+    layers = {}
+    for path in {p[:p.index(_FROZEN)] for p in flat if _FROZEN in p}:
+        seam = next(i for i, part in enumerate(path) if part.startswith("Quantized"))
+        value = np.asarray(flat[(*path, _FROZEN, "value")])
+        scale = np.asarray(flat[(*path, _FROZEN, "scale")])
+        channel_axes = [a for a, n in enumerate(scale.shape) if n > 1]
+        axis = channel_axes[0] if channel_axes else value.ndim - 1
+        input_scale = None
+        if options.activations:
+            total = flat.get((*path, _CALIBRATION, "sum_of_max"))
+            if total is None:
+                raise UserError(f"ONNX int8 export: layer {_layer_name(path[:seam])} quantizes its "
+                                "input per batch (dynamic scales) and ONNX int8 needs static "
+                                "ones: jaxopt-lab quantize --scheme w8a8 --calibrate N first "
+                                "(or export --form model for the float model)")
+            count = flat[(*path, _CALIBRATION, "count")]
+            input_scale = np.asarray(np.ravel(total)[0] / count / quant_bound, np.float32)
+        layers[_layer_name(path[:seam])] = QuantizedLayer(
+            value, scale.reshape(-1) if channel_axes else scale.reshape(()), axis, input_scale)
+    return layers
+
+
+def _layer_name(path: tuple[str, ...]) -> str:
+    return "".join(f"['{part}']" for part in path)
+
+
+def _quantized_input(module: nn.Module, layers: dict, lhs):
+    layer = layers.get(layer_path(module))
+    if layer is not None and layer.input_scale is not None:
+        lhs = fake_quantize_p.bind(lhs, jnp.asarray(layer.input_scale))
+    return layer, lhs
+
+
+def _weight(layer: QuantizedLayer):
+    return dequantize_p.bind(jnp.asarray(layer.value), jnp.asarray(layer.scale), axis=layer.axis)
+
+
+class QdqDotGeneral(nn.Module):
+    """A `dot_general_cls`: the layer's frozen int8 weight dequantized, its input quantized with
+    its static scale; lax's matmul where the layer is float."""
+
+    layers: Any  # dict[str, QuantizedLayer], keyed by layer path
+    attention_skip: tuple[str, ...] | None = None  # the run's skip where attention is quantized
+
+    @nn.compact
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        rhs_is_weight = self.parent is not None and self.parent.has_variable("params", "kernel")
+        if (not rhs_is_weight and self.attention_skip is not None
+                and not skipped(self, self.attention_skip)):
+            raise UserError(f"ONNX int8 export: layer {layer_path(self)} quantizes a matmul of "
+                            "two activations (attention) with per-batch scales, which ONNX QDQ "
+                            "cannot express; quantize with attention=False")
+        layer, lhs = _quantized_input(self, self.layers, lhs)
+        if layer is not None:
+            rhs = _weight(layer)
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type)
+
+
+class QdqConv(nn.Module):
+    """A `conv_general_dilated_cls`: as `QdqDotGeneral`, for convolutions."""
+
+    layers: Any
+
+    @nn.compact
+    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                 precision=None, preferred_element_type=None):
+        layer, lhs = _quantized_input(self, self.layers, lhs)
+        if layer is not None:
+            rhs = _weight(layer)
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
+def qdq_model(quantized_model, float_model, layers: dict[str, QuantizedLayer]):
+    """`float_model` with the QDQ seams standing for `quantized_model`'s; its variables are the
+    float model's, where a quantized layer's kernel is never read (a placeholder will do)."""
+    options, skip = quantization_of(quantized_model)
+    attention_skip = skip if options.activations and options.attention else None
+    seams = {"dot_general_cls": functools.partial(QdqDotGeneral, layers, attention_skip),
+             "conv_general_dilated_cls": functools.partial(QdqConv, layers)}
+    fields = {f.name for f in dataclasses.fields(float_model)}
+    return float_model.clone(**{k: v for k, v in seams.items() if k in fields})
