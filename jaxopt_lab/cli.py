@@ -93,16 +93,13 @@ def _add_export(commands) -> None:
     export.add_argument("--workdir", required=True, help="a run directory written by train")
     export.add_argument("--out", required=True, metavar="FILE", help="the artifact to write")
     export.add_argument("--to", choices=("stablehlo", "onnx"), default="stablehlo",
-                        help="stablehlo: a jax.export program; onnx: an ONNX model (the [deploy] "
-                             "extra)")
+                        help="a jax.export program, or an ONNX model (the [deploy] extra)")
     export.add_argument("--int8-ops", choices=("integer", "qdq"), default="integer",
-                        help="ONNX int8 form: integer (ConvInteger / MatMulInteger, int8 "
-                             "arithmetic in ONNX Runtime) or qdq (Quantize/DequantizeLinear "
-                             "pairs, for toolchains that fuse them)")
+                        help="ONNX int8 layers as integer ops (ConvInteger, MatMulInteger) or "
+                             "qdq (Quantize/DequantizeLinear pairs)")
     export.add_argument("--check", nargs="*", default=["onnxruntime"], metavar="RUNTIME",
-                        help="ONNX: run the written model in onnxruntime / openvino on 256 test "
-                             "examples next to the framework's outputs (default onnxruntime; "
-                             "--check alone: none)")
+                        help="ONNX: run it in onnxruntime/openvino on 256 test examples beside "
+                             "the framework's outputs (bare --check: none)")
     export.add_argument("--platforms", nargs="*", default=(), metavar="P",
                         help="cpu, cuda, rocm, tpu: where it may run (default: this backend)")
     export.add_argument("--form", choices=("auto", "serving", "model"), default="auto",

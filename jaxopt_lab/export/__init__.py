@@ -111,20 +111,20 @@ def _check_arguments(out: str, platforms, to: str, int8_ops: str, check) -> None
 
 def _write_onnx(run, workdir, quantized, sample, out, metadata, member, int8_ops) -> dict:
     """The ONNX model of the run's float model or its static int8 form; the metadata it adds."""
-    from jaxopt_lab.export.onnx import require, write_onnx
+    from jaxopt_lab.export.onnx import write_onnx
 
-    require("onnx", "onnx_ir", "jax2onnx")
     if quantized is None:
         state = member_state(run, member, workdir)
         variables = {"params": model_params(state.params), **state.model_state}
-        apply, name, integer = stateless_inference(run.experiment.model), "model", False
+        apply, name, ops = stateless_inference(run.experiment.model), "model", None
     else:
         apply, variables, name = qdq_form(run, workdir)
-        integer = int8_ops == "integer" and quantized["options"]["activations"]
-        if not quantized["options"]["activations"]:
+        ops = int8_ops if quantized["options"]["activations"] else None
+        if ops is None:
             print(W8_NOTE, file=sys.stderr)
-    added = write_onnx(apply, variables, sample, out, {**metadata, "form": name}, integer)
-    return {"form": name, "int8_ops": int8_ops if integer else None, **added}
+    added = write_onnx(apply, variables, sample, out, {**metadata, "form": name, "int8_ops": ops},
+                       integer_ops=ops == "integer")
+    return {"form": name, "int8_ops": ops, **added}
 
 
 def _check(run, workdir: str, serving: bool, member, out: str, runtimes) -> list[dict]:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from jaxopt_lab.core.state import model_params, sample_input
-from jaxopt_lab.core.tasks import inference
+from jaxopt_lab.core.tasks import inference, stateless_inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export.qdq import qdq_model, quantized_layers
 from jaxopt_lab.run.build import member_state
@@ -72,4 +72,5 @@ def qdq_form(run, workdir: str) -> tuple[Callable, dict[str, Any], str]:
     params = jax.device_get(with_placeholders(model, serving["params"],
                                               sample_input(run.dataset)))
     state = {k: v for k, v in serving.items() if k not in ("params", "aqt")}
-    return inference(exported), {"params": params, **state}, f"{quantized['scheme']} QDQ form"
+    return (stateless_inference(exported), {"params": params, **state},
+            f"{quantized['scheme']} serving form")

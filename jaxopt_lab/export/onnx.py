@@ -46,9 +46,12 @@ def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
     """Traces `apply(variables, x)` for a symbolic batch, writes the ONNX model to `out` with
     `metadata` in its metadata_props; returns what the metadata adds (the output signature).
     `integer_ops`: quantized layers as ConvInteger / MatMulInteger (`export/onnx_integer.py`)."""
-    require("onnx", "onnx_ir", "jax2onnx")
+    require("onnx", "onnx_ir")
     import onnx
-    from jax2onnx import to_onnx
+
+    with _quiet("jax2onnx", "onnx_ir"):
+        require("jax2onnx")
+        from jax2onnx import to_onnx
 
     from jaxopt_lab.export import onnx_plugins  # noqa: F401  (registers the QDQ lowerings)
     from jaxopt_lab.export.onnx_graph import tidy
@@ -58,12 +61,19 @@ def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
         return apply(variables, x)
 
     signature = jax.ShapeDtypeStruct(("batch", *sample.shape[1:]), sample.dtype)
-    with _lax_level(), _quiet("jax2onnx"):
+    with _quiet("jax2onnx", "onnx_ir"), _lax_level():
         try:
             proto = to_onnx(program, [signature], model_name="jaxopt_lab", opset=OPSET,
                             input_names=["x"], output_names=["outputs"])
         except NotImplementedError as error:
             raise UserError(_unsupported(error, program, sample)) from None
+        except TypeError as error:
+            if "DimExpr" not in str(error):
+                raise
+            first = str(error).strip().splitlines()[0]
+            raise UserError(f"ONNX export traces the batch size as a symbol, and the model "
+                            f"uses it as a Python integer ({first}): write x.shape[0] or "
+                            "reshape(-1, ...) instead of len(x) or int(x.shape[0])") from None
     proto = tidy(proto)
     if integer_ops:
         to_integer_ops(proto.graph)
@@ -124,12 +134,15 @@ def _patches(plugin) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet(logger: str):
-    """jax2onnx logs (with tracebacks) every optional example it cannot import."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
+def _quiet(*loggers: str):
+    """jax2onnx logs (with tracebacks) every optional example it cannot import; onnx_ir warns
+    of shape values it leaves untyped."""
+    logs = [logging.getLogger(name) for name in loggers]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
