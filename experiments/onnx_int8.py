@@ -90,16 +90,16 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def write(results: dict, out: Path) -> None:
-    lines = [
-        "# The static int8 form in ONNX Runtime and OpenVINO", "",
+    header = (
         f"Written by `experiments/onnx_int8.py` on {results['machine']} ({results['runtimes']}). "
         f"Int8 QAT runs (w8a8, the default skip), {results['seeds']} seeds each; `quantize "
         f"--scheme w8a8 --calibrate {CALIBRATION_BATCHES}` makes their activation scales static; "
         "`export --to onnx` writes that form as integer ops (ConvInteger / MatMulInteger) and as "
         "QDQ pairs. Accuracy: mean ± std over seeds; the static − dynamic row is the paired "
         "difference (same weights) in points, with its range over seeds. Agreement: the share of "
-        "examples whose argmax equals the framework's serving of the same static form (AQT).", "",
-        "| model | what | validation accuracy | test accuracy |", "|---|---|---|---|"]
+        "examples whose argmax equals the framework's serving of the same static form (AQT).")
+    lines = ["# The static int8 form in ONNX Runtime and OpenVINO", "", header, "",
+             "| model | what | validation accuracy | test accuracy |", "|---|---|---|---|"]
     for name, figures in results["models"].items():
         for label, key in (("QAT, per-example scales (dynamic)", "dynamic"),
                            ("static scales, framework (AQT)", "static")):
@@ -114,8 +114,8 @@ def write(results: dict, out: Path) -> None:
                 cells = [f"{shown(figures[f'{key}_{split}_accuracy'])} (agreement "
                          f"{_minimum(figures[f'{key}_{split}_agreement'])})" for split in SPLITS]
                 lines.append(f"| {name} | {runtime}, {ops} | " + " | ".join(cells) + " |")
-    lines += ["", "Agreement is given as its lowest value over seeds. Per-seed figures: "
-              "results/onnx_int8.json."]
+    lines += ["", ("Agreement is given as its lowest value over seeds. Per-seed figures: "
+                   "results/onnx_int8.json.")]
     (out / "onnx_int8.md").write_text("\n".join(lines) + "\n")
 
 

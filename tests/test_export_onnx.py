@@ -172,7 +172,8 @@ def test_ptq_of_a_float_mlp_exports_from_the_cli(tmp_path):
                      "--check", "onnxruntime", "openvino")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("argmax agreement") == 2
-    checks = json.loads(open(out + ".json").read())["checks"]
+    with open(out + ".json") as f:
+        checks = json.load(f)["checks"]
     assert [c["runtime"].split()[0] for c in checks] == list(RUNTIMES)
     assert all(c["argmax_agreement"] >= 0.99 and c["examples"] == 256 for c in checks)
     serve(tmp_path, out, {"x": np.zeros((2, 40), np.float32)}, "onnxruntime",
@@ -269,6 +270,10 @@ def test_bad_onnx_exports_get_one_line(tmp_path):
     train_and_evaluate(tiny_config(steps=2, measure=False), odd, model=OddNet(num_classes=10))
     with pytest.raises(UserError, match="primitive 'researchers_own_kernel' in layer .*odd"):
         export_run(odd, str(tmp_path / "odd.onnx"), to="onnx", model=OddNet(num_classes=10))
+    # From the command line, the module found by the import path the run recorded.
+    _one_line(run_cli("export", "--workdir", odd, "--out", str(tmp_path / "odd.onnx"), "--to",
+                      "onnx", env={"PYTHONPATH": str(ROOT / "tests")}),
+              "primitive 'researchers_own_kernel' in layer", "odd")
     assert not (tmp_path / "odd.onnx").exists()
     sized = str(tmp_path / "sized")
     train_and_evaluate(tiny_config(steps=2, measure=False), sized,

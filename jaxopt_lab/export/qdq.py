@@ -67,11 +67,12 @@ mlir.register_lowering(dequantize_p, mlir.lower_fun(_dequantize, multiple_result
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedLayer:
     """One quantized layer's frozen parameters: `value` int8 in the kernel's layout, `scale`
-    per output channel (1-D, along `axis`) or one scalar, and the static input scale."""
+    per output channel (1-D over the kernel's `axes`, flattened where a DenseGeneral kernel has
+    several output axes, e.g. heads × head_dim) or one scalar, and the static input scale."""
 
     value: np.ndarray
     scale: np.ndarray
-    axis: int
+    axes: tuple[int, ...]
     input_scale: np.ndarray | None
 
 
@@ -89,8 +90,7 @@ def quantized_layers(model, serving: dict) -> dict[str, QuantizedLayer]:
         seam = next(i for i, part in enumerate(path) if part.startswith("Quantized"))
         value = np.asarray(flat[(*path, _FROZEN, "value")])
         scale = np.asarray(flat[(*path, _FROZEN, "scale")])
-        channel_axes = [a for a, n in enumerate(scale.shape) if n > 1]
-        axis = channel_axes[0] if channel_axes else value.ndim - 1
+        channel_axes = _kernel_axes(value.shape, scale.shape, _layer_name(path[:seam]))
         input_scale = None
         if options.activations:
             total = flat.get((*path, _CALIBRATION, "sum_of_max"))
@@ -102,8 +102,23 @@ def quantized_layers(model, serving: dict) -> dict[str, QuantizedLayer]:
             count = flat[(*path, _CALIBRATION, "count")]
             input_scale = np.asarray(np.ravel(total)[0] / count / quant_bound, np.float32)
         layers[_layer_name(path[:seam])] = QuantizedLayer(
-            value, scale.reshape(-1) if channel_axes else scale.reshape(()), axis, input_scale)
+            value, scale.reshape(-1) if channel_axes else scale.reshape(()), channel_axes,
+            input_scale)
     return layers
+
+
+def _kernel_axes(value_shape, scale_shape, layer: str) -> tuple[int, ...]:
+    """The kernel axes a frozen per-channel scale runs along. AQT keeps a matmul weight's scale
+    in the layout of the matmul's output (batch axes first, the kernel's output axes last), a
+    conv's in the kernel's: right-aligned, both put the output channels over the kernel's
+    trailing axes. DequantizeLinear takes one axis, so several must be adjacent."""
+    offset = len(scale_shape) - len(value_shape)
+    axes = tuple(a - offset for a, n in enumerate(scale_shape) if n > 1)
+    if (any(a < 0 or value_shape[a] != scale_shape[a + offset] for a in axes)
+            or axes != tuple(range(axes[0], axes[0] + len(axes)))[:len(axes)]):
+        raise UserError(f"ONNX int8 export: layer {layer}'s weight scales {tuple(scale_shape)} do "
+                        f"not run along adjacent axes of its kernel {tuple(value_shape)}")
+    return axes
 
 
 def _layer_name(path: tuple[str, ...]) -> str:
@@ -118,7 +133,14 @@ def _quantized_input(module: nn.Module, layers: dict, lhs):
 
 
 def _weight(layer: QuantizedLayer):
-    return dequantize_p.bind(jnp.asarray(layer.value), jnp.asarray(layer.scale), axis=layer.axis)
+    """The dequantized kernel; several output axes are merged into one for DequantizeLinear's
+    single `axis` and split again after."""
+    value, axes = layer.value, layer.axes
+    if not axes:
+        return dequantize_p.bind(jnp.asarray(value), jnp.asarray(layer.scale), axis=0)
+    merged = value.reshape(*value.shape[:axes[0]], -1, *value.shape[axes[-1] + 1:])
+    weight = dequantize_p.bind(jnp.asarray(merged), jnp.asarray(layer.scale), axis=axes[0])
+    return weight.reshape(value.shape)
 
 
 class QdqDotGeneral(nn.Module):
