@@ -25,6 +25,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     [*os.environ.get("XLA_FLAGS", "").split(),
      *(f for f in FAST_COMPILE if f.split("=")[0] not in os.environ.get("XLA_FLAGS", ""))])
 
+# OpenVINO's usage telemetry (on unless opted out, docs/deploy.md) forks a process at
+# `import openvino`, beside JAX's threads; it stays off where CI=true.
+os.environ.setdefault("CI", "true")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _data_dir(tmp_path_factory):

@@ -27,7 +27,7 @@ from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import export_run
 from jaxopt_lab.export.onnx import write_onnx
 from jaxopt_lab.export.qdq import quantized_layers
-from jaxopt_lab.export.runtimes import RUNTIMES
+from jaxopt_lab.export.runtimes import RUNTIMES, load_onnx
 from jaxopt_lab.models import MODELS, build_model
 from jaxopt_lab.techniques.quantize import serve_fn
 from jaxopt_lab.workflows.convert import load_serving, quantize_run, serving_model
@@ -316,3 +316,21 @@ def test_the_float_form_of_a_qat_run_keeps_its_quantizer(tmp_path):
     write_onnx(stateless_inference(float_model), variables, np.zeros((1, 40), np.float32),
                str(tmp_path / "float.onnx"), {})
     assert "Round" not in {n.op_type for n in onnx.load(str(tmp_path / "float.onnx")).graph.node}
+
+
+def test_a_population_member_exports_as_its_own_model(tmp_path):
+    config = tiny_config("mlp", steps=3, measure=False)
+    config.population = (("optim.lr", (1e-3, 3e-1)),)
+    workdir = str(tmp_path / "population")
+    train_and_evaluate(config, workdir)
+    out = str(tmp_path / "member1.onnx")
+    metadata = export_run(workdir, out, to="onnx", member=1, check=RUNTIMES)
+    assert metadata["member"] == 1 and len(metadata["checks"]) == 2
+    assert all(c["max_abs_difference"] <= 1e-4 * c["max_abs_output"] for c in metadata["checks"])
+    run = load_run(workdir)
+    x = run.dataset.test["x"][:16]
+    got = load_onnx(out, "onnxruntime")(x)
+    members = [np.asarray(stateless_inference(run.experiment.model)(
+        {"params": jax.tree.map(lambda a, i=i: a[i], run.state.params)}, x)) for i in (0, 1)]
+    np.testing.assert_allclose(got, members[1], rtol=1e-4, atol=1e-5 * np.abs(members[1]).max())
+    assert not np.allclose(got, members[0], atol=1e-3)  # the member, not the first one
