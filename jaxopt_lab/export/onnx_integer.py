@@ -81,10 +81,21 @@ def _quantized_operands(node, producers, initializers):
         return None
     weight = numpy_helper.to_array(initializers[w_dq.input[0]])
     x_scale = numpy_helper.to_array(initializers[x_dq.input[1]])
-    if weight.dtype != np.int8 or x_scale.ndim:
+    w_scale = numpy_helper.to_array(initializers[w_dq.input[1]])
+    if weight.dtype != np.int8 or x_scale.ndim or weight.ndim < 2:
         return None
-    return (x_dq.input[0], x_scale, weight, numpy_helper.to_array(initializers[w_dq.input[1]]),
+    if w_scale.ndim and attribute_of(w_dq, "axis", 1) % weight.ndim != _output_axis(node, weight):
+        return None  # scales along another axis than the output channels: left as QDQ
+    return (x_dq.input[0], x_scale, weight, w_scale,
             None if bias is None else numpy_helper.to_array(initializers[bias]))
+
+
+def _output_axis(node, weight: np.ndarray) -> int:
+    """The weight's output-channel axis: O of a Conv's OIHW, N of a matmul's K × N (K of a
+    Gemm that transposes it)."""
+    if node.op_type == "Conv":
+        return 0
+    return 0 if node.op_type == "Gemm" and attribute_of(node, "transB", 0) else weight.ndim - 1
 
 
 def _rescale(scale: np.ndarray, op_type: str, weight_ndim: int) -> np.ndarray:

@@ -114,8 +114,8 @@ def _kernel_axes(value_shape, scale_shape, layer: str) -> tuple[int, ...]:
     trailing axes. DequantizeLinear takes one axis, so several must be adjacent."""
     offset = len(scale_shape) - len(value_shape)
     axes = tuple(a - offset for a, n in enumerate(scale_shape) if n > 1)
-    if (any(a < 0 or value_shape[a] != scale_shape[a + offset] for a in axes)
-            or axes != tuple(range(axes[0], axes[0] + len(axes)))[:len(axes)]):
+    if axes and (any(a < 0 or value_shape[a] != scale_shape[a + offset] for a in axes)
+                 or axes != tuple(range(axes[0], axes[0] + len(axes)))):
         raise UserError(f"ONNX int8 export: layer {layer}'s weight scales {tuple(scale_shape)} do "
                         f"not run along adjacent axes of its kernel {tuple(value_shape)}")
     return axes
