@@ -8,6 +8,7 @@ the absolute numbers do not.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -39,17 +40,31 @@ def compare_latency(
     for b in batch_sizes:
         x = jnp.zeros((b, *sample_x.shape[1:]), sample_x.dtype)
         for name, (apply, variables) in forms.items():
-            compiled[name, b] = (jax.jit(apply).lower(variables, x).compile(), variables, x)
-    per_round = {key: [] for key in compiled}
-    for _ in tqdm(range(rounds), desc="latency rounds", disable=not progress, leave=False):
-        for key, (fn, variables, x) in compiled.items():
-            jax.block_until_ready(fn(variables, x))  # warm caches after the previous model
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(variables, x))
-                times.append(time.perf_counter() - start)
-            per_round[key].append(statistics.median(times) * 1e3)
+            fn = jax.jit(apply).lower(variables, x).compile()
+            compiled[name, b] = functools.partial(_blocking, fn, variables, x)
+    per_round = time_interleaved(compiled, rounds=rounds, calls=calls, progress=progress)
     return {name: {**{f"latency_ms_batch{b}": min(per_round[name, b]) for b in batch_sizes},
                    **{f"latency_ms_batch{b}_rounds": per_round[name, b] for b in batch_sizes}}
             for name in forms}
+
+
+def time_interleaved(calls_of: dict[Any, Callable[[], Any]], *, rounds: int = 10,
+                     calls: int = 20, progress: bool = True) -> dict[Any, list[float]]:
+    """{key: [each round's median call in ms]}: every callable timed once per round, in turn,
+    after one untimed call (warming caches after the previous one). The callable must return
+    only when its result is ready (an XLA call blocked on, a runtime's synchronous run)."""
+    per_round = {key: [] for key in calls_of}
+    for _ in tqdm(range(rounds), desc="latency rounds", disable=not progress, leave=False):
+        for key, call in calls_of.items():
+            call()
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            per_round[key].append(statistics.median(times) * 1e3)
+    return per_round
+
+
+def _blocking(fn, variables, x):
+    return jax.block_until_ready(fn(variables, x))

@@ -1,0 +1,164 @@
+"""`jaxopt-lab serve-bench --workdir RUN`: what a run deploys, timed where it would be served.
+
+One process times, in interleaved rounds (`profile/latency.py::time_interleaved`), at batch 1
+and 256 of real test examples:
+
+- `xla float32`: the run's float model compiled by XLA, the baseline every ratio is taken to;
+- `xla serving`: the run's serving form in XLA (AQT's SERVE), where `quantize` wrote one;
+- per ONNX runtime: the float model exported to ONNX (`<runtime> float32`) and, where the run has
+  a static int8 form, that form in each int8 layout (`<runtime> int8 integer`, `... int8 qdq`).
+
+Each form's outputs are checked first against the framework's own of the same form (the float
+model; the AQT serving of the quantized form) on the test split: argmax agreement, accuracy,
+largest difference. A speed-up is taken within each round (both met the same machine) and given
+as the median with its range. ONNX runtimes run with `threads` intra-op threads (default: the
+cores this process may use, what XLA's CPU client uses); the count is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import jax
+import numpy as np
+
+from jaxopt_lab.core.state import model_params, sample_input
+from jaxopt_lab.core.tasks import inference, stateless_inference
+from jaxopt_lab.errors import UserError
+from jaxopt_lab.export import INT8_OPS, export_run
+from jaxopt_lab.export.forms import deployed_form, quantized_summary
+from jaxopt_lab.export.onnx import write_onnx
+from jaxopt_lab.export.runtimes import RUNTIMES, load_onnx, runtime_version
+from jaxopt_lab.profile.latency import time_interleaved
+from jaxopt_lab.run.build import load_run
+from jaxopt_lab.workflows.convert import float_model
+
+BASELINE = "xla float32"
+
+
+def serve_bench(workdir: str, runtimes: tuple[str, ...] = RUNTIMES, *,
+                batch_sizes: tuple[int, ...] = (1, 256), rounds: int = 10, calls: int = 20,
+                threads: int = 0, progress: bool = True, **objects) -> dict:
+    """Times and checks every form (above); writes RUN/deploy/serve_bench.json and returns it."""
+    unknown = [r for r in runtimes if r not in (*RUNTIMES, "xla")]
+    if unknown:
+        raise UserError(f"--runtime {' '.join(unknown)}: allowed are xla, {', '.join(RUNTIMES)}")
+    onnx_runtimes = [r for r in runtimes if r != "xla"]
+    versions = {r: runtime_version(r) for r in onnx_runtimes}  # one line where one is missing
+    threads = threads or len(os.sched_getaffinity(0))
+    run = load_run(workdir, **objects)
+    if run.members:
+        raise UserError(f"{workdir} holds a population; serve-bench times one run")
+    out_dir = os.path.join(workdir, "deploy")
+    os.makedirs(out_dir, exist_ok=True)
+    forms = _forms(run, workdir, onnx_runtimes, out_dir, threads)
+    test = run.dataset.test
+    checks = {name: _check(predict, reference, test) for name, (predict, reference) in
+              forms.items()}
+    inputs = {b: _batch(test["x"], b) for b in batch_sizes}
+    per_round = time_interleaved(
+        {(name, b): (lambda p=predict, x=inputs[b]: p(x))
+         for name, (predict, _) in forms.items() for b in batch_sizes},
+        rounds=rounds, calls=calls, progress=progress)
+    result = {
+        "run": os.path.abspath(workdir), "threads": threads, "rounds": rounds, "calls": calls,
+        "versions": {"jax": jax.__version__, **versions}, "cpu": _cpu(),
+        "forms": {name: {**checks[name], **_timings(per_round, name, batch_sizes)}
+                  for name in forms}}
+    with open(os.path.join(out_dir, "serve_bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _forms(run, workdir: str, runtimes, out_dir: str, threads: int) -> dict:
+    """{name: (predict(x) -> outputs, the framework's reference apply(x))}."""
+    model = float_model(run)
+    variables = jax.device_get({"params": model_params(run.state.params),
+                                **run.state.model_state})
+    xla_float = jax.jit(inference(model))
+    float_apply = (lambda x: np.asarray(jax.block_until_ready(xla_float(variables, x))))
+    forms = {BASELINE: (float_apply, float_apply)}
+    quantized = quantized_summary(workdir)
+    serving = None
+    if quantized is not None:
+        apply, serving_variables, _ = deployed_form(run, workdir)
+        xla_serving = jax.jit(apply)
+        serving = (lambda x: np.asarray(jax.block_until_ready(
+            xla_serving(serving_variables, x))))
+        forms["xla serving"] = (serving, serving)
+    static = quantized is not None and quantized["options"]["static_activations"]
+    for runtime in runtimes:
+        path = os.path.join(out_dir, "float32.onnx")
+        if not os.path.exists(path):
+            write_onnx(stateless_inference(model), variables, sample_input(run.dataset), path,
+                       {"run": os.path.abspath(workdir), "form": "float32"})
+        forms[f"{runtime} float32"] = (load_onnx(path, runtime, threads), float_apply)
+        for ops in INT8_OPS if static else ():
+            path = os.path.join(out_dir, f"int8_{ops}.onnx")
+            export_run(workdir, path, to="onnx", int8_ops=ops, check=())
+            forms[f"{runtime} int8 {ops}"] = (load_onnx(path, runtime, threads), serving)
+    return forms
+
+
+def _batch(x: np.ndarray, b: int) -> np.ndarray:
+    """The first `b` test examples (repeated where the split has fewer)."""
+    return np.resize(x, (b, *x.shape[1:])).astype(x.dtype)
+
+
+def _check(predict, reference, test: dict) -> dict:
+    got, want = _batched(predict, test["x"]), _batched(reference, test["x"])
+    return {"test_examples": len(got),
+            "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+            "max_abs_difference": float(np.abs(got - want).max()),
+            "test_accuracy": float((got.argmax(-1) == test["label"]).mean()),
+            "reference_test_accuracy": float((want.argmax(-1) == test["label"]).mean())}
+
+
+def _batched(predict, x: np.ndarray, size: int = 256) -> np.ndarray:
+    return np.concatenate([np.asarray(predict(x[i:i + size])) for i in range(0, len(x), size)])
+
+
+def _timings(per_round: dict, name: str, batch_sizes) -> dict:
+    """Median latency per batch size with its rounds, and the speed-up over the baseline taken
+    within each round: median and range."""
+    out = {}
+    for b in batch_sizes:
+        rounds = per_round[name, b]
+        ratios = [base / own for base, own in zip(per_round[BASELINE, b], rounds, strict=True)]
+        out.update({f"latency_ms_batch{b}": statistics.median(rounds),
+                    f"latency_ms_batch{b}_rounds": rounds,
+                    f"speedup_batch{b}": statistics.median(ratios),
+                    f"speedup_batch{b}_range": [min(ratios), max(ratios)]})
+    return out
+
+
+def _cpu() -> str:
+    """The CPU's model name, where Linux says it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def table(result: dict, batch_sizes=(1, 256)) -> str:
+    """The result as a markdown table, one row per form."""
+    head = "| form | agreement | test acc | " + " | ".join(
+        f"ms @{b} | × vs XLA f32 @{b}" for b in batch_sizes) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(batch_sizes))]
+    for name, row in result["forms"].items():
+        cells = [f"{row[f'latency_ms_batch{b}']:.3f} | {row[f'speedup_batch{b}']:.2f} "
+                 f"({row[f'speedup_batch{b}_range'][0]:.2f}–{row[f'speedup_batch{b}_range'][1]:.2f})"
+                 for b in batch_sizes]
+        lines.append(f"| {name} | {row['argmax_agreement']:.2%} | {row['test_accuracy']:.4f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def versions_line(result: dict) -> str:
+    return (f"{result['cpu']}; {result['threads']} threads; "
+            + ", ".join(f"{k} {v.split()[-1]}" for k, v in result["versions"].items())
+            + f"; {result['rounds']} interleaved rounds of {result['calls']} calls")
