@@ -25,6 +25,7 @@ from jaxopt_lab import load_run, model_config, train_and_evaluate
 from jaxopt_lab.core.tasks import stateless_inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import export_run
+from jaxopt_lab.export.bench import serve_bench
 from jaxopt_lab.export.onnx import write_onnx
 from jaxopt_lab.export.qdq import quantized_layers
 from jaxopt_lab.export.runtimes import RUNTIMES, load_onnx
@@ -335,3 +336,30 @@ def test_a_population_member_exports_as_its_own_model(tmp_path):
         {"params": jax.tree.map(lambda a, i=i: a[i], run.state.params)}, x)) for i in (0, 1)]
     np.testing.assert_allclose(got, members[1], rtol=1e-4, atol=1e-5 * np.abs(members[1]).max())
     assert not np.allclose(got, members[0], atol=1e-3)  # the member, not the first one
+
+
+@pytest.mark.slow
+def test_serve_bench_checks_and_times_every_form(tmp_path):
+    config = tiny_config("cnn1d", steps=20, measure=False)
+    config.model = model_config("cnn1d", channels=8)
+    config.techniques.quantize.method = "qat"
+    workdir = str(tmp_path / "qat")
+    train_and_evaluate(config, workdir)
+    quantize_run(workdir, calibrate_batches=2, scheme="w8a8")
+    result = serve_bench(workdir, batch_sizes=(1, 8), rounds=2, calls=2, progress=False)
+    forms = result["forms"]
+    assert set(forms) == {"xla float32", "xla serving", *(
+        f"{r} {f}" for r in RUNTIMES for f in ("float32", "int8 integer", "int8 qdq"))}
+    for name, row in forms.items():
+        assert row["argmax_agreement"] >= 0.99, name
+        assert len(row["latency_ms_batch8_rounds"]) == 2 and row["latency_ms_batch1"] > 0
+        low, high = row["speedup_batch8_range"]
+        assert low <= row["speedup_batch8"] <= high
+    assert forms["xla float32"]["speedup_batch1_range"] == [1.0, 1.0]
+    # The int8 forms are checked against the AQT serving, the float ones against the model.
+    assert forms["onnxruntime int8 integer"]["reference_test_accuracy"] == \
+        forms["xla serving"]["test_accuracy"]
+    with open(tmp_path / "qat" / "deploy" / "serve_bench.json") as f:
+        assert json.load(f)["forms"].keys() == forms.keys()
+    _one_line(run_cli("serve-bench", "--workdir", workdir, "--runtime", "tensorrt"),
+              "invalid choice: 'tensorrt'")
