@@ -107,17 +107,23 @@ def test_every_registry_model_exports_and_matches_in_both_runtimes(tmp_path):
                                            err_msg=f"{name} in {runtime}, {key}")
 
 
+def _qat_run(tmp_path, steps: int, channels: int) -> str:
+    """A trained int8 QAT run of the MNIST-1D CNN (w8a8, per-example activation scales)."""
+    config = tiny_config("cnn1d", steps=steps, measure=False)
+    config.model = model_config("cnn1d", channels=channels)
+    config.techniques.quantize.method = "qat"
+    workdir = str(tmp_path / "qat")
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
 def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((outputs.argmax(-1) == labels).mean())
 
 
 @pytest.mark.slow
 def test_a_qat_runs_static_int8_form_serves_with_its_own_scales(tmp_path):
-    config = tiny_config("cnn1d", steps=100, measure=False)
-    config.model = model_config("cnn1d", channels=16)
-    config.techniques.quantize.method = "qat"
-    workdir = str(tmp_path / "qat")
-    train_and_evaluate(config, workdir)
+    workdir = _qat_run(tmp_path, steps=100, channels=16)
     quantized = quantize_run(workdir, calibrate_batches=4, scheme="w8a8")
     # Static scales calibrated from a QAT run; the dynamic evaluation is kept beside them.
     assert quantized["options"]["static_activations"] and quantized["calibration_batches"] == 4
@@ -284,11 +290,7 @@ def test_bad_onnx_exports_get_one_line(tmp_path):
         export_run(sized, str(tmp_path / "sized.onnx"), to="onnx",
                    model=OddNet(num_classes=10, batch_as_int=True))
 
-    config = tiny_config("cnn1d", steps=2, measure=False)
-    config.model = model_config("cnn1d", channels=8)
-    config.techniques.quantize.method = "qat"
-    workdir = str(tmp_path / "qat")
-    train_and_evaluate(config, workdir)
+    workdir = _qat_run(tmp_path, steps=2, channels=8)
     out = ["--workdir", workdir, "--out", str(tmp_path / "m.onnx"), "--to", "onnx"]
     _one_line(_cli_without("jax2onnx", "export", *out), "[deploy]", "jax2onnx")
     _one_line(_cli_without("openvino", "export", *out, "--check", "openvino"),
@@ -304,11 +306,7 @@ def test_bad_onnx_exports_get_one_line(tmp_path):
 
 def test_the_float_form_of_a_qat_run_keeps_its_quantizer(tmp_path):
     """jax2onnx's whole-layer rewrites would read the kernel and skip the seam: off."""
-    config = tiny_config("cnn1d", steps=2, measure=False)
-    config.model = model_config("cnn1d", channels=8)
-    config.techniques.quantize.method = "qat"
-    workdir = str(tmp_path / "qat")
-    train_and_evaluate(config, workdir)
+    workdir = _qat_run(tmp_path, steps=2, channels=8)
     metadata = export_run(workdir, str(tmp_path / "qat.onnx"), to="onnx", form="model")
     assert metadata["checks"][0]["argmax_agreement"] >= 0.99
     ops = {node.op_type for node in onnx.load(str(tmp_path / "qat.onnx")).graph.node}
@@ -340,11 +338,7 @@ def test_a_population_member_exports_as_its_own_model(tmp_path):
 
 @pytest.mark.slow
 def test_serve_bench_checks_and_times_every_form(tmp_path):
-    config = tiny_config("cnn1d", steps=20, measure=False)
-    config.model = model_config("cnn1d", channels=8)
-    config.techniques.quantize.method = "qat"
-    workdir = str(tmp_path / "qat")
-    train_and_evaluate(config, workdir)
+    workdir = _qat_run(tmp_path, steps=20, channels=8)
     quantize_run(workdir, calibrate_batches=2, scheme="w8a8")
     result = serve_bench(workdir, batch_sizes=(1, 8), rounds=2, calls=2, progress=False)
     forms = result["forms"]
