@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from jaxopt_lab.core.state import model_params, sample_input
+from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.tasks import stateless_inference
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export.forms import FORMS, check_form, deployed_form, qdq_form, quantized_summary
@@ -114,8 +114,7 @@ def _write_onnx(run, workdir, quantized, sample, out, metadata, member, int8_ops
     from jaxopt_lab.export.onnx import write_onnx
 
     if quantized is None:
-        state = member_state(run, member, workdir)
-        variables = {"params": model_params(state.params), **state.model_state}
+        _, variables, _ = deployed_form(run, workdir, False, member)  # the model's variables
         apply, name, ops = stateless_inference(run.experiment.model), "model", None
     else:
         apply, variables, name = qdq_form(run, workdir)
