@@ -6,6 +6,7 @@ outputs; ONNX Runtime runs the int8 form with integer ops; bad input gets one li
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -357,3 +358,33 @@ def test_serve_bench_checks_and_times_every_form(tmp_path):
         assert json.load(f)["forms"].keys() == forms.keys()
     _one_line(run_cli("serve-bench", "--workdir", workdir, "--runtime", "tensorrt"),
               "invalid choice: 'tensorrt'")
+
+
+CTRL_C_AFTER_OPENVINO = """
+import gc, signal, sys, threading
+import numpy as np, onnx
+from onnx import TensorProto, helper
+from jaxopt_lab.core.interrupt import StopSignals
+from jaxopt_lab.export.runtimes import load_onnx
+io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 4]) for n in "xy"]
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", io[:1], io[1:])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), sys.argv[1])
+predictors = [load_onnx(sys.argv[1], "openvino")]
+predictors[0](np.ones((2, 4), np.float32))
+# Freed on another thread, as a garbage collection may happen to do.
+worker = threading.Thread(target=lambda: (predictors.clear(), gc.collect()))
+worker.start(), worker.join()
+with StopSignals(announce=False) as stop:
+    signal.raise_signal(signal.SIGINT)
+print(stop.received)
+"""
+
+
+def test_a_ctrl_c_after_openvino_served_reaches_the_handler(tmp_path):
+    """OpenVINO leaves the compiling thread's signal stack pointing at memory it frees: a
+    Ctrl-C crashed the process (a segmentation fault) instead of asking for a checkpoint."""
+    result = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_OPENVINO,
+                             str(tmp_path / "relu.onnx")], check=False, capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"[{int(signal.SIGINT)}]"

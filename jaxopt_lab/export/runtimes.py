@@ -7,8 +7,11 @@ serving of the static int8 form). Both runtimes are in the [deploy] extra.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import importlib.metadata
+import sys
 from collections.abc import Callable
 
 import jax
@@ -43,8 +46,33 @@ def load_onnx(path: str, runtime: str, threads: int = 0,
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = module.Core().compile_model(path, "CPU", config)
+    with _signal_stack_kept():
+        compiled = module.Core().compile_model(path, "CPU", config)
     return lambda x: compiled(x)[0]
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Gives the calling thread back its alternate signal stack after OpenVINO compiles.
+
+    OpenVINO's CPU plugin points the compiling thread's signal stack at memory of its own and
+    frees that memory later, with the pointer left in place: the next signal (a Ctrl-C for
+    `StopSignals`, which Python handles on that stack) then crashed the process (Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
 
 
 def runtime_version(runtime: str) -> str:
