@@ -14,6 +14,10 @@ spatial axes (B, H, W, C) behind two Unsqueezes, which ONNX Runtime refuses ("Un
 pooling size"); where the window spans one position of the batch and of one other axis, it becomes
 `Transpose → MaxPool (over the true spatial axes) → Transpose`.
 
+jax2onnx lowers a product of a [..., K] activation and a [K, N] matrix (a Dense layer on a sequence,
+a conv's patches) as an Einsum; it becomes the MatMul it is, which runtimes fuse with the QDQ
+nodes around it into int8 products (an Einsum they run in float).
+
 Also dropped: jax2onnx's intermediate shape annotations (`value_info`), which can disagree with
 its own layout rewrites (ResNets fail to load with them), and initializers nothing reads.
 """
@@ -32,6 +36,7 @@ def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
     _fold_weight_transposes(graph)
     _hoist_transposes(graph)
     _channels_last_pools(graph)
+    _einsums_as_matmuls(graph)
     finish(graph)
     return model
 
@@ -146,6 +151,18 @@ def _channels_last_pools(graph) -> None:
                                   perm=list(np.argsort(perm)))])
         for node in (inner, outer, squeeze):
             graph.node.remove(node)
+
+
+def _einsums_as_matmuls(graph) -> None:
+    for node in graph.node:
+        if node.op_type != "Einsum" or len(node.input) != 2:
+            continue
+        inputs, _, output = attribute_of(node, "equation").decode().replace(" ", "").partition("->")
+        lhs, _, rhs = inputs.partition(",")
+        if (len(rhs) == 2 and lhs[-1:] == rhs[0] and rhs[1] not in lhs
+                and len(set(lhs)) == len(lhs) and output == lhs[:-1] + rhs[1]):
+            node.op_type = "MatMul"
+            del node.attribute[:]
 
 
 def _sort_topologically(graph) -> None:

@@ -1,15 +1,16 @@
 """Quantized layers stated with ONNX's integer operators, the arithmetic the framework serves.
 
-In the QDQ graph a quantized layer reads `DQ(Q(x))` and `DQ(int8 weight)`. ONNX Runtime fuses
+In the QDQ graph a quantized layer reads `DQ(codes)` (the uint8 codes of its quantized input, or
+their patches: `export/conv_patches.py`) and `DQ(int8 weight)`. ONNX Runtime fuses
 that into an integer kernel only where the layer's output is quantized again (QLinearConv needs a
 QuantizeLinear after the conv); the framework's serving form does not requantize outputs: int8 ×
 int8 products accumulate in int32 and are rescaled to float (AQT's SERVE). So each such layer
 becomes exactly that:
 
-    Q(x) → ConvInteger / MatMulInteger (int8 weight) → Cast(float) → Mul(s_x · s_w) [→ Add(bias)]
+    codes → MatMulInteger / ConvInteger (int8 weight) → Cast(float) → Mul(s_x · s_w) [→ Add(bias)]
 
-which ONNX Runtime runs with its int8 kernels (and fuses into MatMulIntegerToFloat). The int8
-values, the per-channel weight scales and the static input scale are unchanged.
+which ONNX Runtime runs with its int8 kernels. The int8 values, the per-channel weight scales,
+the static input scale and its zero point are unchanged.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ def to_integer_ops(graph) -> int:
         operands = _quantized_operands(node, producers, initializers)
         if operands is None:
             continue
-        quantized_x, x_scale, weight, w_scale, bias = operands
+        codes, x_zero, x_scale, weight, w_scale, bias = operands
         if node.op_type == "Gemm":
             weight = weight.T if attribute_of(node, "transB", 0) else weight
         name = node.output[0]
-        zero = _constant(graph, f"{name}_zero", np.zeros((), np.int8))
+        w_zero = _constant(graph, f"{name}_zero", np.zeros((), np.int8))
         weight_name = _constant(graph, f"{name}_int8_weight", weight)
         new = [onnx.helper.make_node(_INTEGER[node.op_type],
-                                     [quantized_x, weight_name, zero, zero], [f"{name}_int32"],
+                                     [codes, weight_name, x_zero, w_zero], [f"{name}_int32"],
                                      **_conv_attributes(node)),
                onnx.helper.make_node("Cast", [f"{name}_int32"], [f"{name}_float"],
                                      to=onnx.TensorProto.FLOAT)]
@@ -60,8 +61,9 @@ def to_integer_ops(graph) -> int:
 
 
 def _quantized_operands(node, producers, initializers):
-    """(quantized x name, its scale, int8 weight, weight scale, constant bias or None) of a
-    layer that reads `DQ(Q(x))` and `DQ(int8 initializer)`; None for any other node."""
+    """(codes name, their zero point's name, their scale, int8 weight, weight scale, constant
+    bias or None) of a layer that reads `DQ(codes)` (one scale) and `DQ(int8 initializer)`;
+    None for any other node."""
     if node.op_type not in _INTEGER or len(node.input) < 2:
         return None
     if node.op_type == "Gemm" and (attribute_of(node, "transA", 0)
@@ -76,8 +78,8 @@ def _quantized_operands(node, producers, initializers):
     x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
     if (x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear"
             or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in initializers
-            or producers.get(x_dq.input[0]) is None
-            or producers[x_dq.input[0]].op_type != "QuantizeLinear"):
+            or x_dq.input[0] in initializers or len(x_dq.input) < 3
+            or x_dq.input[2] not in initializers):
         return None
     weight = numpy_helper.to_array(initializers[w_dq.input[0]])
     x_scale = numpy_helper.to_array(initializers[x_dq.input[1]])
@@ -86,7 +88,7 @@ def _quantized_operands(node, producers, initializers):
         return None
     if w_scale.ndim and attribute_of(w_dq, "axis", 1) % weight.ndim != _output_axis(node, weight):
         return None  # scales along another axis than the output channels: left as QDQ
-    return (x_dq.input[0], x_scale, weight, w_scale,
+    return (x_dq.input[0], x_dq.input[2], x_scale, weight, w_scale,
             None if bias is None else numpy_helper.to_array(initializers[bias]))
 
 
