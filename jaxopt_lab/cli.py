@@ -98,9 +98,9 @@ def _add_export(commands) -> None:
     export.add_argument("--out", required=True, metavar="FILE", help="the artifact to write")
     export.add_argument("--to", choices=("stablehlo", "onnx"), default="stablehlo",
                         help="a jax.export program, or an ONNX model (the [deploy] extra)")
-    export.add_argument("--int8-ops", choices=("integer", "qdq"), default="integer",
-                        help="ONNX int8 layers as integer ops (ConvInteger, MatMulInteger) or "
-                             "qdq (Quantize/DequantizeLinear pairs)")
+    export.add_argument("--int8-ops", choices=("qdq", "onnxruntime"), default="qdq",
+                        help="ONNX int8 layers as qdq (Quantize/DequantizeLinear pairs every "
+                             "runtime fuses) or onnxruntime (its own int8 kernel, bias fused)")
     export.add_argument("--check", nargs="*", default=["onnxruntime"], metavar="RUNTIME",
                         help="ONNX: run it in onnxruntime/openvino on 256 test examples beside "
                              "the framework's outputs (bare --check: none)")

@@ -30,14 +30,14 @@ from jaxopt_lab.run.rundir import warn_if_unfinished
 __all__ = ["FORMS", "INT8_OPS", "PLATFORMS", "TARGETS", "deployed_form", "export_run"]
 
 TARGETS = ("stablehlo", "onnx")
-INT8_OPS = ("integer", "qdq")
+INT8_OPS = ("qdq", "onnxruntime")
 W8_NOTE = ("note: a w8 form (int8 weights, float activations) runs in float arithmetic in ONNX "
            "runtimes, no faster than float32; for int8 arithmetic: jaxopt-lab quantize "
            "--scheme w8a8 --calibrate N")
 
 
 def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (), form: str = "auto",
-               member: int | None = None, to: str = "stablehlo", int8_ops: str = "integer",
+               member: int | None = None, to: str = "stablehlo", int8_ops: str = "qdq",
                check: tuple[str, ...] = ("onnxruntime",), **objects) -> dict:
     """Writes `out` and `out`.json (its metadata); returns the latter.
 
@@ -47,8 +47,9 @@ def export_run(workdir: str, out: str, platforms: tuple[str, ...] = (), form: st
         "auto" (the serving form where the run has one).
       member: for a population run, the member to export (its model as it evaluates).
       to: "stablehlo" or "onnx".
-      int8_ops: ONNX int8 forms: "integer" (ConvInteger / MatMulInteger, which ONNX Runtime runs
-        in int8) or "qdq" (QuantizeLinear / DequantizeLinear pairs around float ops).
+      int8_ops: ONNX int8 forms: "qdq" (QuantizeLinear / DequantizeLinear pairs around float
+        ops, which every runtime fuses into int8 kernels) or "onnxruntime" (ONNX Runtime's own
+        int8 kernel with the bias in it, `export/onnxruntime_kernels.py`; only it loads them).
       check: ONNX: the runtimes to run the written model in, on up to 256 test examples, next
         to the framework's own outputs of the same form (recorded under "checks").
       objects: what the run was trained with from Python (`load_run`'s), if anything.
@@ -104,6 +105,10 @@ def _check_arguments(out: str, platforms, to: str, int8_ops: str, check) -> None
     if to == "onnx":
         for runtime in check:
             runtime_version(runtime)  # one line naming the extra where it is not installed
+    if int8_ops == "onnxruntime" and set(check) - {"onnxruntime"}:
+        raise UserError("--int8-ops onnxruntime writes ONNX Runtime's own operators, which "
+                        f"{', '.join(sorted(set(check) - {'onnxruntime'}))} cannot load: check "
+                        "it in onnxruntime, or export --int8-ops qdq for every runtime")
     if os.path.isdir(out):
         raise UserError(f"--out {out} is a directory: name the file to write, e.g. "
                         f"{os.path.join(out, 'model.' + ('onnx' if to == 'onnx' else 'stablehlo'))}")
@@ -122,7 +127,7 @@ def _write_onnx(run, workdir, quantized, sample, out, metadata, member, int8_ops
         if ops is None:
             print(W8_NOTE, file=sys.stderr)
     added = write_onnx(apply, variables, sample, out, {**metadata, "form": name, "int8_ops": ops},
-                       integer_ops=ops == "integer")
+                       onnxruntime_kernels=ops == "onnxruntime")
     return {"form": name, "int8_ops": ops, **added}
 
 

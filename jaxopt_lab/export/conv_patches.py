@@ -7,14 +7,15 @@ MatMulIntegerToFloat it fuses a `DQ → MatMul` into) runs the whole batch as on
 CPU's int8 dot-product instructions. So the int8 export states each plain convolution (channels
 last, no groups, no input dilation) as
 
-    Pad → one strided Slice per kernel offset → Concat (the patches) → MatMul(kernel matrix)
+    Pad → Gather (every output position's window, from the flattened positions) → MatMul(kernel)
 
 on the quantized input, which is exact: quantizing commutes with gathering values, and padding
 with the zero point is padding with zero. Output positions, padding and strides are lax's.
 
-The patches are one primitive of ours (`patches_p`): XLA runs its definition below, and its
-ONNX lowering (`export/onnx_plugins.py`) slices only the spatial axes, where jax2onnx's lowering
-of `lax.pad` fails on the symbolic batch and its `lax.slice` computes the batch size at run time.
+The patches are one primitive of ours (`patches_p`): XLA runs its definition below (strided
+slices), and its ONNX lowering (`export/onnx_plugins.py`) is one Gather with constant indices
+(`window_indices`) between reshapes that keep the batch axis (jax2onnx's lowering of `lax.pad`
+fails on the symbolic batch, and its `lax.slice` computes the batch size at run time).
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def output_size(padded_shape, kernel_size, strides, rhs_dilation) -> list[int]:
     dilation = tuple(rhs_dilation or (1,) * len(kernel_size))
     return [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s
             in zip(padded_shape, kernel_size, dilation, strides, strict=True)]
+
+
+def window_indices(padded_shape, kernel_size, strides, rhs_dilation) -> np.ndarray:
+    """[*output positions, prod(kernel_size)]: where each output position's window reads, as
+    indices into the padded input's spatial positions flattened in row-major order."""
+    outputs = output_size(padded_shape, kernel_size, strides, rhs_dilation)
+    starts = np.stack(np.meshgrid(*(np.arange(n) * s for n, s in zip(outputs, strides,
+                                                                       strict=True)),
+                                  indexing="ij"), axis=-1)  # [*outputs, spatial]
+    offsets = np.asarray(kernel_offsets(kernel_size, rhs_dilation))  # [K, spatial]
+    positions = starts[..., None, :] + offsets  # [*outputs, K, spatial]
+    return np.ravel_multi_index(tuple(np.moveaxis(positions, -1, 0)), padded_shape)
 
 
 def _patches(x, *, kernel_size, strides, pads, rhs_dilation, pad_value):

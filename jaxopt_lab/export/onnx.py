@@ -42,10 +42,11 @@ def require(*modules: str) -> None:
 
 
 def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
-               integer_ops: bool = False) -> dict:
+               onnxruntime_kernels: bool = False) -> dict:
     """Traces `apply(variables, x)` for a symbolic batch, writes the ONNX model to `out` with
     `metadata` in its metadata_props; returns what the metadata adds (the output signature).
-    `integer_ops`: quantized layers as ConvInteger / MatMulInteger (`export/onnx_integer.py`)."""
+    `onnxruntime_kernels`: quantized matrix products as ONNX Runtime's int8 kernel
+    (`export/onnxruntime_kernels.py`)."""
     require("onnx", "onnx_ir")
     import onnx
 
@@ -55,7 +56,7 @@ def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
 
     from jaxopt_lab.export import onnx_plugins  # noqa: F401  (registers the QDQ lowerings)
     from jaxopt_lab.export.onnx_graph import tidy
-    from jaxopt_lab.export.onnx_integer import to_integer_ops
+    from jaxopt_lab.export.onnxruntime_kernels import to_onnxruntime_kernels
 
     def program(x):
         return apply(variables, x)
@@ -75,8 +76,8 @@ def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
                             f"uses it as a Python integer ({first}): write x.shape[0] or "
                             "reshape(-1, ...) instead of len(x) or int(x.shape[0])") from None
     proto = tidy(proto)
-    if integer_ops:
-        to_integer_ops(proto.graph)
+    if onnxruntime_kernels:
+        to_onnxruntime_kernels(proto)
     output = jax.eval_shape(program, jax.ShapeDtypeStruct((1, *sample.shape[1:]), sample.dtype))
     added = {"output": {"shape": ["batch", *output.shape[1:]], "dtype": str(output.dtype)},
              "opset": OPSET, "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}"}

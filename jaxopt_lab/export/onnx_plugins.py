@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
 
-from jaxopt_lab.export.conv_patches import kernel_offsets, output_size, patches_p
+from jaxopt_lab.export.conv_patches import patches_p, window_indices
 from jaxopt_lab.export.qdq import ZERO_POINT, dequantize_p, quantize_p
 
 
@@ -60,37 +60,32 @@ class DequantizePlugin(PrimitiveLeafPlugin):
                     component="patches", since="0.1.0",
                     onnx=[{"component": "Pad"}, {"component": "Slice"}, {"component": "Concat"}])
 class PatchesPlugin(PrimitiveLeafPlugin):
-    """`Pad → Slice (one per kernel offset, spatial axes only) → Concat`: a conv's input patches
-    (`export/conv_patches.py`), with constant starts, ends and steps."""
+    """`Pad → Reshape → Gather → Reshape`: a conv's input patches (`export/conv_patches.py`),
+    the windows gathered from the flattened spatial positions with constant indices; the
+    reshapes keep the batch axis (0) and infer nothing else at run time."""
 
     def lower(self, ctx, eqn) -> None:
         params = eqn.params
         x = ctx.get_value_for_var(eqn.invars[0], name_hint=ctx.fresh_name("patches_in"))
-        spatial = len(params["kernel_size"])
-        dtype = eqn.invars[0].aval.dtype
+        shape = eqn.invars[0].aval.shape
         lows, highs = zip(*params["pads"], strict=True)
         padded = ctx.builder.Pad(
             x, _constant(ctx, "pads", [0, *lows, 0, 0, *highs, 0], np.int64),
-            _constant(ctx, "pad_value", params["pad_value"], dtype),
+            _constant(ctx, "pad_value", params["pad_value"], eqn.invars[0].aval.dtype),
             mode="constant", _outputs=[ctx.fresh_name("padded")])
-        padded.type = x.type
-        sizes = [size + low + high for size, low, high
-                 in zip(eqn.invars[0].aval.shape[1:-1], lows, highs, strict=True)]
-        outputs = output_size(sizes, params["kernel_size"], params["strides"],
-                              params["rhs_dilation"])
-        axes = _constant(ctx, "axes", list(range(1, spatial + 1)), np.int64)
-        steps = _constant(ctx, "steps", params["strides"], np.int64)
-        columns = []
-        for start in kernel_offsets(params["kernel_size"], params["rhs_dilation"]):
-            ends = [b + (n - 1) * s + 1 for b, n, s
-                    in zip(start, outputs, params["strides"], strict=True)]
-            column = ctx.builder.Slice(padded, _constant(ctx, "starts", start, np.int64),
-                                       _constant(ctx, "ends", ends, np.int64), axes, steps,
-                                       _outputs=[ctx.fresh_name("patch")])
-            column.type = x.type
-            columns.append(column)
-        _bind_output(ctx, eqn.outvars[0], lambda name: ctx.builder.Concat(
-            *columns, axis=spatial + 1, _outputs=[name]))
+        flat = padded if len(shape) == 3 else ctx.builder.Reshape(  # one spatial axis: flat
+            padded, _constant(ctx, "shape", [0, -1, shape[-1]], np.int64),
+            _outputs=[ctx.fresh_name("positions")])
+        sizes = [n + low + high for n, low, high in zip(shape[1:-1], lows, highs, strict=True)]
+        indices = window_indices(sizes, params["kernel_size"], params["strides"],
+                                 params["rhs_dilation"])
+        windows = ctx.builder.Gather(flat, _constant(ctx, "windows", indices, np.int64), axis=1,
+                                     _outputs=[ctx.fresh_name("windows")])
+        for value in (padded, flat, windows):
+            value.type = x.type
+        out = [0, *indices.shape[:-1], indices.shape[-1] * shape[-1]]
+        _bind_output(ctx, eqn.outvars[0], lambda name: ctx.builder.Reshape(
+            windows, _constant(ctx, "shape", out, np.int64), _outputs=[name]))
 
 
 def _constant(ctx, name: str, value, dtype):
