@@ -82,3 +82,22 @@ def test_the_onnx_patches_equal_xla_in_onnx_runtime(tmp_path):
     assert ops.count("Gather") == 1 and ops.count("Conv") == 1, ops  # the grouped one stays
     want = np.asarray(jax.jit(model.apply)(variables, x))
     np.testing.assert_allclose(load_onnx(path, "onnxruntime")(x), want, rtol=1e-4, atol=1e-4)
+
+
+class Pools(nn.Module):
+    """A tiling max pool (channels-last ReduceMax), then an overlapping one (jax2onnx's)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+        return nn.max_pool(x, window_shape=(3, 3), strides=(1, 1), padding="SAME")
+
+
+def test_tiling_max_pools_stay_channels_last_and_equal_xla(tmp_path):
+    x = np.random.default_rng(2).standard_normal((3, 8, 6, 4)).astype(np.float32)
+    path = str(tmp_path / "pools.onnx")
+    write_onnx(Pools().apply, {}, x, path, metadata={}, channels_last=True)
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert ops.count("ReduceMax") == 1 and ops.count("MaxPool") == 1, ops
+    want = np.asarray(jax.jit(Pools().apply)({}, x))
+    np.testing.assert_array_equal(load_onnx(path, "onnxruntime")(x), want)

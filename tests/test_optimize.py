@@ -8,8 +8,9 @@ import json
 import pytest
 from helpers import run_cli
 
-from jaxopt_lab import load_config
+from jaxopt_lab import load_config, load_run
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.export.runtimes import load_onnx
 from jaxopt_lab.optimize import optimize, pipeline
 from jaxopt_lab.optimize.candidates import recipes
 from jaxopt_lab.profile.pareto import best_candidate, pareto_flags
@@ -82,6 +83,39 @@ def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
     assert again == report
 
 
+@pytest.mark.slow
+def test_in_onnx_runtime_accuracy_and_latency_are_the_runtimes(tmp_path):
+    """optimize.runtime=onnxruntime: the int8 candidate trains w8a8 with static scales, is
+    exported, and the report's accuracies are ONNX Runtime's outputs on the splits."""
+    report = optimize("configs/digits_cnn.py", str(tmp_path),
+                      (*TINY, "--config.optimize.runtime=onnxruntime"), progress=False)
+    assert report["runtime"]["name"] == "onnxruntime"
+    assert report["runtime"]["version"].startswith("onnxruntime 1.")
+    assert "served by **onnxruntime 1." in (tmp_path / "report.md").read_text()
+    candidate, = report["candidates"]
+    served = json.loads((tmp_path / "structured_int8" / "shrunk_50" / "quantized"
+                         / "summary.json").read_text())
+    assert served["scheme"] == "w8a8" and served["options"]["static_activations"]
+    assert served["calibration_batches"] == 10
+    run = load_run(str(tmp_path / "baseline"))
+    predict = load_onnx(str(tmp_path / "deploy" / "onnxruntime" / "structured_int8_50.onnx"),
+                        "onnxruntime")
+    for split in ("validation", "test"):
+        arrays = getattr(run.dataset, split)
+        accuracy = float((predict(arrays["x"]).argmax(-1) == arrays["label"]).mean())
+        assert candidate[f"{split}_accuracy"] == accuracy
+        assert candidate[f"{split}_agreement"] >= 0.98
+    # Both baselines timed in the same rounds; speed-ups against XLA float32's.
+    runtime_base = report["runtime_baseline"]
+    assert runtime_base["name"] == "baseline (onnxruntime float32)"
+    base_rounds = report["baseline"]["latency_ms_batch256_rounds"]
+    ratios = [b / c for b, c in zip(base_rounds, candidate["latency_ms_batch256_rounds"],
+                                    strict=True)]
+    assert candidate["speedup_batch256_range"] == [min(ratios), max(ratios)]
+    with pytest.raises(UserError, match="was made for optimize.runtime=onnxruntime"):
+        optimize("configs/digits_cnn.py", str(tmp_path), tuple(TINY), progress=False)
+
+
 def _row(name, accuracy, latency, size):
     return {"name": name, "validation_accuracy": accuracy, "latency_ms_batch256": latency,
             "model_bytes": size, "size_ratio": 100 / size, "speedup_batch256": 2.0 / latency}
@@ -119,6 +153,9 @@ def test_bad_optimize_block_is_one_line_before_any_training(tmp_path):
         optimize("configs/mnist1d_cnn.py", str(tmp_path), progress=False)
     with pytest.raises(UserError, match="--baseline .*no summary.json"):
         optimize("configs/digits_cnn.py", str(tmp_path), baseline=str(tmp_path), progress=False)
+    with pytest.raises(UserError, match="optimize.runtime='tensorrt' is unknown"):
+        optimize("configs/digits_cnn.py", str(tmp_path / "r"),
+                 ("--config.optimize.runtime=tensorrt",), progress=False)
     result = run_cli("optimize", "--config", "configs/digits_cnn.py", "--workdir",
                      str(tmp_path / "d"), "--config.optimize.candidates=('prune_it',)")
     assert result.returncode == 2

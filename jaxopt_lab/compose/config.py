@@ -54,6 +54,9 @@ def default_config(techniques: Sequence[Technique] = TECHNIQUES) -> ml_collectio
     o.student = ()  # "--config.KEY=VALUE" strings making the student; () = half the widths
     o.max_accuracy_drop = 1.0  # points of validation accuracy the best may lose to the baseline
     o.objective = "size_latency"  # size_latency (bytes x batch-256 latency) | latency | size
+    # Where candidates are timed and their accuracy measured: xla | onnxruntime | openvino (each
+    # exported to ONNX; int8 recipes then train w8a8 and calibrate static activation scales)
+    o.runtime = "xla"
     return c
 
 

@@ -127,7 +127,8 @@ def _write_onnx(run, workdir, quantized, sample, out, metadata, member, int8_ops
         if ops is None:
             print(W8_NOTE, file=sys.stderr)
     added = write_onnx(apply, variables, sample, out, {**metadata, "form": name, "int8_ops": ops},
-                       onnxruntime_kernels=ops == "onnxruntime")
+                       onnxruntime_kernels=ops == "onnxruntime",
+                       channels_last=ops == "onnxruntime")
     return {"form": name, "int8_ops": ops, **added}
 
 

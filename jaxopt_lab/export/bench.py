@@ -61,10 +61,10 @@ def serve_bench(workdir: str, runtimes: tuple[str, ...] = RUNTIMES, *,
     test = run.dataset.test
     references = {}  # each reference's outputs computed once (three forms share the float one)
     for _, reference in forms.values():
-        references.setdefault(reference, _batched(reference, test["x"]))
-    checks = {name: _check(_batched(predict, test["x"]), references[reference], test)
+        references.setdefault(reference, outputs_of(reference, test["x"]))
+    checks = {name: _check(outputs_of(predict, test["x"]), references[reference], test)
               for name, (predict, reference) in forms.items()}
-    inputs = {b: _batch(test["x"], b) for b in batch_sizes}
+    inputs = {b: examples(test["x"], b) for b in batch_sizes}
     per_round = time_interleaved(
         {(name, b): (lambda p=predict, x=inputs[b]: p(x))
          for name, (predict, _) in forms.items() for b in batch_sizes},
@@ -72,7 +72,7 @@ def serve_bench(workdir: str, runtimes: tuple[str, ...] = RUNTIMES, *,
     result = {
         "run": os.path.abspath(workdir), "threads": threads, "rounds": rounds, "calls": calls,
         "versions": {"jax": jax.__version__, **versions}, "cpu": _cpu(),
-        "forms": {name: {**checks[name], **_timings(per_round, name, batch_sizes)}
+        "forms": {name: {**checks[name], **timings(per_round, name, batch_sizes)}
                   for name in forms}}
     with open(os.path.join(out_dir, "serve_bench.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -115,7 +115,7 @@ def _forms(run, workdir: str, runtimes, out_dir: str, threads: int) -> dict:
     return forms
 
 
-def _batch(x: np.ndarray, b: int) -> np.ndarray:
+def examples(x: np.ndarray, b: int) -> np.ndarray:
     """The first `b` test examples (repeated where the split has fewer)."""
     return np.resize(x, (b, *x.shape[1:])).astype(x.dtype)
 
@@ -128,11 +128,11 @@ def _check(got: np.ndarray, want: np.ndarray, test: dict) -> dict:
             "reference_test_accuracy": float((want.argmax(-1) == test["label"]).mean())}
 
 
-def _batched(predict, x: np.ndarray, size: int = 256) -> np.ndarray:
+def outputs_of(predict, x: np.ndarray, size: int = 256) -> np.ndarray:
     return np.concatenate([np.asarray(predict(x[i:i + size])) for i in range(0, len(x), size)])
 
 
-def _timings(per_round: dict, name: str, batch_sizes) -> dict:
+def timings(per_round: dict, name: str, batch_sizes) -> dict:
     """Median latency per batch size with its rounds, and the speed-up over the baseline taken
     within each round: median and range."""
     out = {}

@@ -42,11 +42,13 @@ def require(*modules: str) -> None:
 
 
 def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
-               onnxruntime_kernels: bool = False) -> dict:
+               onnxruntime_kernels: bool = False, channels_last: bool = False) -> dict:
     """Traces `apply(variables, x)` for a symbolic batch, writes the ONNX model to `out` with
     `metadata` in its metadata_props; returns what the metadata adds (the output signature).
     `onnxruntime_kernels`: quantized matrix products as ONNX Runtime's int8 kernel
-    (`export/onnxruntime_kernels.py`)."""
+    (`export/onnxruntime_kernels.py`). `channels_last`: tiling max pools as channels-last
+    reductions (`TiledMaxPlugin`), for the int8 form in ONNX Runtime: its layers are channels-last
+    products, and a MaxPool between them costs two transposes (OpenVINO runs MaxPool faster)."""
     require("onnx", "onnx_ir")
     import onnx
 
@@ -62,7 +64,7 @@ def write_onnx(apply, variables, sample: np.ndarray, out: str, metadata: dict,
         return apply(variables, x)
 
     signature = jax.ShapeDtypeStruct(("batch", *sample.shape[1:]), sample.dtype)
-    with _quiet("jax2onnx", "onnx_ir"), _lax_level():
+    with _quiet("jax2onnx", "onnx_ir"), _lax_level(channels_last):
         try:
             proto = to_onnx(program, [signature], model_name="jaxopt_lab", opset=OPSET,
                             input_names=["x"], output_names=["outputs"])
@@ -112,18 +114,26 @@ def _equations(jaxpr):
 
 
 @contextlib.contextmanager
-def _lax_level():
-    """jax2onnx with only its lowerings of primitives, its monkey patches restored afterwards."""
+def _lax_level(channels_last: bool = False):
+    """jax2onnx with only its lowerings of primitives (and, `channels_last`, our max pool),
+    its monkey patches and own lowerings restored afterwards."""
     from jax2onnx.plugins.plugin_system import PLUGIN_REGISTRY, import_all_plugins
+
+    from jaxopt_lab.export.onnx_plugins import TiledMaxPlugin
 
     import_all_plugins()
     removed = {name: plugin for name, plugin in PLUGIN_REGISTRY.items() if _patches(plugin)}
     for name in removed:
         del PLUGIN_REGISTRY[name]
+    pool = jax.lax.reduce_window_max_p.name
+    own_pool = PLUGIN_REGISTRY[pool]
+    if channels_last:
+        PLUGIN_REGISTRY[pool] = TiledMaxPlugin(own_pool)
     try:
         yield
     finally:
         PLUGIN_REGISTRY.update(removed)
+        PLUGIN_REGISTRY[pool] = own_pool
 
 
 def _patches(plugin) -> bool:

@@ -90,3 +90,39 @@ class PatchesPlugin(PrimitiveLeafPlugin):
 
 def _constant(ctx, name: str, value, dtype):
     return ctx.builder.add_initializer_from_array(ctx.fresh_name(name), np.asarray(value, dtype))
+
+
+class TiledMaxPlugin(PrimitiveLeafPlugin):
+    """`reduce_window_max` whose windows tile the input (window = stride, no padding, batch and
+    channels not pooled) as `Reshape → ReduceMax`, channels last: the int8 form's layers are
+    channels-last products, and a MaxPool (channels first) between them costs two transposes.
+    Other windows go to jax2onnx's own lowering (`fallback`). Swapped in by `export/onnx.py`."""
+
+    def __init__(self, fallback: PrimitiveLeafPlugin):
+        super().__init__()
+        self.fallback = fallback
+        self.primitive, self.metadata = fallback.primitive, getattr(fallback, "metadata", {})
+
+    def lower(self, ctx, eqn) -> None:
+        params = eqn.params
+        shape = eqn.invars[0].aval.shape
+        window, strides = params["window_dimensions"], params["window_strides"]
+        pooled = [axis for axis, w in enumerate(window) if w != 1]
+        if (tuple(window) != tuple(strides) or any(p != (0, 0) for p in params["padding"])
+                or any(d != 1 for d in (*params["base_dilation"], *params["window_dilation"]))
+                or not pooled or pooled[0] == 0 or pooled[-1] == len(shape) - 1
+                or any(shape[a] % window[a] for a in pooled)):
+            return self.fallback.lower(ctx, eqn)
+        split, axes = [0], []
+        for axis in range(1, len(shape)):
+            if window[axis] == 1:
+                split.append(shape[axis])
+            else:
+                split += [shape[axis] // window[axis], window[axis]]
+                axes.append(len(split) - 1)
+        x = ctx.get_value_for_var(eqn.invars[0], name_hint=ctx.fresh_name("pool_in"))
+        tiles = ctx.builder.Reshape(x, _constant(ctx, "shape", split, np.int64),
+                                    _outputs=[ctx.fresh_name("tiles")])
+        tiles.type = x.type
+        _bind_output(ctx, eqn.outvars[0], lambda name: ctx.builder.ReduceMax(
+            tiles, _constant(ctx, "axes", axes, np.int64), keepdims=0, _outputs=[name]))

@@ -22,6 +22,8 @@ from jaxopt_lab.models import model_hparams, width_keys
 NAMES = ("structured", "unstructured", "int8", "distill", "structured_int8",
          "distill_structured_int8")
 OBJECTIVES = ("size_latency", "latency", "size")
+RUNTIMES = ("xla", "onnxruntime", "openvino")
+CALIBRATION_BATCHES = 10  # training batches for the static activation scales ONNX runtimes serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,9 @@ def check_block(block: ml_collections.ConfigDict) -> None:
     if block.objective not in OBJECTIVES:
         raise UserError(f"optimize.objective={block.objective!r} is unknown; allowed: "
                         f"{', '.join(OBJECTIVES)}")
+    if block.runtime not in RUNTIMES:
+        raise UserError(f"optimize.runtime={block.runtime!r} is unknown; allowed: "
+                        f"{', '.join(RUNTIMES)}")
     bad = [s for s in block.student if not str(s).startswith("--config.")]
     if bad:
         raise UserError(f"optimize.student: {bad[0]!r} is not a --config.KEY=VALUE override")
@@ -90,11 +95,8 @@ def recipes(config: ml_collections.ConfigDict, baseline_dir: str) -> list[Recipe
     the distilled students."""
     block = config.optimize
     check_block(block)
-    cpu = jax.default_backend() == "cpu"
-    # CPUs serve int8 weights with float arithmetic (int8 x int8 is slower there: see
-    # results/quantize_*.md); accelerators with int8 units also quantize activations.
     int8 = ("--config.techniques.quantize.method=qat", "--config.techniques.quantize.skip=()",
-            f"--config.techniques.quantize.activations={not cpu}")
+            f"--config.techniques.quantize.activations={quantize_scheme(block.runtime) == 'w8a8'}")
 
     def pruning(pattern: str, sparsities, skip_none: bool) -> tuple[str, ...]:
         return ("--config.techniques.prune.method=magnitude",
@@ -126,6 +128,14 @@ def recipes(config: ml_collections.ConfigDict, baseline_dir: str) -> list[Recipe
     return [table[name] for name in block.candidates]
 
 
-def quantize_scheme() -> str:
-    """The serving scheme matching how `recipes` trains int8: w8 on CPUs, w8a8 elsewhere."""
-    return "w8" if jax.default_backend() == "cpu" else "w8a8"
+def quantize_scheme(runtime: str) -> str:
+    """The serving scheme matching how `recipes` trains int8. XLA on a CPU serves int8 weights
+    with float arithmetic (int8 × int8 is slower there: results/quantize_*.md): w8; ONNX runtimes
+    and accelerators with int8 units run int8 products: w8a8, with static activation scales."""
+    return "w8" if runtime == "xla" and jax.default_backend() == "cpu" else "w8a8"
+
+
+def calibration_batches(runtime: str) -> int:
+    """Training batches calibrating static activation scales: ONNX runtimes need them (0: the
+    QAT run's per-example scales, which XLA serves)."""
+    return 0 if runtime == "xla" else CALIBRATION_BATCHES

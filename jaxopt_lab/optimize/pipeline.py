@@ -8,7 +8,9 @@ recipe's overrides; its deployable forms (shrunk: D/<name>/shrunk_<pct>; int8: .
 are made by the techniques' own conversions. Every step skips what a previous invocation
 finished, so rerunning after a kill resumes. Candidates are compared on what they deploy:
 validation and test accuracy and size from the summary of the directory that holds that form,
-latencies timed side by side here (`profile/latency.py`).
+latencies timed side by side here (`profile/latency.py`). With `optimize.runtime` an ONNX runtime,
+each deployed form is exported and measured in it instead: accuracies from the runtime's own
+outputs, latencies beside the baseline in XLA float32 and in the runtime (`optimize/runtime.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from jaxopt_lab.core.interrupt import StopSignals
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.export import deployed_form
-from jaxopt_lab.optimize.candidates import Recipe, check_block, quantize_scheme, recipes
+from jaxopt_lab.optimize.candidates import (
+    Recipe,
+    calibration_batches,
+    check_block,
+    quantize_scheme,
+    recipes,
+)
+from jaxopt_lab.optimize.runtime import measure_in_runtime, runtime_baseline_name
 from jaxopt_lab.profile.latency import compare_latency
 from jaxopt_lab.profile.pareto import write_report
 from jaxopt_lab.profile.profile_run import profile_config
@@ -65,8 +74,25 @@ def optimize(config_path: str, workdir: str, overrides: tuple[str, ...] = (), *,
         raise UserError("optimize starts from one baseline run: the config has a population "
                         "(set --config.population=())")
     os.makedirs(workdir, exist_ok=True)
+    _same_runtime(workdir, config.optimize.runtime)
     with StopSignals(announce=False) as signals:
         return _pipeline(config, config_path, workdir, overrides, baseline, progress, signals)
+
+
+def _same_runtime(workdir: str, runtime: str) -> None:
+    """Records the runtime a pipeline directory is made for; refuses another one there (its int8
+    candidates were trained and converted for the first)."""
+    path = os.path.join(workdir, "optimize.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            made_for = json.load(f)["runtime"]
+        if made_for != runtime:
+            raise UserError(f"{workdir} was made for optimize.runtime={made_for} (its int8 "
+                            f"candidates are trained and converted for it); for {runtime}, use "
+                            "another --workdir")
+        return
+    with open(path, "w") as f:
+        json.dump({"runtime": runtime}, f)
 
 
 def _stop_after(signals: StopSignals, done: str) -> None:
@@ -102,19 +128,27 @@ def _pipeline(config, config_path: str, workdir: str, overrides: tuple[str, ...]
         try:
             _train(load_config(config_path, (*overrides, *recipe.overrides)), run_dir,
                    recipe.name, progress)
-            candidates += _deployables(recipe, run_dir)
+            candidates += _deployables(recipe, run_dir, config.optimize.runtime)
         except UserError as e:  # a technique that does not fit this model: report, go on
             failures[recipe.name] = str(e)
             _say(progress, f"{recipe.name} failed: {e}")
         _stop_after(signals, recipe.name)
-    _say(progress, f"timing {len(candidates) + 1} models side by side")
-    forms, sample_x = _forms(baseline_dir, candidates)
-    latencies = compare_latency(forms, sample_x, progress=progress)
-    rows = [_row(c, latencies[c.name]) for c in candidates]
-    base = _baseline_row(baseline_dir, latencies["baseline"])
+    runtime, served = config.optimize.runtime, None
+    _say(progress, f"timing {len(candidates) + 1} models side by side in {runtime}")
+    if runtime == "xla":
+        forms, sample_x = _forms(baseline_dir, candidates)
+        measured = compare_latency(forms, sample_x, progress=progress)
+    else:
+        measured = measure_in_runtime(runtime, baseline_dir, candidates,
+                                      os.path.join(workdir, "deploy", runtime), progress=progress)
+        name = runtime_baseline_name(runtime)
+        served = {"runtime": measured.pop("runtime"),
+                  "baseline": {**_baseline_row(baseline_dir, measured.pop(name)), "name": name}}
+    rows = [_row(c, measured[c.name]) for c in candidates]
+    base = _baseline_row(baseline_dir, measured["baseline"])
     return write_report(workdir, base, rows, failures, config.optimize,
                         recipes={r.name: list(r.overrides) for r in plan},
-                        profile={"path": profile_path, **_profile_brief(profile)})
+                        profile={"path": profile_path, **_profile_brief(profile)}, served=served)
 
 
 def _profile_brief(profile: dict) -> dict:
@@ -143,7 +177,7 @@ def _train(config, run_dir: str, name: str, progress: bool) -> None:
     train_and_evaluate(config, run_dir)
 
 
-def _deployables(recipe: Recipe, run_dir: str) -> list[Candidate]:
+def _deployables(recipe: Recipe, run_dir: str, runtime: str) -> list[Candidate]:
     """The candidates of one trained recipe, their conversions run where not done before."""
     members = list(enumerate(recipe.sparsities)) or [(None, None)]
     out = []
@@ -159,7 +193,8 @@ def _deployables(recipe: Recipe, run_dir: str) -> list[Candidate]:
         if recipe.quantize:
             summary = os.path.join(deploy_dir, "quantized", "summary.json")
             if not os.path.exists(summary):
-                quantize_run(deploy_dir, scheme=quantize_scheme())
+                quantize_run(deploy_dir, scheme=quantize_scheme(runtime),
+                             calibrate_batches=calibration_batches(runtime))
         bytes_key = "model_bytes"
         if recipe.name == "unstructured":  # stored as the smaller of its compact encodings
             fields = _fields(summary, member)

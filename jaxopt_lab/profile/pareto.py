@@ -67,9 +67,21 @@ def best_candidate(baseline: dict, rows: list[dict], max_drop: float,
 
 
 def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[str, str],
-                 block, recipes: dict[str, list[str]], profile: dict) -> dict:
-    """report.json, report.md and pareto.png in `workdir`; returns the report."""
-    for row in (baseline, *rows):
+                 block, recipes: dict[str, list[str]], profile: dict,
+                 served: dict | None = None) -> dict:
+    """report.json, report.md and pareto.png in `workdir`; returns the report.
+
+    `served`: where the candidates were measured in an ONNX runtime, {"runtime": its name,
+    version, threads..., "baseline": the baseline's row in the runtime's float32}; the rows'
+    accuracies are then the runtime's own outputs' and every speed-up is against `baseline`, the
+    XLA float32 one.
+    """
+    import jax
+
+    served = served or {"runtime": {"name": "xla", "version": f"jax {jax.__version__}",
+                                    "backend": jax.default_backend()}}
+    extra = [served["baseline"]] if "baseline" in served else []
+    for row in (baseline, *extra, *rows):
         row["size_ratio"] = baseline["model_bytes"] / row["model_bytes"]
         for b in (1, 256):
             row[f"speedup_batch{b}"] = (baseline[f"latency_ms_batch{b}"]
@@ -89,6 +101,8 @@ def write_report(workdir: str, baseline: dict, rows: list[dict], failures: dict[
         "failed": failures,
         "recipes": recipes,
         "profile": profile,
+        "runtime": served["runtime"],
+        "runtime_baseline": served.get("baseline"),
     }
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -107,19 +121,33 @@ def _speedup(row: dict, batch: int) -> str:
     return text
 
 
+def _measured_where(report: dict) -> str:
+    """The sentence saying where latencies and accuracies were measured."""
+    base, runtime = report["baseline"], report["runtime"]
+    if runtime["name"] == "xla":
+        return (f"Baseline: {base['run_dir']}. Latencies timed side by side in one process "
+                f"({runtime['backend']}, {runtime['version']}): each model's best round of "
+                "median calls, rounds taken in turn. Speed-up and size ratio are against the "
+                "baseline (speed-up: the best rounds' ratio, in brackets the range of the ratios "
+                "taken within each round); accuracy and bytes come from the summary.json of "
+                "each candidate's run directory.")
+    agreement = min(row.get("validation_agreement", 1.0) for row in report["candidates"])
+    return (f"Baseline: {base['run_dir']}. Every candidate exported to ONNX and served by "
+            f"**{runtime['version']}** ({runtime['threads']} threads; int8 as "
+            f"`--int8-ops {runtime['int8_ops']}`): its validation and test accuracy are the "
+            "runtime's own outputs' (argmax agreement with the framework's form on validation: "
+            f"≥ {agreement:.2%}), its latencies timed in one process beside the baseline in XLA "
+            "float32 (the row every speed-up is against: the best rounds' ratio, in brackets "
+            "the range of the ratios taken within each round) and in the runtime's float32. "
+            "Bytes come from the summary.json of each candidate's run directory.")
+
+
 def markdown(report: dict) -> str:
     """The report as a Markdown table, the best named, each recipe's overrides listed."""
-    import jax
-
     base = report["baseline"]
     lines = [
         "# Optimization report", "",
-        (f"Baseline: {base['run_dir']}. Latencies timed side by side in one process "
-        f"({jax.default_backend()}, jax {jax.__version__}): each model's best round of "
-        "median calls, rounds taken in turn. Speed-up and size ratio are against the "
-        "baseline (speed-up: the best rounds' ratio, in brackets the range of the ratios "
-        "taken within each round); accuracy and bytes come from the summary.json of each "
-        "candidate's run directory."), "",
+        _measured_where(report), "",
         ("| candidate | techniques | val acc % | test acc % | bytes | × smaller | ms @1 "
          "| ms @256 | × faster @256 | FLOPs/ex | train s | Pareto |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -132,7 +160,8 @@ def markdown(report: dict) -> str:
     lines[2:2] = [(f"Baseline profile ({profile['path']}): FLOPs by layer {shares}; "
                    f"training MFU {100 * profile['mfu']:.1f} %; step time waiting for data: "
                    f"{waits}."), ""]
-    for row in (base, *report["candidates"]):
+    extra = [report["runtime_baseline"]] if report.get("runtime_baseline") else []
+    for row in (base, *extra, *report["candidates"]):
         lines.append(
             f"| {row['name']} | {', '.join(row['techniques']) or '—'} "
             f"| {100 * row['validation_accuracy']:.2f} | {100 * row['test_accuracy']:.2f} "
