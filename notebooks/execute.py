@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 SMALL_SETTINGS = ("QUICKSTART_STEPS", "BYO_MODEL_STEPS", "PROTOTYPE_STEPS", "OPTIMIZE_STEPS",
-                  "OPTIMIZE_CANDIDATES")
+                  "OPTIMIZE_CANDIDATES", "DEPLOY_STEPS", "DEPLOY_ROUNDS")
 
 
 def execute(path: Path) -> None:

@@ -38,6 +38,14 @@ CASES = {
     ]),
 }
 
+DEPLOYED = [r"static int8 form: test accuracy 0\.\d{4}",
+            r"checked in openvino \S+: argmax agreement",
+            r"onnxruntime client: test accuracy 0\.\d{4}, agreement (9\d|100)\.\d\d%",
+            r"openvino client: test accuracy 0\.\d{4}, agreement (9\d|100)\.\d\d%",
+            r"fastest at batch 256: \w+ int8 \w+, \d+\.\d\d× XLA float32"]
+CASES["deploy.ipynb"] = ({"DEPLOY_STEPS": "60", "DEPLOY_ROUNDS": "2"},
+                         [r"trained 60 steps: test accuracy 0\.\d{4}", *DEPLOYED])
+
 # notebook -> patterns the outputs committed from a full run (the notebook's defaults) contain
 FULL = {
     "quickstart.ipynb": [r"final validation accuracy 0\.\d{3}", r"checkpoint at step 6000\b"],
@@ -47,6 +55,7 @@ FULL = {
                                   *CASES["prototype_technique.ipynb"][1][1:]],
     "optimize.ipynb": [r"best: ", r"candidates: \['\w+'(, '\w+')+\] from one run",
                        *CASES["optimize.ipynb"][1][2:]],
+    "deploy.ipynb": [r"trained 2000 steps: test accuracy 0\.\d{4}", *DEPLOYED],
 }
 
 
