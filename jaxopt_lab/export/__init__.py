@@ -4,7 +4,8 @@ file another program runs without jaxopt_lab.
 - `--to stablehlo` (default): a `jax.export` program, run by jax alone (`export/stablehlo.py`).
 - `--to onnx`: an ONNX model for ONNX Runtime, OpenVINO and the rest (`export/onnx.py`); a run
   with a static int8 serving form (`jaxopt-lab quantize --scheme w8a8 --calibrate N`) exports
-  its int8 weights and scales as integer ops (or QDQ pairs: `--int8-ops qdq`).
+  its int8 weights and scales as QDQ pairs every runtime fuses into int8 kernels (or ONNX
+  Runtime's own kernels: `--int8-ops onnxruntime`).
 
 FILE.json beside it (and, for ONNX, the model's metadata_props) says what the run was, the input
 it takes and how to prepare it, the task, the techniques and the quantization scheme.

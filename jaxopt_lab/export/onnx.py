@@ -115,25 +115,28 @@ def _equations(jaxpr):
 
 @contextlib.contextmanager
 def _lax_level(channels_last: bool = False):
-    """jax2onnx with only its lowerings of primitives (and, `channels_last`, our max pool),
-    its monkey patches and own lowerings restored afterwards."""
+    """jax2onnx with only its lowerings of primitives, two of them ours (`onnx_plugins.py`:
+    unit axes; with `channels_last`, tiling max pools); its monkey patches and own lowerings
+    restored afterwards."""
     from jax2onnx.plugins.plugin_system import PLUGIN_REGISTRY, import_all_plugins
 
-    from jaxopt_lab.export.onnx_plugins import TiledMaxPlugin
+    from jaxopt_lab.export.onnx_plugins import TiledMaxPlugin, UnitAxesPlugin
 
     import_all_plugins()
     removed = {name: plugin for name, plugin in PLUGIN_REGISTRY.items() if _patches(plugin)}
     for name in removed:
         del PLUGIN_REGISTRY[name]
-    pool = jax.lax.reduce_window_max_p.name
-    own_pool = PLUGIN_REGISTRY[pool]
+    ours = {jax.lax.broadcast_in_dim_p.name: UnitAxesPlugin}
     if channels_last:
-        PLUGIN_REGISTRY[pool] = TiledMaxPlugin(own_pool)
+        ours[jax.lax.reduce_window_max_p.name] = TiledMaxPlugin
+    replaced = {name: PLUGIN_REGISTRY[name] for name in ours}
+    for name, plugin in ours.items():
+        PLUGIN_REGISTRY[name] = plugin(replaced[name])
     try:
         yield
     finally:
         PLUGIN_REGISTRY.update(removed)
-        PLUGIN_REGISTRY[pool] = own_pool
+        PLUGIN_REGISTRY.update(replaced)
 
 
 def _patches(plugin) -> bool:

@@ -128,3 +128,34 @@ class TiledMaxPlugin(PrimitiveLeafPlugin):
             corner.type = x.type
             corners.append(corner)
         _bind_output(ctx, eqn.outvars[0], lambda name: ctx.builder.Max(*corners, _outputs=[name]))
+
+
+class UnitAxesPlugin(PrimitiveLeafPlugin):
+    """`broadcast_in_dim` that only inserts axes of size 1 (`x[..., None]`) as one Reshape with
+    a constant shape (0 keeps the symbolic batch), where jax2onnx computes the shape at run time
+    (Shape → Gather → Concat → Reshape → Expand: four more nodes, each a thread hand-off in a
+    batch-1 call). Other broadcasts go to jax2onnx's lowering. Swapped in by `export/onnx.py`."""
+
+    def __init__(self, fallback: PrimitiveLeafPlugin):
+        super().__init__()
+        self.fallback = fallback
+        self.primitive, self.metadata = fallback.primitive, getattr(fallback, "metadata", {})
+
+    def lower(self, ctx, eqn) -> None:
+        source, target = eqn.invars[0].aval.shape, eqn.params["shape"]
+        mapped = eqn.params["broadcast_dimensions"]
+        inserted = [axis for axis in range(len(target)) if axis not in mapped]
+        symbolic = [axis for axis, n in enumerate(target) if not isinstance(n, int)]
+        if (any(_dim(source[i]) != _dim(target[a]) for i, a in enumerate(mapped))
+                or any(target[a] != 1 for a in inserted) or list(mapped) != sorted(mapped)
+                or symbolic not in ([], [0]) or (symbolic and mapped[:1] != (0,))):
+            return self.fallback.lower(ctx, eqn)
+        x = ctx.get_value_for_var(eqn.invars[0], name_hint=ctx.fresh_name("unit_axes_in"))
+        shape = [0 if axis in symbolic else n for axis, n in enumerate(target)]
+        _bind_output(ctx, eqn.outvars[0], lambda name: ctx.builder.Reshape(
+            x, _constant(ctx, "shape", shape, np.int64), _outputs=[name]))
+
+
+def _dim(size):
+    """A dimension comparable without asking jax to decide symbolic equalities."""
+    return size if isinstance(size, int) else str(size)
