@@ -55,7 +55,7 @@ FULL = {
                                   *CASES["prototype_technique.ipynb"][1][1:]],
     "optimize.ipynb": [r"best: ", r"candidates: \['\w+'(, '\w+')+\] from one run",
                        *CASES["optimize.ipynb"][1][2:]],
-    "deploy.ipynb": [r"trained 2000 steps: test accuracy 0\.\d{4}", *DEPLOYED],
+    "deploy.ipynb": [r"trained 6000 steps: test accuracy 0\.\d{4}", *DEPLOYED],
 }
 
 

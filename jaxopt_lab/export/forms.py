@@ -61,14 +61,15 @@ def deployed_form(run, workdir: str, serving: bool = True, member: int | None = 
     return inference(run.experiment.model), variables, "model"
 
 
-def qdq_form(run, workdir: str) -> tuple[Callable, dict[str, Any], str]:
+def qdq_form(run, workdir: str, patch_ranks: tuple[int, ...] = (1, 2, 3)
+             ) -> tuple[Callable, dict[str, Any], str]:
     """(apply, variables, name) of the run's serving form as ONNX QDQ graphs state it: the
     frozen int8 weights and static activation scales of RUN/quantized (`export/qdq.py`)."""
     quantized = quantized_summary(workdir)
     model = serving_model(run, quantized)
     serving = load_serving(os.path.join(workdir, "quantized", "serving"))
     layers = quantized_layers(model, serving)
-    exported = qdq_model(model, float_model(run), layers)
+    exported = qdq_model(model, float_model(run), layers, patch_ranks)
     params = jax.device_get(with_placeholders(model, serving["params"],
                                               sample_input(run.dataset)))
     state = {k: v for k, v in serving.items() if k not in ("params", "aqt")}

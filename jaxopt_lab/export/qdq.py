@@ -13,8 +13,9 @@ substitutions at every quantized layer's seam (`dot_general_cls`, `conv_general_
   0 (the values are identical), and the type ONNX Runtime's x86 int8 products are fast for
   (uint8 × int8 ran 50× faster than int8 × int8 on this project's CPU).
 
-Plain convolutions become products of input patches and the kernel matrix
-(`export/conv_patches.py`), which ONNX Runtime runs as one int8 matrix product per layer.
+Plain convolutions can become products of input patches and the kernel matrix
+(`export/conv_patches.py`), which ONNX Runtime runs as one int8 matrix product per layer
+(`patch_ranks`: which ones, by their number of spatial axes).
 The primitives are our own, lowered by jax2onnx (a plugin here) to QuantizeLinear /
 DequantizeLinear and, under `jax.jit`, to the same arithmetic in XLA. Layers the run left in float
 (`skip`), biases and BatchNorm stay float: BatchNorm after a quantized conv is not folded into it
@@ -191,9 +192,11 @@ class QdqDotGeneral(nn.Module):
 
 class QdqConv(nn.Module):
     """A `conv_general_dilated_cls`: as `QdqDotGeneral`, for convolutions; a plain one (float or
-    int8) as the product of its input patches and its kernel matrix (`export/conv_patches.py`)."""
+    int8) with as many spatial axes as one of `patch_ranks` as the product of its input patches
+    and its kernel matrix (`export/conv_patches.py`)."""
 
     layers: Any
+    patch_ranks: tuple[int, ...] = (1, 2, 3)
 
     @nn.compact
     def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -204,7 +207,8 @@ class QdqConv(nn.Module):
         pads = patch_padding(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
                              rhs_dilation, dimension_numbers, feature_group_count,
                              batch_group_count)
-        if pads is not None and (layer is None or layer.axes in ((), (rhs.ndim - 1,))):
+        if (pads is not None and rhs.ndim - 2 in self.patch_ranks
+                and (layer is None or layer.axes in ((), (rhs.ndim - 1,)))):
             source = lhs if codes is None else codes
             pad_value = 0 if codes is None else ZERO_POINT[np.dtype(np.uint8)]
             columns = patches(source, rhs.shape[:-2], window_strides, pads, rhs_dilation,
@@ -222,12 +226,15 @@ class QdqConv(nn.Module):
             feature_group_count, batch_group_count, precision, preferred_element_type)
 
 
-def qdq_model(quantized_model, float_model, layers: dict[str, QuantizedLayer]):
+def qdq_model(quantized_model, float_model, layers: dict[str, QuantizedLayer],
+              patch_ranks: tuple[int, ...] = (1, 2, 3)):
     """`float_model` with the QDQ seams standing for `quantized_model`'s; its variables are the
-    float model's, where a quantized layer's kernel is never read (a placeholder will do)."""
+    float model's, where a quantized layer's kernel is never read (a placeholder will do).
+    `patch_ranks`: the convs (by spatial axes) stated as products of patches (`QdqConv`)."""
     options, skip = quantization_of(quantized_model)
     attention_skip = skip if options.activations and options.attention else None
     seams = {"dot_general_cls": functools.partial(QdqDotGeneral, layers, attention_skip),
-             "conv_general_dilated_cls": functools.partial(QdqConv, layers)}
+             "conv_general_dilated_cls": functools.partial(QdqConv, layers,
+                                                           patch_ranks=patch_ranks)}
     fields = {f.name for f in dataclasses.fields(float_model)}
     return float_model.clone(**{k: v for k, v in seams.items() if k in fields})
