@@ -133,9 +133,16 @@ def test_pareto_set_and_best_under_the_accuracy_constraint():
 
 
 def test_a_recipes_sparsities_are_one_population_and_it_retrains_by_hand(tmp_path):
-    recipes_asked = "--config.optimize.candidates=('unstructured', 'structured_int8')"
+    recipes_asked = ("--config.optimize.candidates=('unstructured', 'structured_int8', "
+                     "'distill_structured')")
     config = load_config("configs/digits_cnn.py", (recipes_asked,))
-    unstructured, structured_int8 = recipes(config, str(tmp_path))
+    unstructured, structured_int8, distill_structured = recipes(config, str(tmp_path))
+    # The pruned half-width student, served in float: its run is the student's config pruned.
+    student = load_config("configs/digits_cnn.py", distill_structured.overrides)
+    assert distill_structured.shrink and not distill_structured.quantize
+    assert tuple(student.model.features) == (16, 32)
+    assert student.techniques.distill.teacher == str(tmp_path)
+    assert student.techniques.prune.pattern == "channels"
     assert unstructured.sparsities == (0.8, 0.9, 0.95)
     assert structured_int8.sparsities == (0.5, 0.75)
     assert structured_int8.shrink and structured_int8.quantize and not unstructured.shrink

@@ -46,9 +46,10 @@ def default_config(techniques: Sequence[Technique] = TECHNIQUES) -> ml_collectio
     w.startup_trials = 10  # random trials before a model-based sampler (TPE, GP, skopt) fits
 
     o = c.optimize = ml_collections.ConfigDict()  # `jaxopt-lab optimize` (optimize/)
-    # structured | unstructured | int8 | distill | structured_int8 | distill_structured_int8
-    o.candidates = ("structured", "unstructured", "int8", "distill", "structured_int8",
-                    "distill_structured_int8")
+    # structured | unstructured | int8 | distill | distill_structured | structured_int8 |
+    # distill_structured_int8
+    o.candidates = ("structured", "unstructured", "int8", "distill", "distill_structured",
+                    "structured_int8", "distill_structured_int8")
     o.structured_sparsities = (0.5, 0.75)  # fractions of channels removed; one population
     o.unstructured_sparsities = (0.8, 0.9, 0.95)  # fractions of weights zeroed; one population
     o.student = ()  # "--config.KEY=VALUE" strings making the student; () = half the widths

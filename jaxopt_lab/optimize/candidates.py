@@ -19,7 +19,7 @@ import ml_collections
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models import model_hparams, width_keys
 
-NAMES = ("structured", "unstructured", "int8", "distill", "structured_int8",
+NAMES = ("structured", "unstructured", "int8", "distill", "distill_structured", "structured_int8",
          "distill_structured_int8")
 OBJECTIVES = ("size_latency", "latency", "size")
 RUNTIMES = ("xla", "onnxruntime", "openvino")
@@ -117,6 +117,9 @@ def recipes(config: ml_collections.ConfigDict, baseline_dir: str) -> list[Recipe
                                ("prune unstructured", "compact encoding"), unstructured),
         "int8": Recipe("int8", int8, ("int8 QAT",), quantize=True),
         "distill": Recipe("distill", distill, ("distill (half width)",)),
+        "distill_structured": Recipe(
+            "distill_structured", distill + channels, ("distill (half width)", "prune channels",
+                                                       "shrink"), structured, shrink=True),
         "structured_int8": Recipe("structured_int8", channels + int8,
                                   ("prune channels", "shrink", "int8 QAT"), structured,
                                   shrink=True, quantize=True),
