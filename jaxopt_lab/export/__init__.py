@@ -126,8 +126,8 @@ def _write_onnx(run, workdir, quantized, sample, out, metadata, member, int8_ops
     else:
         # Convs as products of patches: every one for ONNX Runtime (whose int8 convs loop over
         # the batch); in the portable form only 1-D ones, since OpenVINO and TensorRT fuse QDQ
-        # convs themselves (OpenVINO ran ResNet-20's 2-D ones 3.2x faster as convs, though the
-        # digits CNN's 8x8 ones 1.7x slower: benchmarks/RESULTS.md).
+        # convs themselves (OpenVINO ran ResNet-20 at 2.33x XLA with its 2-D ones as convs,
+        # 0.73x as patches; docs/deploy.md).
         apply, variables, name = qdq_form(run, workdir, PATCH_RANKS[int8_ops])
         ops = int8_ops if quantized["options"]["activations"] else None
         if ops is None:

@@ -38,7 +38,7 @@ from jaxopt_lab.workflows.convert import float_model
 
 BASELINE = "xla float32"
 # Between forms: OpenVINO's and ONNX Runtime's worker threads spin for a while after a call, and
-# took the cores from the form timed next (ONNX Runtime int8 ran 1.2x slower after OpenVINO).
+# took the cores from the form timed next (ONNX Runtime's int8 form ran slower after OpenVINO).
 SETTLE_S = 0.05
 
 

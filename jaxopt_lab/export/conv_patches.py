@@ -1,8 +1,8 @@
 """A convolution as a matrix product of input patches and the kernel: how the int8 form runs fast.
 
 ONNX Runtime's integer convolutions (ConvInteger; a DQ → Conv pair it cannot fuse) loop over the
-batch with one small product per example: on this project's CPU they ran 3–5× slower than XLA's
-float conv of the wide MNIST-1D CNN at batch 256. Its int8 matrix product (MatMulInteger, and the
+batch with one small product per example: the wide MNIST-1D CNN's int8 form ran at 0.19–0.28×
+XLA float32 at batch 256 so (benchmarks/RESULTS.md at commit 4fd0b7f). Its int8 matrix product (MatMulInteger, and the
 MatMulIntegerToFloat it fuses a `DQ → MatMul` into) runs the whole batch as one product with the
 CPU's int8 dot-product instructions. So the int8 export states each plain convolution (channels
 last, no groups, no input dilation) as

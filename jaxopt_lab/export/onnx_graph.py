@@ -17,7 +17,7 @@ pooling size"); where the window spans one position of the batch and of one othe
 jax2onnx lowers a product of a [..., K] activation and a [K, N] matrix (a Dense layer on a sequence,
 a conv's patches) as an Einsum; it becomes the MatMul it is, which runtimes fuse with the QDQ
 nodes around it into int8 products (an Einsum they run in float). `Max(x, scalar 0)`, jax's ReLU,
-becomes the Relu it is (ONNX Runtime's broadcasting Max took twice Relu's time).
+becomes the Relu it is (ONNX Runtime's broadcasting Max is slower than its Relu).
 
 A float layer over patches (`Reshape(patches) → MatMul(W) → Add(bias) [→ Relu]`, a float conv of
 the int8 form) becomes a 2-D `Gemm` with its bias (and the Relu after it) between reshapes: ONNX

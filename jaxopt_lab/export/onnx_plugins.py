@@ -98,8 +98,8 @@ class TiledMaxPlugin(PrimitiveLeafPlugin):
     """`reduce_window_max` whose windows tile the input (window = stride, no padding, batch and
     channels not pooled) as the elementwise Max of one strided Slice per window offset, channels
     last: the int8 form's layers are channels-last products, and ONNX Runtime's MaxPool needs
-    channels first (two transposes) while its ReduceMax over the split window axes ran 3× slower
-    than these slices. Other windows go to jax2onnx's own lowering (`fallback`). Swapped in by
+    channels first (two transposes) and its ReduceMax over split window axes was slower than these
+    slices in its profile. Other windows go to jax2onnx's own lowering (`fallback`). Swapped in by
     `export/onnx.py`."""
 
     def __init__(self, fallback: PrimitiveLeafPlugin):

@@ -10,8 +10,8 @@ substitutions at every quantized layer's seam (`dot_general_cls`, `conv_general_
 - its input is `dequantize(quantize(x, scale))` with the layer's static per-tensor scale: AQT's
   calibrated mean of absolute maxima over AQT's quant bound (127.5 for int8), as AQT serves it.
   The quantized input is uint8 with zero point 128: the same 256 levels as int8 with zero point
-  0 (the values are identical), and the type ONNX Runtime's x86 int8 products are fast for
-  (uint8 × int8 ran 50× faster than int8 × int8 on this project's CPU).
+  0 (the values are identical), and the type ONNX Runtime's x86 int8 products have their fast
+  (VNNI) kernels for.
 
 Plain convolutions can become products of input patches and the kernel matrix
 (`export/conv_patches.py`), which ONNX Runtime runs as one int8 matrix product per layer
