@@ -84,22 +84,23 @@ def test_report_matches_each_candidates_own_summary_and_a_rerun_trains_nothing(
 
 
 @pytest.mark.slow
-def test_in_onnx_runtime_accuracy_and_latency_are_the_runtimes(tmp_path):
-    """optimize.runtime=onnxruntime: the int8 candidate trains w8a8 with static scales, is
-    exported, and the report's accuracies are ONNX Runtime's outputs on the splits."""
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_in_onnx_runtime_accuracy_and_latency_are_the_runtimes(tmp_path, runtime):
+    """optimize.runtime=onnxruntime|openvino: the int8 candidate trains w8a8 with static scales,
+    is exported, and the report's accuracies are the runtime's outputs on the splits."""
     report = optimize("configs/digits_cnn.py", str(tmp_path),
-                      (*TINY, "--config.optimize.runtime=onnxruntime"), progress=False)
-    assert report["runtime"]["name"] == "onnxruntime"
-    assert report["runtime"]["version"].startswith("onnxruntime 1.")
-    assert "served by **onnxruntime 1." in (tmp_path / "report.md").read_text()
+                      (*TINY, f"--config.optimize.runtime={runtime}"), progress=False)
+    assert report["runtime"]["name"] == runtime
+    assert report["runtime"]["version"].startswith(f"{runtime} 20" if runtime == "openvino"
+                                                   else f"{runtime} 1.")
+    assert f"served by **{runtime} " in (tmp_path / "report.md").read_text()
     candidate, = report["candidates"]
     served = json.loads((tmp_path / "structured_int8" / "shrunk_50" / "quantized"
                          / "summary.json").read_text())
     assert served["scheme"] == "w8a8" and served["options"]["static_activations"]
     assert served["calibration_batches"] == 10
     run = load_run(str(tmp_path / "baseline"))
-    predict = load_onnx(str(tmp_path / "deploy" / "onnxruntime" / "structured_int8_50.onnx"),
-                        "onnxruntime")
+    predict = load_onnx(str(tmp_path / "deploy" / runtime / "structured_int8_50.onnx"), runtime)
     for split in ("validation", "test"):
         arrays = getattr(run.dataset, split)
         accuracy = float((predict(arrays["x"]).argmax(-1) == arrays["label"]).mean())
@@ -107,12 +108,12 @@ def test_in_onnx_runtime_accuracy_and_latency_are_the_runtimes(tmp_path):
         assert candidate[f"{split}_agreement"] >= 0.98
     # Both baselines timed in the same rounds; speed-ups against XLA float32's.
     runtime_base = report["runtime_baseline"]
-    assert runtime_base["name"] == "baseline (onnxruntime float32)"
+    assert runtime_base["name"] == f"baseline ({runtime} float32)"
     base_rounds = report["baseline"]["latency_ms_batch256_rounds"]
     ratios = [b / c for b, c in zip(base_rounds, candidate["latency_ms_batch256_rounds"],
                                     strict=True)]
     assert candidate["speedup_batch256_range"] == [min(ratios), max(ratios)]
-    with pytest.raises(UserError, match="was made for optimize.runtime=onnxruntime"):
+    with pytest.raises(UserError, match=f"was made for optimize.runtime={runtime}"):
         optimize("configs/digits_cnn.py", str(tmp_path), tuple(TINY), progress=False)
 
 
