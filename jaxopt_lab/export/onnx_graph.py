@@ -71,6 +71,11 @@ def consumers_of(graph) -> dict[str, list]:
     return found
 
 
+def producers_of(graph) -> dict:
+    """{value name: the node that outputs it}."""
+    return {output: node for node in graph.node for output in node.output}
+
+
 def attribute_of(node, name: str, default=None):
     """A node's attribute value, `default` where it is not set."""
     for found in node.attribute:
@@ -127,7 +132,7 @@ def _fold_weight_transposes(graph) -> None:
 
 def _hoist_transposes(graph) -> None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = producers_of(graph)
     consumers = consumers_of(graph)
     for dequantize in list(graph.node):
         quantize = producers.get(dequantize.input[0])
@@ -147,7 +152,7 @@ def _hoist_transposes(graph) -> None:
 
 
 def _channels_last_pools(graph) -> None:
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = producers_of(graph)
     consumers = consumers_of(graph)
     for pool in list(graph.node):
         inner = producers.get(pool.input[0]) if pool.op_type == "MaxPool" else None
@@ -211,7 +216,7 @@ def _relus(graph) -> None:
 
 def _float_products_as_gemms(graph) -> None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = producers_of(graph)
     consumers = consumers_of(graph)
     for node in list(graph.node):
         layer = _float_product(node, producers, consumers, initializers)
@@ -246,7 +251,7 @@ def _float_products_as_gemms(graph) -> None:
 
 def _quantized_gemms_as_matmuls(graph) -> None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = producers_of(graph)
     for gemm in graph.node:
         if gemm.op_type != "Gemm" or any(
                 getattr(producers.get(name), "op_type", None) != "DequantizeLinear"

@@ -94,18 +94,23 @@ def _constant(ctx, name: str, value, dtype):
     return ctx.builder.add_initializer_from_array(ctx.fresh_name(name), np.asarray(value, dtype))
 
 
-class TiledMaxPlugin(PrimitiveLeafPlugin):
+class _InPlaceOf(PrimitiveLeafPlugin):
+    """A lowering of a jax primitive that jax2onnx lowers too, used in its place for the cases
+    it handles better and handing the others to jax2onnx's (`fallback`)."""
+
+    def __init__(self, fallback: PrimitiveLeafPlugin):
+        super().__init__()
+        self.fallback = fallback
+        self.primitive, self.metadata = fallback.primitive, getattr(fallback, "metadata", {})
+
+
+class TiledMaxPlugin(_InPlaceOf):
     """`reduce_window_max` whose windows tile the input (window = stride, no padding, batch and
     channels not pooled) as the elementwise Max of one strided Slice per window offset, channels
     last: the int8 form's layers are channels-last products, and ONNX Runtime's MaxPool needs
     channels first (two transposes) and its ReduceMax over split window axes was slower than these
     slices in its profile. Other windows go to jax2onnx's own lowering (`fallback`). Swapped in by
     `export/onnx.py`."""
-
-    def __init__(self, fallback: PrimitiveLeafPlugin):
-        super().__init__()
-        self.fallback = fallback
-        self.primitive, self.metadata = fallback.primitive, getattr(fallback, "metadata", {})
 
     def lower(self, ctx, eqn) -> None:
         params = eqn.params
@@ -130,16 +135,11 @@ class TiledMaxPlugin(PrimitiveLeafPlugin):
         _bind_output(ctx, eqn.outvars[0], lambda name: ctx.builder.Max(*corners, _outputs=[name]))
 
 
-class UnitAxesPlugin(PrimitiveLeafPlugin):
+class UnitAxesPlugin(_InPlaceOf):
     """`broadcast_in_dim` that only inserts axes of size 1 (`x[..., None]`) as one Reshape with
     a constant shape (0 keeps the symbolic batch), where jax2onnx computes the shape at run time
     (Shape → Gather → Concat → Reshape → Expand: four more nodes, each a thread hand-off in a
     batch-1 call). Other broadcasts go to jax2onnx's lowering. Swapped in by `export/onnx.py`."""
-
-    def __init__(self, fallback: PrimitiveLeafPlugin):
-        super().__init__()
-        self.fallback = fallback
-        self.primitive, self.metadata = fallback.primitive, getattr(fallback, "metadata", {})
 
     def lower(self, ctx, eqn) -> None:
         source, target = eqn.invars[0].aval.shape, eqn.params["shape"]

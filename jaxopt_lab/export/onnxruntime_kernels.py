@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from jaxopt_lab.export.onnx_graph import attribute_of, consumers_of, finish
+from jaxopt_lab.export.onnx_graph import attribute_of, consumers_of, finish, producers_of
 
 DOMAIN = "com.microsoft"
 
@@ -29,7 +29,7 @@ def to_onnxruntime_kernels(model: onnx.ModelProto) -> int:
     place; returns how many."""
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = producers_of(graph)
     consumers = consumers_of(graph)
     rewritten = 0
     for node in list(graph.node):

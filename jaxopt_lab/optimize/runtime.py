@@ -45,13 +45,15 @@ def measure_in_runtime(runtime: str, baseline_dir: str, candidates, out_dir: str
     predicts = {"baseline": lambda x: np.asarray(jax.block_until_ready(xla(variables, x)))}
     exported = [(runtime_baseline_name(runtime), f"baseline_{runtime}", baseline_dir, None, False),
                 *((c.name, c.name, c.deploy_dir, c.member, c.serving) for c in candidates)]
-    references = {}
+    references, runs = {}, {baseline_dir: run}  # a population's members share one run
     for name, stem, workdir, member, serving in exported:
         path = os.path.join(out_dir, f"{stem}.onnx")
         export_run(workdir, path, to="onnx", form="serving" if serving else "model",
                    member=member, int8_ops=INT8_OPS[runtime], check=())
         predicts[name] = load_onnx(path, runtime, threads)
-        references[name] = _framework(workdir, member, serving)
+        if workdir not in runs:
+            runs[workdir] = load_run(workdir)
+        references[name] = _framework(runs[workdir], workdir, member, serving)
     measured = {name: _accuracies(predict, references.get(name), run.dataset)
                 for name, predict in predicts.items()}
     inputs = {b: examples(run.dataset.test["x"], b) for b in BATCH_SIZES}
@@ -68,9 +70,9 @@ def measure_in_runtime(runtime: str, baseline_dir: str, candidates, out_dir: str
     return measured
 
 
-def _framework(workdir: str, member, serving: bool):
+def _framework(run, workdir: str, member, serving: bool):
     """The framework's own form of what was exported, for the agreement."""
-    apply, variables, _ = deployed_form(load_run(workdir), workdir, serving, member)
+    apply, variables, _ = deployed_form(run, workdir, serving, member)
     fn = jax.jit(apply)
     return lambda x: np.asarray(fn(variables, x))
 
