@@ -203,6 +203,7 @@ def test_float16_population_members_are_not_stopped_by_skipped_overflows(tmp_pat
 def test_float16_real_divergence_still_stops_the_run(tmp_path):
     config = _float16_config(steps=20)
     config.optim.lr = 1e5  # the parameters blow up; the float16 forward pass overflows
+    config.train.float32_layers = ()  # every layer in float16, the logits' too
     with pytest.raises(TrainingDiverged, match="non-finite"):
         train_and_evaluate(config, str(tmp_path))
 
@@ -279,6 +280,8 @@ def test_a_module_without_the_fields_is_refused_a_dtype_or_remat_with_one_line()
      "train.compute_dtype='float64' is unknown; allowed: float32, bfloat16, float16"),
     ("compute_dtype", "bf16", "train.compute_dtype='bf16' is unknown"),
     ("remat", "sometimes", "train.remat='sometimes' is unknown; allowed: none, full, "),
+    ("float32_layers", (0,), r"train.float32_layers=\(0,\) must be a tuple of regular"),
+    ("float32_layers", ("Conv_[",), r"train.float32_layers: 'Conv_\[' is not a regular"),
     # a policy factory needs arguments a config cannot give
     ("remat", "save_only_these_names", "train.remat='save_only_these_names' is unknown"),
 ])
@@ -294,6 +297,58 @@ def test_good_precision_config_validates_and_reaches_the_model():
     config.data.name = "digits"
     experiment = build_experiment(config, prepare_dataset(config))
     assert experiment.model.dtype == jnp.bfloat16 and experiment.model.remat == "dots_saveable"
+
+
+def _products_in_order(model, x) -> list[str]:
+    """The dtype of each dot_general and conv of `model`'s forward pass, in the order it runs."""
+    variables = model.init(jax.random.key(0), x)
+    eqns = jax.make_jaxpr(lambda v: model.apply(v, x))(variables).jaxpr.eqns
+    return [str(e.invars[0].aval.dtype) for e in eqns
+            if e.primitive.name in ("dot_general", "conv_general_dilated")]
+
+
+class _OwnCNN(nn.Module):
+    """A user's module with a `dtype` field, nothing of the registry."""
+
+    num_classes: int = 10
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3,), dtype=self.dtype, name="stem")(x[..., None]))
+        x = nn.relu(nn.Conv(4, (3,), dtype=self.dtype, name="body")(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x.reshape(len(x), -1))
+
+
+@pytest.mark.parametrize(("layers", "want"), [
+    (None, ["float32", "bfloat16", "bfloat16", "float32"]),  # the input's and the logits' layer
+    ((), ["bfloat16"] * 4),
+    ((r"^\['Conv_1'\]",), ["bfloat16", "float32", "bfloat16", "bfloat16"]),
+])
+def test_float32_layers_compute_in_float32_and_the_rest_in_the_compute_dtype(layers, want):
+    config = tiny_config("cnn1d", steps=2, compute_dtype="bfloat16")
+    config.model.channels = 4
+    config.train.float32_layers = layers
+    validate(config)
+    model = build_experiment(config, prepare_dataset(config)).model
+    x = jnp.zeros((2, 40), jnp.float32)
+    assert _products_in_order(model, x) == want
+    assert _products_in_order(model.clone(), x) == want  # clones (techniques) keep the policy
+    params = model.init(jax.random.key(0), x)["params"]
+    plain = build_model("cnn1d", 10, channels=4).init(jax.random.key(0), x)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(plain)  # same paths, checkpoints
+
+
+def test_a_users_own_module_gets_the_policy_and_the_summary_records_it(tmp_path):
+    config = tiny_config("cnn1d", steps=2, compute_dtype="bfloat16")
+    model = build_experiment(config, prepare_dataset(config), model=_OwnCNN()).model
+    assert model.float32_layers == (r"^\['stem'\]", r"^\['head'\]")
+    assert _products_in_order(model, jnp.zeros((2, 40))) == ["float32", "bfloat16", "float32"]
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["precision"] == {"compute_dtype": "bfloat16",
+                                    "float32_layers": [r"^\['Conv_0'\]", r"^\['Dense_0'\]"]}
+    assert load_run(str(tmp_path)).experiment.model.float32_layers == (
+        r"^\['Conv_0'\]", r"^\['Dense_0'\]")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,12 @@ from jaxopt_lab.compose.techniques import TECHNIQUES
 from jaxopt_lab.core.layers import without_seams
 from jaxopt_lab.core.optim import INJECTED, build_optimizer, check_swept
 from jaxopt_lab.core.population import member_values
-from jaxopt_lab.core.precision import compute_dtype, loss_scale_summary, scales_loss
+from jaxopt_lab.core.precision import (
+    compute_dtype,
+    loss_scale_summary,
+    scales_loss,
+    with_layer_policy,
+)
 from jaxopt_lab.core.state import sample_input
 from jaxopt_lab.core.step import Reducer, pmean_reducer, sharded_mean_reducer
 from jaxopt_lab.core.tasks import LABEL_SMOOTHING, EvalFn, LossFn, make_task
@@ -144,6 +149,8 @@ def _initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
                             **model_kwargs(config))
     else:
         model = with_execution(model, **execution)
+    sample_x = sample_input(dataset)
+    model = with_layer_policy(model, config.train, sample_x)
     if loss_fn is None:
         hparams = _default_loss_hparams(config, dataset, swept)
     else:
@@ -155,7 +162,7 @@ def _initial_parts(config: ml_collections.ConfigDict, dataset: Dataset, *,
         config=config, dataset=dataset, model=model, float_model=without_seams(model),
         loss_fn=None, user_loss=loss_fn, augment=make_augment(**config.data.augment.to_dict()),
         eval_fn=eval_fn, tx=optax.with_extra_args_support(tx), reducer=reducer,
-        caller_reducer=reducer is not None, sample_x=sample_input(dataset), hparams=hparams,
+        caller_reducer=reducer is not None, sample_x=sample_x, hparams=hparams,
         state_summary=(loss_scale_summary,) if scales_loss(model) else (), load_run=load_run)
 
 

@@ -86,6 +86,9 @@ def core_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1  # microbatches per device and step, one update (core/accumulate.py)
     c.train.shard_params = False  # params and optimizer state sharded over devices (core/fsdp.py)
     c.train.compute_dtype = "float32"  # float32 | bfloat16 | float16 (loss-scaled); params: float32
+    # Layers kept in float32 under a lower compute_dtype: regular expressions over parameter
+    # paths, as `skip` reads them; None = the input-reading and the logits layer; () = none.
+    c.train.float32_layers = ml_collections.config_dict.placeholder(tuple)
     c.train.remat = "none"  # none | full | a jax.checkpoint_policies name (models/remat.py)
 
     # A population: config keys and one value per member, trained as one vmapped program in one

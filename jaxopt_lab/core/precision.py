@@ -3,7 +3,9 @@
 Parameters and optimizer state stay float32 (master weights); the model computes in
 `train.compute_dtype` (its layers' Flax `dtype`), the loss and its softmax in float32 (the task
 casts the model's outputs, `core/tasks.py::apply_model`), and gradients arrive in float32, the
-parameters' dtype, so reducers and optimizers see float32 as before. bfloat16 has float32's
+parameters' dtype, so reducers and optimizers see float32 as before. The layers
+`train.float32_layers` names (by default the input-reading and the logits layer) compute in
+float32 (`models/float32_layers.py`). bfloat16 has float32's
 exponent range and needs nothing more. float16's is small: gradients below 6e-8 flush to zero, so
 the loss is multiplied by a large scale before differentiation and the gradients divided by it
 after (Micikevicius et al., "Mixed Precision Training", ICLR 2018). A scale too large overflows:
@@ -24,6 +26,7 @@ non-finite loss, which the scale does not touch, are divergence.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.training.dynamic_scale import DynamicScale
 
+from jaxopt_lab.core.layers import abstract_variables, default_skip
 from jaxopt_lab.core.tasks import DATA_AXIS
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.float32_layers import with_float32_layers
 from jaxopt_lab.models.remat import check_remat
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -57,9 +62,33 @@ def compute_dtype(name: str) -> Any:
 
 
 def check_precision(train) -> None:
-    """`train.compute_dtype` and `train.remat` of a config, before anything is built."""
+    """`train.compute_dtype`, `train.float32_layers` and `train.remat` of a config, before
+    anything is built."""
     compute_dtype(train.compute_dtype)
+    layers = train.float32_layers
+    if layers is not None and not all(isinstance(p, str) for p in layers):
+        raise UserError(f"train.float32_layers={layers!r} must be a tuple of regular expressions "
+                        "over parameter paths (or None for the first and last layers)")
+    for pattern in layers or ():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise UserError(f"train.float32_layers: {pattern!r} is not a regular expression "
+                            f"({error})") from None
     check_remat(train.remat, "train.remat")
+
+
+def with_layer_policy(model: Any, train, sample_x: Any) -> Any:
+    """`model` (computing in `train.compute_dtype`) with `train.float32_layers` in float32: by
+    default the first and last multiplying layers, traced on `sample_x` (`models/float32_layers.py`).
+    Under float32 there is nothing to keep."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+        return model
+    layers = train.float32_layers
+    if layers is None:
+        layers = default_skip(model, abstract_variables(model, sample_x), sample_x)
+    return with_float32_layers(model, layers)
 
 
 def scales_loss(model: Any) -> bool:

@@ -9,11 +9,6 @@ where it feeds the op itself, so:
 - an input `Q → DQ → Transpose` (one per-tensor scale) becomes `Transpose → Q → DQ`: a transpose
   commutes with elementwise quantization, so the values are unchanged.
 
-jax2onnx lowers `lax.reduce_window_max` over channels-last (B, H, W, C) as a MaxPool with four
-spatial axes (B, H, W, C) behind two Unsqueezes, which ONNX Runtime refuses ("Unsupported
-pooling size"); where the window spans one position of the batch and of one other axis, it becomes
-`Transpose → MaxPool (over the true spatial axes) → Transpose`.
-
 jax2onnx lowers a product of a [..., K] activation and a [K, N] matrix (a Dense layer on a sequence,
 a conv's patches) as an Einsum; it becomes the MatMul it is, which runtimes fuse with the QDQ
 nodes around it into int8 products (an Einsum they run in float). `Max(x, scalar 0)`, jax's ReLU,
@@ -39,6 +34,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from jaxopt_lab.export.onnx_layout import channels_last_pools, flatten_transposes_into_weights
+from jaxopt_lab.export.onnx_nodes import (
+    attribute_of,
+    consumers_of,
+    finish,
+    producers_of,
+    rename_uses,
+)
+
 
 def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
     """The rewrites above, in place; returns `model`."""
@@ -47,49 +51,15 @@ def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
     _fold_constant_reshapes(graph)
     _fold_weight_transposes(graph)
     _hoist_transposes(graph)
-    _channels_last_pools(graph)
+    channels_last_pools(graph)
     _einsums_as_matmuls(graph)
     _relus(graph)
     _float_products_as_gemms(graph)
     _quantized_gemms_as_matmuls(graph)
     _gemm_biases(graph)
+    flatten_transposes_into_weights(model)
     finish(graph)
     return model
-
-
-def finish(graph) -> None:
-    """After a rewrite: initializers nothing reads dropped, nodes in topological order."""
-    _drop_unused_initializers(graph)
-    _sort_topologically(graph)
-
-
-def consumers_of(graph) -> dict[str, list]:
-    found: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            found.setdefault(name, []).append(node)
-    return found
-
-
-def producers_of(graph) -> dict:
-    """{value name: the node that outputs it}."""
-    return {output: node for node in graph.node for output in node.output}
-
-
-def attribute_of(node, name: str, default=None):
-    """A node's attribute value, `default` where it is not set."""
-    for found in node.attribute:
-        if found.name == name:
-            return onnx.helper.get_attribute_value(found)
-    return default
-
-
-def _rename_uses(graph, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-    for output in graph.output:
-        if output.name == old:
-            output.name = new
 
 
 def _fold_constant_reshapes(graph) -> None:
@@ -127,7 +97,7 @@ def _fold_weight_transposes(graph) -> None:
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("axis", perm.index(axis)))
         graph.node.remove(transpose)
-        _rename_uses(graph, transpose.output[0], node.output[0])
+        rename_uses(graph, transpose.output[0], node.output[0])
 
 
 def _hoist_transposes(graph) -> None:
@@ -148,44 +118,7 @@ def _hoist_transposes(graph) -> None:
         transpose.input[0] = quantize.input[0]
         transpose.output[0] = moved_output + "_pre_q"
         quantize.input[0] = transpose.output[0]
-        _rename_uses(graph, moved_output, dequantize.output[0])
-
-
-def _channels_last_pools(graph) -> None:
-    producers = producers_of(graph)
-    consumers = consumers_of(graph)
-    for pool in list(graph.node):
-        inner = producers.get(pool.input[0]) if pool.op_type == "MaxPool" else None
-        outer = producers.get(inner.input[0]) if inner is not None else None
-        users = consumers.get(pool.output[0], [])
-        if (outer is None or inner.op_type != "Unsqueeze" or outer.op_type != "Unsqueeze"
-                or len(users) != 1 or users[0].op_type != "Squeeze"):
-            continue
-        kernel = list(attribute_of(pool, "kernel_shape"))
-        n = len(kernel)
-        strides = list(attribute_of(pool, "strides", [1] * n))
-        pads = list(attribute_of(pool, "pads", [0] * 2 * n))
-        kept = [a for a in range(1, n)
-                if kernel[a] == 1 and strides[a] == 1 and pads[a] == pads[a + n] == 0]
-        if kernel[0] != 1 or strides[0] != 1 or len(kept) != 1 or not 3 <= n <= 5:
-            continue
-        channel = kept[0]
-        spatial = [a for a in range(1, n) if a != channel]
-        perm = [0, channel, *spatial]
-        squeeze = users[0]
-        pool.input[0] = outer.input[0] + "_channels_first"
-        del pool.attribute[:]
-        pool.attribute.extend([
-            onnx.helper.make_attribute("kernel_shape", [kernel[a] for a in spatial]),
-            onnx.helper.make_attribute("strides", [strides[a] for a in spatial]),
-            onnx.helper.make_attribute("pads", [pads[a] for a in spatial]
-                                       + [pads[a + n] for a in spatial])])
-        graph.node.extend([
-            onnx.helper.make_node("Transpose", [outer.input[0]], [pool.input[0]], perm=perm),
-            onnx.helper.make_node("Transpose", [pool.output[0]], [squeeze.output[0]],
-                                  perm=list(np.argsort(perm)))])
-        for node in (inner, outer, squeeze):
-            graph.node.remove(node)
+        rename_uses(graph, moved_output, dequantize.output[0])
 
 
 def _einsums_as_matmuls(graph) -> None:
@@ -317,27 +250,3 @@ def _float_product(node, producers, consumers, initializers):
     after = consumers.get(add.output[0], [])
     relu = after[0] if len(after) == 1 and after[0].op_type == "Relu" else None
     return [int(d) for d in shape[1:-1]], add, relu
-
-
-def _sort_topologically(graph) -> None:
-    """Orders the nodes so each comes after the producers of its inputs (ONNX requires it)."""
-    ready = {""} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    pending, ordered = list(graph.node), []
-    while pending:
-        runnable = [node for node in pending if all(name in ready for name in node.input)]
-        if not runnable:
-            raise ValueError("the ONNX graph has a cycle or an input nothing produces")
-        for node in runnable:
-            ordered.append(node)
-            ready.update(node.output)
-        pending = [node for node in pending if node not in runnable]
-    copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {name for node in graph.node for name in node.input}
-    keep = [tensor for tensor in graph.initializer if tensor.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

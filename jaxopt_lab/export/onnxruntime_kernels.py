@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from jaxopt_lab.export.onnx_graph import attribute_of, consumers_of, finish, producers_of
+from jaxopt_lab.export.onnx_nodes import attribute_of, consumers_of, finish, producers_of
 
 DOMAIN = "com.microsoft"
 

@@ -46,6 +46,7 @@ from jaxopt_lab.core.state import model_params
 from jaxopt_lab.core.step import Reducer
 from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.models.float32_layers import precision_record
 from jaxopt_lab.run.build import build_run, merge_splits
 from jaxopt_lab.run.rundir import check_workdir, record_run
 from jaxopt_lab.run.summary import best_member, communication, state_fields
@@ -322,7 +323,8 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
         "num_params": num_params, **t.call_size, "devices": run.mesh.size,
         "processes": jax.process_count(), "resumed_from": t.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
-        "techniques": run.experiment.techniques, **communication(t.workdir),
+        "techniques": run.experiment.techniques, **precision_record(run.experiment.model),
+        **communication(t.workdir),
         "step_memory": t.step_memory,
     }
     if t.stopped_at is not None:

@@ -68,19 +68,22 @@ def layer_sparsities(layout: Layout, sparsity: jax.Array, distribution: str) -> 
 
 def unstructured(scores: dict[str, jax.Array], layout: Layout, sparsity: jax.Array,
                  scope: str, distribution: str) -> dict[str, jax.Array]:
-    """Single weights: the lowest-scored fraction of each layer, or of all layers together."""
+    """Single weights: the lowest-scored fraction of each layer, or of all layers together. Every
+    tensor keeps at least its top-scored weight, as jaxpruner does (max(1, round(n(1 - s))) kept):
+    a layer with no weight left cuts the network, and no sparsity target means that."""
     if scope == "global":
         flat = jnp.concatenate([float_keys(scores[p]).reshape(-1) for p in layout.kernels])
         kept = drop_smallest(flat, jnp.round(sparsity * flat.size))
         out, start = {}, 0
         for p in layout.kernels:
             n = math.prod(layout.shapes[p])
-            out[p] = kept[start:start + n].reshape(layout.shapes[p])
+            mask = kept[start:start + n].reshape(layout.shapes[p])
+            out[p] = mask | (keep_largest(float_keys(scores[p]), 1) & ~jnp.any(mask))
             start += n
         return out
     per_layer = layer_sparsities(layout, sparsity, distribution)
-    return {p: drop_smallest(float_keys(scores[p]), jnp.round(per_layer[p] * scores[p].size))
-            for p in layout.kernels}
+    return {p: drop_smallest(float_keys(scores[p]), jnp.minimum(
+        jnp.round(per_layer[p] * scores[p].size), scores[p].size - 1)) for p in layout.kernels}
 
 
 def n_of_m(scores: dict[str, jax.Array], layout: Layout, n: int, m: int) -> dict[str, jax.Array]:

@@ -15,7 +15,10 @@ takes and returns dicts keyed by parameter path, higher scores kept. SET (Mocanu
 et al. 2018) and RigL (Evci et al. 2020) start from a random mask at the target and then drop
 the smallest kept weights and regrow at random (SET) or where the gradient is largest (RigL), new
 connections at zero. STE keeps the dense weights in the state, trains them with the gradient taken
-at the pruned ones (a straight-through estimator) and re-cuts the mask from them.
+at the pruned ones (a straight-through estimator) and re-cuts the mask from them. A connection
+SET / RigL regrow starts afresh in the inner optimizer too: its entries of the optimizer state
+(momentum, second moments, built from gradients taken while it was pruned) are zeroed, as RigL's
+reference resets the momentum of new connections.
 """
 
 from __future__ import annotations
@@ -173,6 +176,8 @@ def prune_transform(tx: optax.GradientTransformation, options: PruneOptions,
         changed = when_any_member(schedule.due(options, state.count), recompute,
                                   lambda: {p: old[p] for p in layout.masked})
         masks = _like(params, changed, jnp.ones((), bool))
+        if options.method in ("set", "rigl"):
+            inner = _regrown_afresh(tx, inner, masks, state.masks)
         if ste:
             new_updates = jax.tree.map(
                 lambda m, c, p: jnp.where(m, c - p, -p), masks, candidate, params)
@@ -188,6 +193,18 @@ def prune_transform(tx: optax.GradientTransformation, options: PruneOptions,
                                        rng=state.rng, hyperparams=state.hyperparams, dense=dense)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _regrown_afresh(tx, inner: Any, masks: Any, old_masks: Any) -> Any:
+    """`inner` with the entries of newly grown weights zeroed in every parameter-shaped part."""
+    grown = jax.tree.map(lambda new, old: new & ~old, masks, old_masks)
+    try:
+        return optax.tree_utils.tree_map_params(
+            tx, lambda value, new: jnp.where(new, jnp.zeros_like(value), value), inner, grown)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"prune: SET / RigL reset the optimizer state of regrown weights and "
+                        f"cannot find the parameter-shaped parts of this optimizer's state "
+                        f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
 
 
 def find_state(opt_state: Any) -> PruneState | None:
