@@ -9,8 +9,9 @@ validation accuracy (maximize; 10 % of the training set held out) and `latency_m
 (minimize) of the trial's own narrow model, measured by `core.measure.measure_model`.
 
 (a) masked: each batch is one population of the 64-channel CNN, every member masked to its
-    widths (`tune.nas.start_population`, then `core.loop`: one vmapped program), its latency
-    measured on its shrunk model (`tune.nas.shrunk_member`).
+    widths (`workflows.nas.start_population`, then the loop: one vmapped program), its latency
+    measured on its shrunk model (`workflows.nas.shrunk_member`). The same search from the
+    command line: configs/sweeps/mnist1d_cnn_widths.py (`sweep.widths`).
 (b) alone: the same trials, in the same order, enqueued in a second study, each trained as its
     own narrow model by `core.loop.train_and_evaluate` (which measures its latency).
 Trial n trains from seed n both ways (initialisation and data order), and a masked member starts

@@ -166,7 +166,8 @@ def _add_optimize(commands) -> None:
 
 def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
-        "sweep", help="search a config's sweep.space with an Optuna study (rerun to resume)",
+        "sweep", help="search a config's sweep.space, or its model's widths (sweep.widths), "
+                      "with an Optuna study (rerun to resume)",
         epilog="override any config key with --config.KEY=VALUE; live view: optuna-dashboard "
                "DIR/study.journal")
     sweep.add_argument("--config", help="a configs/sweeps/*.py file with a sweep block")
@@ -367,8 +368,8 @@ def _sweep(args, overrides: list[str]) -> int:
     written = report.write_report(study, args.workdir)
     for name, why in written["plots_skipped"].items():
         print(f"{name} not drawn: {why}")
-    print(f"sweep directory: {args.workdir} (sweep_report.md, *.png, trials/); live view: "
-          f"optuna-dashboard {sweep.recorded(args.workdir)['storage']}")
+    print(f"sweep directory: {args.workdir} (sweep_report.md, *.png, trials/ or populations/); "
+          f"live view: optuna-dashboard {sweep.recorded(args.workdir)['storage']}")
     return 0
 
 

@@ -35,6 +35,9 @@ def default_config(techniques: Sequence[Technique] = TECHNIQUES) -> ml_collectio
 
     w = c.sweep = ml_collections.ConfigDict()  # `jaxopt-lab sweep` (tune/): an Optuna study
     w.space = ()  # dimensions built with jaxopt_lab.tune.space: log_uniform("optim.lr", ...), ...
+    # Width NAS instead of a space: each channel group of the model (the widest) takes a width
+    # from these, e.g. (8, 16, 32, 64); a batch of trials trains as one width-masked population
+    w.widths = ()
     w.objectives = (("validation_accuracy", "maximize"),)  # (metric, direction) pairs
     w.trials = 20
     w.sampler = "tpe"  # random | grid | tpe | gp | skopt_gp | skopt_forest | nsga2

@@ -36,6 +36,7 @@ from jaxopt_lab.errors import UserError
 from jaxopt_lab.tune.samplers import check_names, make_pruner, make_sampler
 from jaxopt_lab.tune.space import Dimension, apply, check_space, suggest
 from jaxopt_lab.tune.trials import MEASURED, Job, check_measured, run_job, shape_key
+from jaxopt_lab.tune.widths import width_dims
 
 RECORD = "sweep.json"  # the sweep's config and storage, so a rerun and its workers agree
 DIRECTIONS = ("maximize", "minimize")
@@ -79,7 +80,7 @@ def check_sweep(config: ml_collections.ConfigDict) -> list[Dimension]:
     if config.population:
         raise UserError("a sweep makes its own populations (sweep.population); leave the "
                         "config's `population` empty")
-    return check_space(config)
+    return width_dims(config) if config.sweep.widths else check_space(config)
 
 
 def storage_url(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -197,12 +198,13 @@ class Sweep:
                 self.study.tell(trial, state=TrialState.FAIL)
                 break
             trials.append(trial)
+        masked = bool(self.config.sweep.widths)  # width NAS: any widths share one program
         groups: dict[tuple, list] = {}
         for trial in trials:
-            groups.setdefault(shape_key(trial.params), []).append(trial)
+            groups.setdefault(() if masked else shape_key(trial.params), []).append(trial)
         jobs = []
         for members in groups.values():
-            population = self.config.sweep.population > 1
+            population = masked or self.config.sweep.population > 1
             directory = f"{'populations' if population else 'trials'}/{members[0].number}"
             lock = self._lock(directory)
             for index, trial in enumerate(members):

@@ -1,5 +1,6 @@
 """Running a sweep's jobs: one trial in its own run directory, or a batch of trials that differ
-only in values as one vmapped population in one run directory. Either way the training loop
+only in values as one vmapped population in one run directory (with `sweep.widths`, a batch of
+any widths as one width-masked population: `tune/widths.py`). Either way the training loop
 owns the directory, so a killed job resumes from its own checkpoint when run again.
 
 Results go back to the study: every measured field as a user attribute of the trial, the
@@ -26,6 +27,7 @@ from jaxopt_lab.core.tasks import LABEL_SMOOTHING
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.run.loop import TrainingDiverged
 from jaxopt_lab.techniques import distill
+from jaxopt_lab.tune import widths
 from jaxopt_lab.tune.space import apply, config_value
 from jaxopt_lab.workflows.train import train_and_evaluate
 
@@ -132,11 +134,13 @@ def run_job(job: Job, base: ml_collections.ConfigDict, workdir: str,
                 study.tell(trial, state=TrialState.PRUNED)
         return stopped
 
+    stop_members = stop if len(objectives) == 1 else None  # Optuna prunes on one objective
     try:
-        config = job_config(base, job.trials, job.is_population)
-        # Optuna takes intermediate values (and prunes) for one objective only.
-        summary = train_and_evaluate(config, run_dir,
-                                     stop_members=stop if len(objectives) == 1 else None)
+        if base.sweep.widths:
+            summary = widths.train_job(base, job.trials, run_dir, stop_members)
+        else:
+            config = job_config(base, job.trials, job.is_population)
+            summary = train_and_evaluate(config, run_dir, stop_members=stop_members)
     except (TrainingDiverged, UserError) as e:
         for i, trial in enumerate(job.trials):
             if i not in pruned:

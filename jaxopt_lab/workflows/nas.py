@@ -19,13 +19,15 @@ rounding differences grow, as between any two programs: results/nas_widths.md me
 
     config = width_config(config, widths=[(8, 16, 64), (32, 32, 32)], seeds=[0, 1])
     summary = train_widths(config, widths, workdir)        # jaxopt_lab.train_and_evaluate
-    run = load_run(workdir)
-    model, variables = shrunk_member(run, 0)                # the (8, 16, 64) CNN, trained
-    costs = measure_model(model, variables, sample_input(run.dataset))
+    summary["members"][0]["latency_ms_batch1"]             # its narrow model's (train.measure)
+    model, variables = shrunk_member(load_run(workdir), 0)  # the (8, 16, 64) CNN, trained
+
+From the command line, `jaxopt-lab sweep` with `sweep.widths` searches the widths this way.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -38,10 +40,11 @@ from flax import linen as nn
 from jaxopt_lab.compose.experiment import configured_data_seed
 from jaxopt_lab.core.checkpoint import Checkpointer
 from jaxopt_lab.core.layers import param_paths
+from jaxopt_lab.core.measure import measure_model
 from jaxopt_lab.core.population import make_population
 from jaxopt_lab.core.state import TrainState, create_train_state, model_params, sample_input
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.run.build import Run, build_run
+from jaxopt_lab.run.build import Run, build_run, load_run
 from jaxopt_lab.techniques.prune import find_state, shrink, with_masks
 from jaxopt_lab.techniques.prune.groups import Wiring, wiring
 from jaxopt_lab.workflows.train import train_and_evaluate
@@ -194,13 +197,39 @@ def start_population(config: ml_collections.ConfigDict, widths: Sequence[Sequenc
 
 
 def train_widths(config: ml_collections.ConfigDict, widths: Sequence[Sequence[int]],
-                 workdir: str, dataset=None) -> dict:
+                 workdir: str, dataset=None, stop_members=None) -> dict:
     """Trains `width_config`'s population of `widths` in `workdir` with the core loop; its
     start is written first unless the workdir holds a checkpoint (then it resumes).
-    Returns the loop's summary (validation and test metrics per member)."""
+    `stop_members` as `train_and_evaluate` takes it.
+
+    Returns the loop's summary (validation and test metrics per member), each member with its
+    own size (`member_sizes`), as summary.json says too.
+    """
+    measure = config.train.measure
+    config = config.copy_and_resolve_references()
+    config.train.measure = False  # the widest model's costs are no member's
     if not _has_checkpoint(os.path.join(workdir, "checkpoints")):
         start_population(config, widths, workdir, dataset)
-    return train_and_evaluate(config, workdir, dataset=dataset)
+    summary = train_and_evaluate(config, workdir, dataset=dataset, stop_members=stop_members)
+    return member_sizes(summary, workdir, measure, dataset)
+
+
+def member_sizes(summary: dict, workdir: str, measure: bool, dataset=None) -> dict:
+    """`summary` (the width population's in `workdir`) with each member's narrow model: its
+    `layer_widths` (the model keys that build it) and `num_params`, and with `measure` the
+    costs `core.measure.measure_model` gives, measured on it; written to summary.json."""
+    run = load_run(workdir, **({} if dataset is None else {"dataset": dataset}))
+    sample_x = sample_input(run.dataset)
+    for i, member in enumerate(summary["members"]):
+        model, variables = shrunk_member(run, i)
+        member["layer_widths"] = {k: list(v) for k, v in model.layer_widths().items()}
+        member["num_params"] = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
+        if measure:
+            member.update(measure_model(model, variables, sample_x))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
 
 
 def _has_checkpoint(directory: str) -> bool:
