@@ -3,7 +3,7 @@ CNN, every curve one vmapped population (the target sparsity is a per-trial valu
 headline points over 5 seeds paired with dense runs.
 
     .venv/bin/python experiments/prune_accuracy.py [--models mnist1d_cnn128,digits_cnn]
-        [--parts headline,curves,probe] [--seeds 5] [--fresh]
+        [--parts headline,curves,probe] [--seeds 5] [--fresh] [--curve-methods rigl,...]
 
 Headline (per model, 5 seeds): gradual magnitude pruning at sparsity 0 (exactly dense training:
 every mask stays full), 0.9 and 0.95 in one population of 15; random pruning at 0.9, on the same
@@ -157,10 +157,13 @@ def paired_rows(runs: dict[str, list[dict]], table: dict) -> dict:
     return rows
 
 
-def curves(model: str, root: Path, fresh: bool) -> dict:
+CURVE_METHODS = ("gradual_magnitude", "one_shot_magnitude", "random", "snip",
+                 "global_magnitude", "rigl")
+
+
+def curves(model: str, root: Path, fresh: bool, names: tuple[str, ...] = CURVE_METHODS) -> dict:
     result = {}
-    for name in ("gradual_magnitude", "one_shot_magnitude", "random", "snip",
-                 "global_magnitude", "rigl"):
+    for name in names:
         members = train(model, name, [0], list(CURVE), root / "curves" / name, fresh)
         result[name] = {f"{m['sparsity']:g}": m["test_accuracy"] for m in members}
     return result
@@ -171,6 +174,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--parts", default="headline,curves")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--curve-methods", default=",".join(CURVE_METHODS),
+                        help="the curves to (re)run; the others keep their results")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "prune_accuracy"))
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--fresh", action="store_true",
@@ -187,7 +192,13 @@ def main() -> None:
             entry["headline"] = headline(model, args.seeds, root, args.fresh)
             entry["seeds"] = args.seeds
         if "curves" in args.parts:
-            entry["curves"] = curves(model, root, args.fresh)
+            names = tuple(args.curve_methods.split(","))
+            unknown = sorted(set(names) - set(CURVE_METHODS))
+            if unknown:
+                parser.error(f"unknown --curve-methods {', '.join(unknown)}; allowed: "
+                             f"{', '.join(CURVE_METHODS)}")
+            entry["curves"] = {**entry.get("curves", {}),
+                               **curves(model, root, args.fresh, names)}
         if "probe" in args.parts:
             entry["probe"] = probe(model, args.seeds, root, args.fresh)
             entry["probe_seeds"] = args.seeds
