@@ -53,7 +53,9 @@ VARIANTS = {
     "powersgd_r4": ["powersgd", f"{C}.rank=4"],
     "signsgd_ef": ["signsgd", f"{C}.error_feedback=True"],
     "signsgd_no_ef": ["signsgd", f"{C}.error_feedback=False"],
-    "qsgd_4bit": ["qsgd", f"{C}.levels=16"],
+    # QSGD's sign x level takes ceil(log2(2 levels + 1)) bits packed: 6 at 16 levels, 4 at 7
+    "qsgd_16levels_6bit": ["qsgd", f"{C}.levels=16"],
+    "qsgd_7levels_4bit": ["qsgd", f"{C}.levels=7"],
     "int8": ["int8"],
 }
 HEADLINE = ("allreduce", "powersgd_r2", "topk_1pct_ef", "topk_1pct_no_ef")

@@ -202,7 +202,7 @@ def test_int8_round_trips_within_half_a_scale():
     assert len(np.unique(np.round(np.asarray(mean[0]) / scale))) > 100
 
 
-def expected_bytes(method, grads, min_size, ratio=0.1, rank=2):
+def expected_bytes(method, grads, min_size, ratio=0.1, rank=2, levels=16):
     """Bytes one device hands to collectives, counted from the shapes alone."""
     total = 0
     for g in jax.tree.leaves(grads):
@@ -216,6 +216,8 @@ def expected_bytes(method, grads, min_size, ratio=0.1, rank=2):
             total += 4 * (m + n) * rank if (m + n) * rank < m * n else 4 * d
         elif method == "signsgd":
             total += math.ceil(d / 8) + 4  # packed bits + a float32 scale
+        elif method == "qsgd":  # 2 levels + 1 symbols at ceil(log2(2 levels + 1)) bits
+            total += math.ceil(d * math.ceil(math.log2(2 * levels + 1)) / 8) + 4
         else:
             total += d + 4  # int8 values + a float32 scale
     return total

@@ -85,15 +85,29 @@ def test_distillation_figures_are_rederived():
     assert results["paired_differences"] == distill_mnist1d.comparisons(results["runs"])
 
 
-def test_hpo_headline_is_rederived():
-    results = _load("hpo_efficiency.json")
+HPO_RESULTS = [path.name for path in sorted(RESULTS.glob("hpo_efficiency*.json"))]
+
+
+@pytest.mark.parametrize("name", HPO_RESULTS)
+def test_hpo_headline_is_rederived(name):
+    results = _load(name)
     methods, trials = results["methods"], results["trials"]
     targets = [curve[-1] for curve in methods[hpo_efficiency.BASELINE]["best_so_far"]]
     assert results["random_best_of_30_median"] == statistics.median(targets)
-    counts = [hpo_efficiency.trials_to_reach(curve, target) for curve, target
-              in zip(methods[hpo_efficiency.BAYES]["best_so_far"], targets, strict=True)]
-    assert results["bayes_trials_to_match"] == counts
-    assert results["bayes_trials_to_match_median"] == hpo_efficiency.median_count(counts, trials)
+
+    def counts(method):
+        return [hpo_efficiency.trials_to_reach(curve, target) for curve, target
+                in zip(methods[method]["best_so_far"], targets, strict=True)]
+
+    # The first study reported the GP; later ones the better of TPE and the GP.
+    bayes = results.get("best_bayes", "skopt_gp")
+    if "best_bayes" in results:
+        medians = {m: hpo_efficiency.median_count(counts(m), trials) or trials + 1
+                   for m in hpo_efficiency.BAYES}
+        assert medians[bayes] == min(medians.values())
+    assert results["bayes_trials_to_match"] == counts(bayes)
+    assert results["bayes_trials_to_match_median"] == hpo_efficiency.median_count(
+        counts(bayes), trials)
 
 
 @pytest.mark.parametrize("name", ["mnist1d_table.json", "mnist1d_table_reshuffled.json"])

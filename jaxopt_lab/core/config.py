@@ -95,7 +95,8 @@ def core_config() -> ml_collections.ConfigDict:
     # run directory, e.g. (("optim.lr", (1e-3, 3e-3, 1e-2)), ("seed", (0, 1, 2))). Keys: seed,
     # data.seed, optim.lr, optim.weight_decay, optim.momentum, optim.warmup_steps,
     # loss.label_smoothing, techniques.prune.sparsity, techniques.distill.temperature,
-    # techniques.distill.alpha. () = one run.
+    # techniques.distill.alpha, techniques.compress.ratio (topk, randomk),
+    # techniques.compress.rank (powersgd). () = one run.
     c.population = ()
 
     return c

@@ -32,7 +32,6 @@ from jaxopt_lab.core.accumulate import check_microbatches
 from jaxopt_lab.core.callsize import CallSizeChooser
 from jaxopt_lab.core.distributed import data_mesh, initialize_distributed
 from jaxopt_lab.core.feed import (
-    NO_STEP,
     make_logged_train_fn,
     one_call_in_flight,
     shard_batch,
@@ -48,6 +47,7 @@ from jaxopt_lab.core.tasks import EvalFn, LossFn
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models.float32_layers import precision_record
 from jaxopt_lab.run.build import build_run, merge_splits
+from jaxopt_lab.run.records import TrainingDiverged, window_records, write_records
 from jaxopt_lab.run.rundir import check_workdir, record_run
 from jaxopt_lab.run.summary import best_member, communication, state_fields
 from jaxopt_lab.run.training import Training, prepare_training
@@ -55,10 +55,6 @@ from jaxopt_lab.run.training import Training, prepare_training
 # `stop_members(step, evaluations per member) -> members to stop`: a search's early stopping
 # (for a single run, returning [0] ends the run there).
 MemberStopper = Callable[[int, list[dict]], Sequence[int]]
-
-
-class TrainingDiverged(UserError):
-    """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
 
 
 def _any_process(flag: bool) -> bool:
@@ -194,6 +190,7 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
         try:
             boundary = _next_boundary(step, t)
+            logged = None  # a log-only window, read once the next call is queued behind it
             while step < total:
                 # The per-step path stays this short: on a small CPU, host work between
                 # dispatches slows the steps themselves, not only the loop.
@@ -202,9 +199,15 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
                 step += k
                 chooser.after_call(step, run.carry)
                 bar.update(k)
+                if logged is not None:  # waits for the window's last call, not the queued one
+                    window_start = _write_window(t, *logged, window_start, writer, bar)
+                    logged = None
                 if step < boundary:
                     continue
                 boundary = _next_boundary(step, t)
+                if _log_only(t, step, k) and not _any_process(bool(signals.received)):
+                    logged, totals = (step, totals), caller.fresh_totals()
+                    continue
                 window, totals = jax.device_get(totals), caller.fresh_totals()
                 now = time.perf_counter()
                 rate = (step - window_start[0]) / (now - window_start[1])
@@ -221,34 +224,44 @@ def _train(t: Training, stopper: MemberStopper | None) -> tuple[float, int]:
     return elapsed, step - start_step
 
 
+def _log_only(t: Training, step: int, k: int) -> bool:
+    """Whether the boundary at `step` only logs: no evaluation, checkpoint or end of training."""
+    train = t.run.config.train
+    return step < t.until and all(step % every >= k for every in
+                                  (train.eval_every, train.checkpoint_every))
+
+
+def _write_window(t: Training, step: int, totals, window_start: tuple[int, float],
+                  writer: MetricsWriter, bar) -> tuple[int, float]:
+    """A log-only window's records, read after the next call was queued (the device keeps
+    working meanwhile); returns the next window's start."""
+    window = jax.device_get(totals)
+    now = time.perf_counter()
+    rate = (step - window_start[0]) / (now - window_start[1])
+    records = window_records(t.run, window, step, _where_last_good(t))
+    write_records(writer, bar, step, records, rate, t.last_eval, False, bool(t.run.members))
+    return step, now
+
+
 def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
                  writer: MetricsWriter, bar, signals: StopSignals,
                  stopper: MemberStopper | None) -> None:
-    """A log, eval or checkpoint boundary: write the window's records, evaluate, stop members,
-    save, and on a stop signal save and raise `Preempted`."""
+    """An evaluation, checkpoint, end or stop boundary: write the window's records, evaluate,
+    stop members, save, and on a stop signal save and raise `Preempted`."""
     run, total = t.run, t.until
-    population = bool(run.members)
     at = {name: step % every < k or step == total
           for name, every in _intervals(run.config.train)}
     stop = _any_process(bool(signals.received))  # all processes stop at one step
-    records = (_population_records(t, window, step, _where_last_good(t))
-               if population else [_single_record(window, _where_last_good(t))])
+    records = window_records(run, window, step, _where_last_good(t))
     if at["eval"]:
         t.last_eval = _evaluate(t)
         if stopper is not None and step < total:
             stopped = stopper(step, t.last_eval)
-            if population:
+            if run.members:
                 run.carry = stop_members(run.carry, stopped)
             elif stopped:
                 t.stopped_at = step
-    for member, record in enumerate(records):
-        if record is None:
-            continue
-        record["steps_per_s"] = rate
-        if at["eval"]:
-            record.update(t.last_eval[member])
-        writer.write(step, record, member=member if population else None)
-    bar.set_postfix(_postfix(records, t.last_eval))
+    write_records(writer, bar, step, records, rate, t.last_eval, at["eval"], bool(run.members))
     if at["ckpt"] or stop or step == total or t.stopped_at:
         if not bool(_params_finite(run.state.params)):  # an overflowing update, say
             raise TrainingDiverged(f"parameters became non-finite by step {step}; stopped. "
@@ -260,37 +273,6 @@ def _at_boundary(t: Training, step: int, k: int, window: dict, rate: float,
                                  f"{t.checkpointer.directory}; rerun the same command to resume")
 
 
-def _single_record(window: dict, last_good: str) -> dict:
-    if window["first_nonfinite"] != NO_STEP:
-        raise TrainingDiverged(f"loss or gradients became non-finite at step "
-                               f"{window['first_nonfinite']}; stopped. Last good checkpoint: "
-                               f"{last_good}")
-    return {k: float(v) / int(window["count"]) for k, v in window["sums"].items()}
-
-
-def _population_records(t: Training, window: dict, step: int, last_good: str) -> list[dict | None]:
-    """One record per member (None for a member stopped for the whole window); a member that
-    diverged is reported once and stays stopped at its last good state."""
-    run = t.run
-    active = np.asarray(jax.device_get(run.carry.active))
-    for member, bad_step in enumerate(window["first_nonfinite"]):
-        if bad_step != NO_STEP:
-            print(f"population member {member} {run.members[member]}: loss or gradients became "
-                  f"non-finite at step {bad_step}; it stays at its last good state, the others "
-                  "go on", file=sys.stderr)
-    if not active.any():
-        raise TrainingDiverged(f"every member of the population has stopped by step {step}. "
-                               f"Last good checkpoint: {last_good}")
-    records = []
-    for member, count in enumerate(window["count"]):
-        if count == 0:
-            records.append(None)
-            continue
-        record = {k: float(v[member]) / int(count) for k, v in window["sums"].items()}
-        records.append({**record, "active": bool(active[member])})
-    return records
-
-
 def _evaluate(t: Training) -> list[dict]:
     """Every split's metrics, one dict per member (one in all for a single run)."""
     results = [evaluate(t.run.state) for evaluate in t.evaluators.values()]
@@ -299,24 +281,12 @@ def _evaluate(t: Training) -> list[dict]:
     return [merge_splits(split[m] for split in results) for m in range(len(t.run.members))]
 
 
-def _postfix(records: list[dict | None], evaluations: list[dict]) -> dict:
-    """The progress bar's: the first member's loss and its main evaluation metric."""
-    first = next((r for r in records if r is not None), None)
-    postfix = {"loss": f"{first['loss']:.4f}"} if first else {}
-    if evaluations:
-        split = "validation" if any(k.startswith("validation_") for k in evaluations[0]) else "test"
-        for name in ("accuracy", "bits_per_char", "mse", "loss"):
-            if f"{split}_{name}" in evaluations[0]:
-                postfix[f"{split[:3]}_{name}"] = f"{evaluations[0][f'{split}_{name}']:.4f}"
-                break
-    return postfix
-
-
 def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
     run = t.run
     evaluations = t.last_eval or _evaluate(t)
     num_params = sum(int(np.prod(x.shape[1:] if run.members else x.shape))
                      for x in jax.tree.leaves(model_params(run.state.params)))
+    sent = communication(t.workdir, len(run.members) or 1)  # the first member's at the top
     summary = {
         "steps": int(run.carry.step), "train_wall_s": train_wall_s,
         "steps_per_s": steps_run / train_wall_s if train_wall_s > 0 else 0.0,
@@ -324,7 +294,7 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
         "processes": jax.process_count(), "resumed_from": t.resumed_from,
         "backend": jax.default_backend(), "task": run.dataset.task,
         "techniques": run.experiment.techniques, **precision_record(run.experiment.model),
-        **communication(t.workdir),
+        **sent[0],
         "step_memory": t.step_memory,
     }
     if t.stopped_at is not None:
@@ -337,7 +307,8 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
     if run.members:
         active = np.asarray(jax.device_get(run.carry.active))
         summary["members"] = [{"values": values, "active": bool(active[i]), **evaluations[i],
-                               **counted[i]} for i, values in enumerate(run.members)]
+                               **counted[i], **sent[i]}
+                              for i, values in enumerate(run.members)]
         summary["best_member"] = best_member(summary["members"])
     else:
         summary = {**evaluations[0], **counted[0], **summary}

@@ -54,10 +54,16 @@ def state_summaries(run, host) -> list[dict]:
             for i in range(len(run.members))]
 
 
-def communication(workdir: str) -> dict:
+def communication(workdir: str, members: int = 1) -> list[dict]:
     """comm_bytes_per_step (the mean over the run's logged steps, per device) and comm_ratio
-    (the exact all-reduce's bytes over those), from metrics.jsonl (the first member's)."""
-    records = [r for r in read_metrics(workdir) if r.get("member", 0) == 0 and "comm_bytes" in r]
+    (the exact all-reduce's bytes over those), from metrics.jsonl: one dict per member of a
+    population (a compressor's ratio or rank may differ between them), one for a run."""
+    records = [r for r in read_metrics(workdir) if "comm_bytes" in r]
+    return [_communication([r for r in records if r.get("member", 0) == member])
+            for member in range(members)]
+
+
+def _communication(records: list[dict]) -> dict:
     if not records:
         return {}
     steps = np.diff([0] + [r["step"] for r in records])

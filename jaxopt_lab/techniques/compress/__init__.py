@@ -11,8 +11,11 @@ by `jax.distributed`. Every device ends with the same mean gradient. On one devi
 compression still runs (its effect on accuracy can be studied on one machine).
 
 Methods: top-k / random-k sparsification (`sparse.py`), PowerSGD (`powersgd.py`), EF-signSGD
-(`sign.py`), QSGD and int8 (`quantized.py`); the shared all-gather exchange and error feedback
-are in `exchange.py`. comm_state (one device's; the step stacks it over devices) holds the
+(`sign.py`), QSGD and int8 (`quantized.py`; QSGD's values packed at ceil(log2(2 levels + 1))
+bits); the shared all-gather exchange and error feedback are in `exchange.py`. `ratio` and `rank`
+may be tuples, a population's values: the reducer is built for the largest and each member reads
+its own from hparams (`options.RATIO`, `options.RANK`), as `config.population` sets them.
+comm_state (one device's; the step stacks it over devices) holds the
 error-feedback residuals (float32, shaped like the params) and, for PowerSGD, the step count and
 each matrix's warm-started Q. Stats: `comm_bytes` (payload of every array this device hands to a
 collective, indices included) and `comm_bytes_uncompressed` (the plain all-reduce's).

@@ -12,7 +12,9 @@ Error feedback (Stich et al. 2018, "Sparsified SGD with Memory"; Karimireddy et 
 sent is exactly what the others will decode from its payload, so nothing is ever lost, only late.
 
 Bytes: `comm_bytes` is the payload of every array this device passes to a collective (size x
-itemsize, indices included); `comm_bytes_uncompressed` is what the plain all-reduce would pass.
+itemsize, indices included), except where a population's member sends fewer entries than the
+arrays hold (top-k at its own ratio within the largest's k): then its own, `Codec.sent_bytes`.
+`comm_bytes_uncompressed` is what the plain all-reduce would pass.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ class Codec(NamedTuple):
     encode(x [d], key) -> (payload, sent [d]): what this device passes to the all-gather, and the
       dense tensor every receiver decodes from that payload.
     add_decoded(acc [d], payload) -> acc + the tensor that one device's payload encodes.
+    sent_bytes(d) -> the bytes this member sends for a tensor of d entries, where its payload
+      holds more (a population's largest k); None: the payload's.
     """
 
     encode: Callable[[jax.Array, jax.Array], tuple[Payload, jax.Array]]
     add_decoded: Callable[[jax.Array, Payload], jax.Array]
+    sent_bytes: Callable[[int], Any] | None = None
 
 
 class ResidualState(NamedTuple):
@@ -63,9 +68,11 @@ def init_residual(params) -> ResidualState:
     return ResidualState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
 
 
-def elementwise_reducer(codec: Codec, *, error_feedback: bool, min_size: int) -> Reducer:
-    """A Reducer that sends each tensor of at least `min_size` elements through `codec` and
-    all-reduces the rest as they are.
+def elementwise_reducer(codec_for: Callable[[dict], Codec], *, error_feedback: bool,
+                        min_size: int) -> Reducer:
+    """A Reducer that sends each tensor of at least `min_size` elements through the codec
+    `codec_for(hparams)` (a population's member reads its own values there) and all-reduces the
+    rest as they are.
 
     comm_state: ResidualState with error feedback, () without.
     """
@@ -74,7 +81,7 @@ def elementwise_reducer(codec: Codec, *, error_feedback: bool, min_size: int) ->
         return init_residual(params) if error_feedback else ()
 
     def reduce(grads, comm_state, rng, hparams):
-        del hparams
+        codec = codec_for(hparams)
         leaves, treedef = jax.tree.flatten(grads)
         residuals = (jax.tree.leaves(comm_state.residual) if error_feedback
                      else [None] * len(leaves))
@@ -102,7 +109,9 @@ def elementwise_reducer(codec: Codec, *, error_feedback: bool, min_size: int) ->
                 outputs[i] = (total / count).reshape(leaves[i].shape)
 
         mean = [outputs[i].astype(g.dtype) for i, g in enumerate(leaves)]
-        stats = {"comm_bytes": jnp.float32(nbytes(payloads) + nbytes(unsent)),
+        sent_bytes = (sum(codec.sent_bytes(leaves[i].size) for i in chosen)
+                      if codec.sent_bytes else nbytes(payloads))
+        stats = {"comm_bytes": jnp.float32(sent_bytes + nbytes(unsent)),
                  "comm_bytes_uncompressed": jnp.float32(nbytes(leaves))}
         if error_feedback:
             new = [corrected[i] - sent[i].reshape(corrected[i].shape) if i in sent

@@ -3,12 +3,18 @@
 Every check happens here, before anything traces, so a bad option is one line naming it (the
 config path prefixes it with `techniques.`). The factories (`topk`, `powersgd`, ...) run the same
 checks on their own arguments, so the Python API fails the same way.
+
+`ratio` and `rank` may differ between the members of a population (`config.population`): they
+set array shapes (k, the factors' widths), so the reducer is built for the largest and each
+member reads which of the values is its own from `hparams[RATIO]` / `hparams[RANK]`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import jax.numpy as jnp
 
 from jaxopt_lab.errors import UserError
 
@@ -17,7 +23,9 @@ DEFAULT_MIN_SIZE = 1024  # tensors with fewer elements are all-reduced as they a
 # Error feedback is on by default for the biased compressors and off for the unbiased QSGD and
 # the near-exact int8, as the papers run them.
 UNBIASED = ("qsgd", "int8")
-MAX_LEVELS = 2**15 - 1  # quantized levels travel as int8 up to 127, as int16 up to this
+MAX_LEVELS = 2**15 - 1  # QSGD values are packed at ceil(log2(2 levels + 1)) <= 16 bits
+RATIO, RANK = "techniques.compress.ratio", "techniques.compress.rank"  # per-member hparams
+PER_MEMBER = {"ratio": ("topk", "randomk"), "rank": ("powersgd",)}  # option -> its methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +33,10 @@ class CompressOptions:
     """What `make_reducer` builds; fields that do not apply to `method` are ignored."""
 
     method: str = "none"  # one of METHODS
-    ratio: float = 0.01  # top-k / random-k: kept fraction of each tensor, in (0, 1]
-    rank: int = 2  # PowerSGD: rank of the approximation
+    # top-k / random-k: kept fraction of each tensor, in (0, 1]; from Python a tuple is a
+    # population's ratios (each member reads its own from hparams[RATIO])
+    ratio: float | tuple[float, ...] = 0.01
+    rank: int | tuple[int, ...] = 2  # PowerSGD: rank of the approximation (a tuple: as ratio)
     start_step: int = 10  # PowerSGD: plain all-reduce for this many steps first
     levels: int = 16  # QSGD: quantization levels of |g| / ||g||_2
     error_feedback: bool | None = None  # None: the method's default (on, off for qsgd and int8)
@@ -49,8 +59,12 @@ def _is_int(value: Any) -> bool:
 
 
 def check_option(name: str, value: Any) -> None:
-    """Raises a one-line UserError when `value` is not allowed for option `name`."""
-    if name == "method":
+    """Raises a one-line UserError when `value` is not allowed for option `name` (ratio and rank
+    may be a tuple of allowed values: a population's)."""
+    if name in PER_MEMBER and isinstance(value, tuple) and value:
+        for one in value:
+            check_option(name, one)
+    elif name == "method":
         if value not in METHODS:
             raise UserError(f"compress method={value!r} is unknown; allowed: {', '.join(METHODS)}")
     elif name == "ratio":
@@ -93,6 +107,26 @@ def described(reducer, method: str, **values: Any):
     given this reducer from Python records the compression it really does."""
     reducer.reduce.compress_record = CompressOptions(method=method, **values).describe()
     return reducer
+
+
+def values_of(value) -> tuple:
+    """A per-member option as the tuple of its values (one for a single run)."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def member_index(values: tuple, hparams: dict, key: str):
+    """Which of `values` is this member's: 0 for a single value, else the index of the one
+    nearest hparams[key] (a population sets it from these very values, so one equals it).
+
+    Raises:
+      UserError: several values but no hparams[key] to choose by.
+    """
+    if len(values) == 1:
+        return 0
+    if key not in hparams:
+        raise UserError(f"a compressor built for the values {values} of {key} needs each "
+                        f"member's own in hparams[{key!r}]: vary it in config.population")
+    return jnp.argmin(jnp.abs(jnp.asarray(values, jnp.float32) - hparams[key]))
 
 
 def compression_record(reducer) -> dict | None:

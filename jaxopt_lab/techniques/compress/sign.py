@@ -40,6 +40,7 @@ def _add_decoded(acc, payload):
 def signsgd(error_feedback: bool = True, min_size: int = DEFAULT_MIN_SIZE) -> Reducer:
     """Scaled-sign compression, per tensor, with error feedback by default (EF-signSGD)."""
     check(error_feedback=error_feedback, min_size=min_size)
-    reducer = elementwise_reducer(Codec(_encode, _add_decoded), error_feedback=error_feedback,
+    codec = Codec(_encode, _add_decoded)
+    reducer = elementwise_reducer(lambda hparams: codec, error_feedback=error_feedback,
                                   min_size=min_size)
     return described(reducer, "signsgd", error_feedback=error_feedback, min_size=min_size)
