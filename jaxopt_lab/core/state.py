@@ -117,9 +117,16 @@ def state_shardings(abstract: TrainState, mesh: Mesh, leading_axes: int = 0,
 
 def init_sharded_state(experiment, sample_x, mesh: Mesh, seed: int,
                        data_seed: int | None = None) -> TrainState:
-    """Builds the state directly with its shardings (shapes first, then a jitted init)."""
+    """Builds the state directly with its shardings (shapes first, then a jitted init).
+
+    On a CPU the init program is compiled without LLVM's optimizations: it runs once, and its
+    random draws (threefry rounds for every parameter) compiled optimized took about three times
+    as long, the largest fixed cost of a small run (benchmarks/default_run.py). Its values differ
+    from the optimized program's by float32 rounding at most, and are the same on every run."""
     init, _, shardings = _init_and_shardings(experiment, sample_x, mesh, seed, data_seed)
-    return jax.jit(init, out_shardings=shardings)()
+    lowered = jax.jit(init, out_shardings=shardings).lower()
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return lowered.compile(compiler_options=options)()
 
 
 def abstract_sharded_state(experiment, sample_x, mesh: Mesh) -> TrainState:
