@@ -4,6 +4,7 @@ gradients; float16's dynamic loss scaling skips overflows without calling them d
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -342,13 +343,16 @@ def test_float32_layers_compute_in_float32_and_the_rest_in_the_compute_dtype(lay
 def test_a_users_own_module_gets_the_policy_and_the_summary_records_it(tmp_path):
     config = tiny_config("cnn1d", steps=2, compute_dtype="bfloat16")
     model = build_experiment(config, prepare_dataset(config), model=_OwnCNN()).model
-    assert model.float32_layers == (r"^\['stem'\]", r"^\['head'\]")
+    stem_and_head = (r"^\['stem'\]", r"^\['head'\]")
+    assert model.float32_layers == stem_and_head
     assert _products_in_order(model, jnp.zeros((2, 40))) == ["float32", "bfloat16", "float32"]
-    summary = train_and_evaluate(config, str(tmp_path))
+    # Passed as composed (its policy field set): the run records the user's class, not the field.
+    summary = train_and_evaluate(config, str(tmp_path), model=model)
     assert summary["precision"] == {"compute_dtype": "bfloat16",
-                                    "float32_layers": [r"^\['Conv_0'\]", r"^\['Dense_0'\]"]}
-    assert load_run(str(tmp_path)).experiment.model.float32_layers == (
-        r"^\['Conv_0'\]", r"^\['Dense_0'\]")
+                                    "float32_layers": list(stem_and_head)}
+    recorded = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert recorded["name"].endswith(":_OwnCNN") and "float32_layers" not in recorded
+    assert load_run(str(tmp_path)).experiment.model.float32_layers == stem_and_head
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,10 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 # Dataclass fields that are not tunable: the task's output size, the seams, how the model
-# executes (set from train.compute_dtype and train.remat), and Flax's own.
+# executes (set from train.compute_dtype, train.float32_layers and train.remat), and Flax's own.
 NOT_HPARAMS = frozenset(
     {"num_classes", "dot_general_cls", "conv_general_dilated_cls", "dtype", "remat", "parent",
-     "name"}
+     "name", "float32_layers"}
 )
 
 
