@@ -38,7 +38,7 @@ from flax.training.dynamic_scale import DynamicScale
 from jaxopt_lab.core.layers import abstract_variables, default_skip
 from jaxopt_lab.core.tasks import DATA_AXIS
 from jaxopt_lab.errors import UserError
-from jaxopt_lab.models.float32_layers import with_float32_layers
+from jaxopt_lab.models.float32_layers import computes_below_float32, with_float32_layers
 from jaxopt_lab.models.remat import check_remat
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -82,8 +82,7 @@ def with_layer_policy(model: Any, train, sample_x: Any) -> Any:
     """`model` (computing in `train.compute_dtype`) with `train.float32_layers` in float32: by
     default the first and last multiplying layers, traced on `sample_x` (`models/float32_layers.py`).
     Under float32 there is nothing to keep."""
-    dtype = getattr(model, "dtype", None)
-    if dtype is None or jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    if not computes_below_float32(model):
         return model
     layers = train.float32_layers
     if layers is None:

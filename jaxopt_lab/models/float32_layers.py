@@ -38,15 +38,22 @@ def with_float32_layers(model: nn.Module, patterns: Sequence[str]) -> nn.Module:
     patterns = tuple(patterns)
     if not patterns:
         return model
-    if "dtype" not in {f.name for f in dataclasses.fields(model)}:
+    fields = dataclasses.fields(model)
+    names = {f.name for f in fields}
+    if "dtype" not in names:
         raise UserError(f"train.float32_layers needs a `dtype` field on model "
                         f"{type(model).__name__}, which has none")
-    if FIELD in {f.name for f in dataclasses.fields(model)}:
+    if FIELD in names:
         return model.clone(**{FIELD: patterns})
-    cls = _policy_class(type(model))
-    values = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+    values = {f.name: getattr(model, f.name) for f in fields
               if f.init and f.name not in ("parent", "name")}
-    return cls(**values, **{FIELD: patterns})
+    return _policy_class(type(model))(**values, **{FIELD: patterns})
+
+
+def computes_below_float32(model: nn.Module) -> bool:
+    """Whether `model` has a `dtype` lower than float32 (the case a layer policy is for)."""
+    dtype = getattr(model, "dtype", None)
+    return dtype is not None and jnp.dtype(dtype) != jnp.dtype(jnp.float32)
 
 
 def float32_layers_of(model: nn.Module) -> tuple[str, ...]:
@@ -56,10 +63,9 @@ def float32_layers_of(model: nn.Module) -> tuple[str, ...]:
 
 def precision_record(model: nn.Module) -> dict[str, Any]:
     """What summary.json says of the precision the model computed in: {} for float32."""
-    dtype = getattr(model, "dtype", None)
-    if dtype is None or jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    if not computes_below_float32(model):
         return {}
-    return {"precision": {"compute_dtype": jnp.dtype(dtype).name,
+    return {"precision": {"compute_dtype": jnp.dtype(model.dtype).name,
                           FIELD: list(float32_layers_of(model))}}
 
 
