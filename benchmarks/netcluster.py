@@ -12,6 +12,11 @@ limit. Standard library only; it runs iproute2's `ip` and `tc`.
     python benchmarks/netcluster.py --check 2 none   # the same topology unlimited
     python benchmarks/netcluster.py --cleanup        # what invocations that died left behind
 
+Each worker's host name resolves to its own address inside its namespace (`ip netns exec` mounts
+/etc/netns/<namespace>/hosts over /etc/hosts), as on a real cluster: gloo, JAX's CPU collectives,
+binds and announces the address the host name resolves to, here 127.0.0.1, which no other worker
+could reach.
+
 Nothing is left behind: leaving the context (normally or by an exception) kills what still runs in
 its namespaces and deletes them, which removes their links and qdiscs; a watchdog process does the
 same when the creator is killed (`kill -9` included), and `cleanup_stale()` removes what a dead
@@ -40,6 +45,7 @@ PREFIX = "jxnc"
 SUBNET = "10.231.0"
 NAME = re.compile(r"^([a-z][a-z0-9]{0,15})-(\d+)-(\d+)-(hub|w\d+)$")  # prefix-PID-seq-role
 SCRIPT = os.path.abspath(__file__)
+NETNS_ETC = "/etc/netns"  # `ip netns exec NAME` mounts NETNS_ETC/NAME/* over /etc/*
 _SEQ = itertools.count()
 
 
@@ -102,7 +108,10 @@ def namespaces() -> list[str]:
 
 def teardown(names: list[str]) -> None:
     """Kills what still runs in the namespaces `names` and deletes them (their veths, bridge and
-    qdiscs go with them). Names already gone are skipped, so a second call does nothing."""
+    qdiscs go with them) and their /etc files. Names already gone are skipped, so a second call
+    does nothing."""
+    for name in names:
+        shutil.rmtree(os.path.join(NETNS_ETC, name), ignore_errors=True)
     for name in set(names) & set(namespaces()):
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
                               check=False)
@@ -125,8 +134,9 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     """Deletes the namespaces of `prefix` whose creating process is gone; returns their names.
     (A PID reused since by another process keeps its namespaces until that one ends.)"""
     _check_host(("ip",))
-    stale = [n for n in namespaces()
-             if (m := NAME.match(n)) and m[1] == prefix and not _alive(int(m[2]))]
+    etc = os.listdir(NETNS_ETC) if os.path.isdir(NETNS_ETC) else []
+    stale = sorted({n for n in [*namespaces(), *etc]
+                    if (m := NAME.match(n)) and m[1] == prefix and not _alive(int(m[2]))})
     teardown(stale)
     return stale
 
@@ -184,6 +194,9 @@ def _build(cluster: Cluster) -> None:
         _run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
+        os.makedirs(os.path.join(NETNS_ETC, ns))
+        with open(os.path.join(NETNS_ETC, ns, "hosts"), "w") as f:
+            f.write(f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n")
         if cluster.rate_mbit is not None:
             # the worker's end limits what it sends, the hub's end what it receives
             for where, dev in ((ns, "eth0"), (hub, port)):

@@ -120,6 +120,19 @@ def test_each_workers_link_is_limited_both_ways():
 
 
 @netns
+def test_each_workers_host_name_resolves_to_its_own_address():
+    """gloo announces the address the host name resolves to: it must be one the others reach."""
+    with netcluster.throttled_cluster(2, None, prefix=PREFIX) as cluster:
+        for i, address in enumerate(cluster.addresses):
+            resolved = subprocess.run(
+                [*cluster.exec_prefix(i), sys.executable, "-c",
+                 "import socket; print(socket.gethostbyname(socket.gethostname()))"],
+                capture_output=True, text=True, check=True).stdout.strip()
+            assert resolved == address
+    assert not any(os.path.exists(f"{netcluster.NETNS_ETC}/{n}") for n in cluster.namespaces)
+
+
+@netns
 def test_nothing_is_left_after_the_context_even_on_an_exception():
     links = _root_links()
     with pytest.raises(KeyError), netcluster.throttled_cluster(2, RATE, prefix=PREFIX) as cluster:
@@ -162,6 +175,7 @@ def test_kill_9_of_the_creator_leaves_nothing_behind():
     print(f"\nall gone {time.monotonic() - killed:.2f} s after the kill")
     assert _ours(creator.pid) == [] and not netcluster._alive(sleeper)
     assert _root_links() == links
+    assert not [n for n in os.listdir(netcluster.NETNS_ETC) if n.startswith(f"{PREFIX}-{creator.pid}-")]
     assert _processes_naming(f"{PREFIX}-{creator.pid}-") == []  # the watchdog has exited too
 
 
