@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, nargs="+", default=SPEC["hidden"])
     parser.add_argument("--json", type=Path, default=HERE / "network_compress.json")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "compress.md",
+                        help="the page whose table is rewritten")
     parser.add_argument("--prefix", default=netcluster.PREFIX, help=argparse.SUPPRESS)
     parser.add_argument("--params-out", type=Path, help=argparse.SUPPRESS)  # final params (tests)
     parser.add_argument("--report-only", action="store_true",
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.report_only:
             measure(args)
-        print(network_report.write(args.json, args.results))
+        print(network_report.write(args.json, args.results, args.docs))
     except (netcluster.ClusterError, WorkerFailed, ValueError, OSError) as e:
         print(f"network_compress: {e}", file=sys.stderr)
         return 1

@@ -262,6 +262,18 @@ def _break_even_table(rows: list[dict], alpha: float) -> list[str]:
     return lines
 
 
+def _docs_table(rows: list[dict], target: str) -> list[str]:
+    """The page's table: each method's time to target and its step, measured and predicted."""
+    lines = [(f"| workers | link | method | × sooner to {target} (range) | step ms | "
+              "predicted ms, shipped / fitted |"), "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {_rate(r['rate_mbit'] or math.inf)} | {r['method']} | "
+                     f"{_fmt_range(r['sooner'], '×', 2)} | {r['step_s'] * 1e3:.0f} | "
+                     f"{r['predicted_shipped_s'] * 1e3:.0f} / "
+                     f"{r['predicted_fitted_s'] * 1e3:.0f} |")
+    return lines
+
+
 def tables(data: dict) -> tuple[list[str], dict]:
     """The section's lines, and what the summary JSON keeps of them."""
     rows, alpha = cost_check(summarize(data["records"]))
@@ -289,12 +301,22 @@ def tables(data: dict) -> tuple[list[str], dict]:
              *_cost_table(rows), "",
              "### Where compression stops paying (step time vs the all-reduce's)", "",
              *_break_even_table(rows, alpha)]
-    return lines, {"rows": rows, "alpha_s": alpha, "verdicts": verdicts}
+    more = (f"Fitted per-message latency alpha = {alpha * 1e3:.2f} ms; every column, the split "
+            "into compute and communication and the break-even rates: "
+            "[benchmarks/RESULTS.md](../benchmarks/RESULTS.md#compressed-gradients-on-a-real-"
+            "slow-network).")
+    docs = [_verdict_line(verdicts), "", *_docs_table(rows, target), "", more]
+    return lines, {"rows": rows, "alpha_s": alpha, "verdicts": verdicts, "docs": docs}
 
 
-def write(json_path: Path, results: Path) -> str:
+def write(json_path: Path, results: Path, docs: Path | None = None) -> str:
+    """The section of `results` (and the table of `docs`), the plot and the summary JSON beside
+    `json_path`, all from `json_path`'s records."""
     data = json.loads(Path(json_path).read_text())
     lines, derived = tables(data)
+    docs_lines = derived.pop("docs")
+    if docs is not None:
+        write_section(Path(docs), TAG, docs_lines)
     png = Path(json_path).with_suffix(".png")
     plot(data["records"], png)
     Path(json_path).with_name(Path(json_path).stem + "_summary.json").write_text(

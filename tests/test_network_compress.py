@@ -12,14 +12,15 @@ import subprocess
 import sys
 import time
 
-import netcluster
-import network_compress
 import numpy as np
 import pytest
 from helpers import ROOT
 from test_netcluster import BENCH, netns
 
-pytestmark = pytest.mark.slow  # multi-process training runs
+sys.path.insert(0, str(BENCH))
+import netcluster
+import network_compress
+import network_report
 
 PREFIX = "jxncbench"  # these tests' own, apart from test_netcluster's and from real runs
 TINY = ["--workers", "2", "--seeds", "0", "--hidden", "32", "--prefix", PREFIX]
@@ -30,6 +31,7 @@ def _left(prefix: str) -> list[str]:
     return [n for n in [*netcluster.namespaces(), *etc] if n.startswith(prefix)]
 
 
+@pytest.mark.slow  # multi-process training runs
 @netns
 def test_a_throttle_changes_time_not_numbers_and_the_report_reads_the_runs(tmp_path):
     """30 steps of each method on unlimited links and on 20 Mbit/s ones: the same parameters
@@ -40,7 +42,8 @@ def test_a_throttle_changes_time_not_numbers_and_the_report_reads_the_runs(tmp_p
     methods = ["allreduce", "powersgd_r2", "topk_1pct_ef"]
     code = network_compress.main([*TINY, "--rates", "none", "20", "--methods", *methods,
                                   "--max-steps", "30", "--target", "1.0", "--json", str(out),
-                                  "--results", str(results), "--params-out", str(params)])
+                                  "--results", str(results), "--docs", str(tmp_path / "page.md"),
+                                  "--params-out", str(params)])
     assert code == 0
     assert _left(PREFIX) == []
     records = {(r["method"], r["rate_mbit"]): r for r in json.loads(out.read_text())["records"]}
@@ -63,14 +66,18 @@ def test_a_throttle_changes_time_not_numbers_and_the_report_reads_the_runs(tmp_p
     assert "Time to 100% validation accuracy" in section and "none reached it" in section
     assert section.count("| 2 | 20 Mbit/s") == 2 * len(methods)  # both tables, every method
     assert (tmp_path / "net.png").stat().st_size > 0
+    page = (tmp_path / "page.md").read_text()
+    assert page.count("| 2 | 20 Mbit/s") == len(methods) and "none reached it" in page
 
 
+@pytest.mark.slow
 @netns
 def test_nothing_is_left_after_a_kill_9_of_the_benchmark(tmp_path):
     bench = subprocess.Popen(
         [sys.executable, str(BENCH / "network_compress.py"), *TINY, "--rates", "20",
          "--methods", "allreduce", "--max-steps", "100000", "--target", "1.0",
-         "--json", str(tmp_path / "net.json"), "--results", str(tmp_path / "R.md")],
+         "--json", str(tmp_path / "net.json"), "--results", str(tmp_path / "R.md"),
+         "--docs", str(tmp_path / "page.md")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         mine = f"{PREFIX}-{bench.pid}-"
@@ -91,3 +98,32 @@ def test_nothing_is_left_after_a_kill_9_of_the_benchmark(tmp_path):
         time.sleep(0.1)
     assert _left(mine) == []  # namespaces (with their veths and qdiscs) and /etc/netns files
     assert not any(netcluster._alive(int(p)) for p in workers)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workers", "1"], "--workers [1]: a network needs 2 or more"),
+    (["--target", "95"], "--target 95.0: a validation accuracy in (0, 1]"),
+    (["--max-steps", "0"], "--max-steps and --hidden widths must be positive"),
+])
+def test_bad_arguments_get_one_line_before_anything_is_built(argv, message, tmp_path, capsys):
+    assert network_compress.main([*argv, "--json", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"network_compress: {message}\n"
+
+
+COMMITTED = BENCH / "network_compress.json"
+
+
+@pytest.mark.skipif(not COMMITTED.exists(), reason="the benchmark has not been run here")
+def test_the_committed_tables_are_what_the_report_makes_of_the_committed_runs(tmp_path):
+    """benchmarks/RESULTS.md's section and docs/compress.md's table, rewritten from the JSON
+    (in a copy: the repository's files stay as they are), come out the same."""
+    (tmp_path / COMMITTED.name).write_text(COMMITTED.read_text())
+    for name, committed in (("RESULTS.md", BENCH / "RESULTS.md"),
+                            ("compress.md", ROOT / "docs" / "compress.md")):
+        (tmp_path / name).write_text(committed.read_text())
+    network_report.write(tmp_path / COMMITTED.name, tmp_path / "RESULTS.md",
+                         tmp_path / "compress.md")
+    for name, committed in (("RESULTS.md", BENCH / "RESULTS.md"),
+                            ("compress.md", ROOT / "docs" / "compress.md")):
+        assert (tmp_path / name).read_text() == committed.read_text(), name
