@@ -57,9 +57,6 @@ def test_a_throttle_changes_time_not_numbers_and_the_report_reads_the_runs(tmp_p
             for name in a.files:
                 np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0)
         assert slow["link_mbit_measured"] < 25 < free["link_mbit_measured"]
-    # the all-reduce's 2 x ~9 KB a step at 20 Mbit/s take longer than on the unlimited link
-    assert (np.median(records[("allreduce", 20.0)]["step_s"][11:])
-            > np.median(records[("allreduce", None)]["step_s"][11:]))
     compressed = records[("powersgd_r2", 20.0)]["comm_bytes"]
     assert compressed[-1] < compressed[0]  # plain all-reduces before start_step, factors after
     section = results.read_text()
