@@ -23,6 +23,7 @@ from pathlib import Path
 
 from results_file import write_section
 
+from jaxopt_lab.host import cpu_model
 from jaxopt_lab.techniques.compress import cost
 
 SKIP_STEPS = 11  # PowerSGD's start_step (10) + 1
@@ -33,8 +34,7 @@ NAMES = {"allreduce": "none", "powersgd": "powersgd", "topk": "topk", "qsgd": "q
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def method_name(label: str) -> str:

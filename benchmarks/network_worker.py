@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxopt_lab.compose import default_config
+from jaxopt_lab.compose import default_config, validate
 from jaxopt_lab.core.config import model_config
 from jaxopt_lab.core.distributed import initialize_distributed
 from jaxopt_lab.core.feed import compile_k_steps, device_sampler, make_train_fn, replicate
@@ -39,14 +39,15 @@ from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import make_train_step
 from jaxopt_lab.run.build import build_run
 from jaxopt_lab.run.training import prepare_training
+from jaxopt_lab.techniques.compress import compress_options
 from jaxopt_lab.techniques.compress.powersgd import matrix_shape
 
 COMPUTE_WARMUP, COMPUTE_STEPS = 3, 15  # after PowerSGD's start_step: its compressed step
 
 
 def config_for(spec: dict, method: dict, seed: int):
-    """The run's config: spec["model"] hidden widths on spec["data"], Adam, and `method`'s
-    techniques.compress fields."""
+    """The run's config, validated as `build_run` expects: spec["hidden"] widths on
+    spec["data"], Adam, and `method`'s techniques.compress fields."""
     c = default_config()
     c.seed = seed
     c.data.name = spec["data"]
@@ -58,19 +59,19 @@ def config_for(spec: dict, method: dict, seed: int):
     c.train.measure = c.train.progress = False
     for key, value in method["compress"].items():
         c.techniques.compress[key] = value
+    validate(c)
     return c
 
 
 def plain_bytes(params, method: dict) -> int:
     """Bytes of the tensors `method` all-reduces as they are (cost.collectives' plain_bytes)."""
-    name, opts = method["compress"].get("method", "none"), method["compress"]
-    min_size = opts.get("min_size", 1024)
+    opts = compress_options(**method["compress"])  # the compressor's own defaults filled in
     total = 0
     for p in jax.tree.leaves(params):
-        if name == "powersgd":
-            plain = matrix_shape(p.shape, opts.get("rank", 2), min_size) is None
+        if opts.method == "powersgd":
+            plain = matrix_shape(p.shape, opts.rank, opts.min_size) is None
         else:
-            plain = p.size < max(min_size, 1)
+            plain = p.size < max(opts.min_size, 1)
         total += p.size * p.dtype.itemsize if plain else 0
     return total
 
@@ -114,7 +115,7 @@ def train_to_target(run, spec: dict) -> dict:
         carry, metrics = compiled(carry, t.source)
         jax.block_until_ready(carry)
         step_s.append(time.perf_counter() - t0)
-        comm_bytes.append(float(metrics["comm_bytes"][0]))  # off the clock
+        comm_bytes.append(metrics["comm_bytes"])  # fetched once, after the last step
         if step % spec["eval_every"] == 0:
             accuracy = evaluate(carry)["validation_accuracy"]
             curve.append((step, accuracy))
@@ -127,7 +128,8 @@ def train_to_target(run, spec: dict) -> dict:
                  *leaves)
     return {"steps_to_target": reached,
             "time_to_target_s": math.fsum(step_s) if reached else None,
-            "step_s": step_s, "validation_curve": curve, "comm_bytes": comm_bytes}
+            "step_s": step_s, "validation_curve": curve,
+            "comm_bytes": [float(b[0]) for b in jax.device_get(comm_bytes)]}
 
 
 def main(spec_path: str, out: str) -> None:

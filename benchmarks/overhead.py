@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from jaxopt_lab.core.state import init_sharded_state, sample_input
 from jaxopt_lab.core.step import DATA_AXIS, data_mean, make_train_step
 from jaxopt_lab.data.shuffle import permuted_indices
 from jaxopt_lab.data.sources import load_dataset
+from jaxopt_lab.host import cpu_model
 from jaxopt_lab.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def framework_steps_per_s(model_name: str, steps: int, steps_per_call: int) -> t
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     devices = jax.devices()
     kind = devices[0].device_kind if devices else "?"
     return (f"{kind} ({jax.default_backend()}, {len(devices)} device(s)), host {cpu}, "

@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxopt_lab.host import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("validation", "test")
 NOT_MEASURED = "— (not measured)"  # a validation figure of a result that predates the split
@@ -18,8 +20,8 @@ NOT_MEASURED = "— (not measured)"  # a validation figure of a result that pred
 
 def machine() -> str:
     """The machine a table was measured on, as its header names it."""
-    return (f"{platform.machine()} {platform.processor() or ''} ({jax.default_backend()}, "
-            f"{jax.device_count()} device(s), jax {jax.__version__})").replace("  ", " ")
+    return (f"{cpu_model()}, {platform.machine()} ({jax.default_backend()}, "
+            f"{jax.device_count()} device(s), jax {jax.__version__})")
 
 
 def stats(values: list[float]) -> dict:

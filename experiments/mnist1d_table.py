@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 from pathlib import Path
 
-import jax
+from common import machine
 
 from jaxopt_lab import load_config, train_and_evaluate
 
@@ -65,8 +64,6 @@ def main() -> None:
             print(f"{key} seed {seed}: test accuracy {summary['test_accuracy']:.4f} "
                   f"({summary['steps_per_s']:.0f} steps/s)", flush=True)
 
-    machine = f"{platform.machine()} {platform.processor() or ''} ({jax.default_backend()}, " \
-              f"{jax.device_count()} device(s), jax {jax.__version__})".replace("  ", " ")
     table = {key: statistics.mean(r["test_accuracy"] for r in rs) for key, rs in runs.items()}
     detail = {key: {"paper": PAPER[key], "authors_notebook": AUTHORS_NOTEBOOK[key],
                     "ours_mean": table[key],
@@ -80,13 +77,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(
-        {**table, "detail": detail, "seeds": args.seeds, "machine": machine}, indent=2) + "\n")
+        {**table, "detail": detail, "seeds": args.seeds, "machine": machine()}, indent=2) + "\n")
 
     lines = [
         "# MNIST-1D: the paper's table reproduced" + (" (epochs reshuffled)" if args.reshuffle
                                                       else ""),
         "",
-        (f"Written by `experiments/mnist1d_table.py` on {machine}. Settings: Adam 1e-2, "
+        (f"Written by `experiments/mnist1d_table.py` on {machine()}. Settings: Adam 1e-2, "
          f"batch 100, 6000 steps, {protocol}, PyTorch's default initialisation; final test "
          f"accuracy, mean ± std over {args.seeds} seeds (per-seed values in {name}.json). "
          "The paper reports one run per model. *Authors' rerun*: the final test accuracy that "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import shutil
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 from common import (
     SPLITS,
+    machine,
     paired,
     plot_paired_differences,
     shown,
@@ -256,18 +256,16 @@ def summary_fields(results: dict) -> dict:
 
 
 def write(results: dict, out: Path, seeds: int, name: str) -> None:
-    machine = (f"{platform.machine()} {platform.processor() or ''} ({jax.default_backend()}, "
-               f"{jax.device_count()} device(s), jax {jax.__version__})").replace("  ", " ")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(
-        {"machine": machine, "seeds": seeds, "models": results}, indent=2) + "\n")
+        {"machine": machine(), "seeds": seeds, "models": results}, indent=2) + "\n")
     summary = summary_fields(results)
     if name == "quantize_accuracy":
         (out / "quantize_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         "# Quantization: accuracy, size and latency",
         "",
-        (f"Written by `experiments/quantize_accuracy.py` on {machine}. Accuracy, mean ± std "
+        (f"Written by `experiments/quantize_accuracy.py` on {machine()}. Accuracy, mean ± std "
         f"over {seeds} seeds; Δ is the mean paired difference in test accuracy to float (same "
         "seed), in points. Validation: MNIST-1D's is 1000 fresh generator examples (train and "
         "test are the paper's), digits' 10 % of train; \"not measured\": the run predates the "

@@ -32,6 +32,8 @@ from jaxopt_lab.data.sources import load_dataset
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from jaxopt_lab.host import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {  # name: (config, the metric reported, its direction)
     "diabetes": ("configs/diabetes_mlp.py", "mse"),
@@ -133,7 +135,7 @@ def main() -> None:
         results[task] = {"config": config_file, "metric": metric, "runs": runs}
     results["diabetes"]["baselines"] = diabetes_baselines()
     results["python_text"]["baselines"] = text_baselines()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, "
                f"{jax.default_backend()}, jax {jax.__version__}, "
                f"Python {platform.python_version()}")
     results["machine"] = machine

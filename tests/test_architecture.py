@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxopt_lab"
 # docs/design.md: cli -> tune/optimize/profile/export -> workflows -> run -> compose ->
 # techniques -> core -> data/models -> errors. A module may import its own layer or below.
 LAYERS = (
-    ("errors", "importpath", "selection"),
+    ("errors", "importpath", "selection", "host"),
     ("data", "models"),
     ("core",),
     ("techniques",),

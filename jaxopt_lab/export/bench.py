@@ -32,6 +32,7 @@ from jaxopt_lab.export import INT8_OPS, export_run
 from jaxopt_lab.export.forms import deployed_form, quantized_summary
 from jaxopt_lab.export.onnx import write_onnx
 from jaxopt_lab.export.runtimes import RUNTIMES, load_onnx, runtime_version
+from jaxopt_lab.host import cpu_model
 from jaxopt_lab.profile.latency import time_interleaved
 from jaxopt_lab.run.build import load_run
 from jaxopt_lab.workflows.convert import float_model
@@ -71,7 +72,7 @@ def serve_bench(workdir: str, runtimes: tuple[str, ...] = RUNTIMES, *,
         rounds=rounds, calls=calls, progress=progress, settle_s=SETTLE_S)
     result = {
         "run": os.path.abspath(workdir), "threads": threads, "rounds": rounds, "calls": calls,
-        "versions": {"jax": jax.__version__, **versions}, "cpu": _cpu(),
+        "versions": {"jax": jax.__version__, **versions}, "cpu": cpu_model(),
         "forms": {name: {**checks[name], **timings(per_round, name, batch_sizes)}
                   for name in forms}}
     with open(os.path.join(out_dir, "serve_bench.json"), "w") as f:
@@ -144,16 +145,6 @@ def timings(per_round: dict, name: str, batch_sizes) -> dict:
                     f"speedup_batch{b}": statistics.median(ratios),
                     f"speedup_batch{b}_range": [min(ratios), max(ratios)]})
     return out
-
-
-def _cpu() -> str:
-    """The CPU's model name, where Linux says it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def table(result: dict, batch_sizes=(1, 256)) -> str:
