@@ -26,8 +26,9 @@ def load(path: str, runtime: str, threads: int = 0, optimized: str | None = None
     """`predict(x) -> outputs` for the model at `path` in `runtime` (0 threads: its default).
 
     ONNX Runtime runs with every graph optimization (`optimized` saves the graph it runs);
-    OpenVINO computes in float32 (INFERENCE_PRECISION_HINT=f32: on CPUs with bf16 units it would
-    otherwise compute in bf16).
+    OpenVINO computes what the graph says: in float32 (INFERENCE_PRECISION_HINT=f32: on CPUs with
+    bf16 units it would otherwise compute in bf16), and without quantizing the float input of a
+    product with int8 weights on its own (DYNAMIC_QUANTIZATION_GROUP_SIZE=0).
     """
     if runtime == "onnxruntime":
         import onnxruntime as ort
@@ -44,7 +45,7 @@ def load(path: str, runtime: str, threads: int = 0, optimized: str | None = None
         return lambda x: session.run(None, {name: x})[0]
     import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(path, "CPU", config)

@@ -405,3 +405,29 @@ def test_a_ctrl_c_after_openvino_served_reaches_the_handler(tmp_path):
                             text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == f"[{int(signal.SIGINT)}]"
+
+
+@pytest.mark.slow
+def test_a_vits_int8_form_computes_what_its_graph_says_in_both_runtimes(tmp_path):
+    """OpenVINO would quantize the float input of a product with int8 weights on its own
+    (dynamic quantization, on by default): every ViT output moved by ~3 % of the logits' range
+    and one argmax in 13 changed. Off, each runtime computes the graph: most examples equal the
+    framework's to float rounding, the rest differ by where a value rounds to the next level."""
+    config = tiny_config("vit", steps=20, measure=False)
+    config.data.name = "digits"
+    config.model = model_config("vit", dim=32, depth=1, heads=2, mlp_dim=64)
+    config.techniques.quantize.method = "qat"
+    config.techniques.quantize.attention = False
+    workdir = str(tmp_path / "vit")
+    train_and_evaluate(config, workdir)
+    quantized = quantize_run(workdir, calibrate_batches=2, scheme="w8a8")
+    run = load_run(workdir)
+    serving = load_serving(f"{workdir}/quantized/serving")
+    x = run.dataset.test["x"]
+    want = np.asarray(jax.jit(serve_fn(serving_model(run, quantized)))(serving, x))
+    path = str(tmp_path / "vit.onnx")
+    export_run(workdir, path, to="onnx", check=())
+    for runtime in RUNTIMES:
+        got = serve(tmp_path, path, {"test": x}, runtime)["test"]
+        per_example = np.abs(got - want).max(-1)
+        assert np.median(per_example) <= 1e-4 * np.abs(want).max(), (runtime, per_example)
