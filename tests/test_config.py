@@ -47,6 +47,23 @@ def test_bad_overrides_name_the_culprit(override, culprit):
         load_config(str(ROOT / "configs/mnist1d_cnn.py"), [override])
 
 
+@pytest.mark.parametrize("override, culprit", [
+    ("--config.techniques.prune.skip=('Conv_[',)", r"prune skip: 'Conv_\[' is not a regular"),
+    ("--config.techniques.quantize.skip=('Conv_[',)",
+     r"quantize skip: 'Conv_\[' is not a regular"),
+    ("--config.train.float32_layers=('Conv_[',)",
+     r"train.float32_layers: 'Conv_\[' is not a regular"),
+    ("--config.techniques.quantize.skip=(1,)", r"quantize skip=\(1,\) must be a tuple of regular"),
+])
+def test_a_bad_layer_pattern_is_one_line_wherever_layers_are_named(override, culprit):
+    """Prune and quantize `skip` and `train.float32_layers` are checked by one function, before
+    anything is built (a bad quantize pattern used to pass validation and fail in training)."""
+    with pytest.raises(UserError, match=culprit):
+        load_config(str(ROOT / "configs/mnist1d_cnn.py"),
+                    ["--config.techniques.prune.method=magnitude",
+                     "--config.techniques.quantize.method=qat", override])
+
+
 def test_unknown_model_hparam_names_allowed_keys(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("from jaxopt_lab import default_config\n"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import glob
 import json
+import time
 
 import pytest
 from helpers import run_cli
 
 from jaxopt_lab import load_config
 from jaxopt_lab.errors import UserError
+from jaxopt_lab.profile.latency import time_interleaved
 from jaxopt_lab.profile.peak import matmul_peak
 from jaxopt_lab.profile.profile_run import profile_config
 
@@ -53,3 +55,36 @@ def test_profile_refuses_what_it_cannot_time(tmp_path):
                      str(tmp_path), "--steps", "1")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--steps 1" in result.stderr
+
+
+def test_interleaved_timing_warms_each_callable_for_warm_s_then_times_calls():
+    """Each turn: a pause, untimed calls for at least `warm_s` (at least one), then `calls`
+    timed ones; a runtime whose threads slept in the pause is timed warm."""
+    log = []
+
+    def call(key):
+        log.append((key, time.perf_counter()))
+        time.sleep(0.001)
+
+    per_round = time_interleaved({k: (lambda k=k: call(k)) for k in "ab"}, rounds=2, calls=5,
+                                 progress=False, settle_s=0.01, warm_s=0.03)
+    assert {k: len(v) for k, v in per_round.items()} == {"a": 2, "b": 2}
+    assert all(1.0 <= ms < 50 for v in per_round.values() for ms in v)
+    turns = _turns(log)
+    assert [group[0][0] for group in turns] == ["a", "b", "a", "b"]
+    for times in ([t for _, t in group] for group in turns):
+        # the 5 timed calls start once warm_s has passed since the first warm one
+        assert len(times) > 5 + 1 and times[-5] - times[0] >= 0.03
+    one = time_interleaved({"a": lambda: call("c")}, rounds=1, calls=3, progress=False)
+    assert len(one["a"]) == 1 and [k for k, _ in log].count("c") == 4  # one warm call
+
+
+def _turns(log):
+    """The log split into runs of one key."""
+    groups, key = [], None
+    for k, t in log:
+        if k != key:
+            groups.append([])
+            key = k
+        groups[-1].append((k, t))
+    return groups

@@ -98,3 +98,20 @@ def default_skip_or(skip: Sequence[str] | None, model, sample_x, missing: str) -
 def _prefix(scope: str) -> str:
     """"Block_0/Dense_1" -> "['Block_0']['Dense_1']": the path prefix of the module's params."""
     return "".join(f"['{part}']" for part in scope.split("/"))
+
+
+def check_patterns(name: str, patterns: Any, default: str) -> tuple[str, ...] | None:
+    """`patterns` (a config's layer regexes: prune/quantize `skip`, `train.float32_layers`) as a
+    tuple, or None (`default` says what None means); one UserError naming `name` otherwise."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not all(
+            isinstance(p, str) for p in patterns):
+        raise UserError(f"{name}={patterns!r} must be a tuple of regular expressions over "
+                        f"parameter paths (or None for {default})")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise UserError(f"{name}: {pattern!r} is not a regular expression ({error})") from None
+    return tuple(patterns)

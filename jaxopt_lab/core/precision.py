@@ -26,7 +26,6 @@ non-finite loss, which the scale does not touch, are divergence.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.training.dynamic_scale import DynamicScale
 
-from jaxopt_lab.core.layers import abstract_variables, default_skip
+from jaxopt_lab.core.layers import abstract_variables, check_patterns, default_skip
 from jaxopt_lab.core.tasks import DATA_AXIS
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.models.float32_layers import computes_below_float32, with_float32_layers
@@ -65,16 +64,7 @@ def check_precision(train) -> None:
     """`train.compute_dtype`, `train.float32_layers` and `train.remat` of a config, before
     anything is built."""
     compute_dtype(train.compute_dtype)
-    layers = train.float32_layers
-    if layers is not None and not all(isinstance(p, str) for p in layers):
-        raise UserError(f"train.float32_layers={layers!r} must be a tuple of regular expressions "
-                        "over parameter paths (or None for the first and last layers)")
-    for pattern in layers or ():
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise UserError(f"train.float32_layers: {pattern!r} is not a regular expression "
-                            f"({error})") from None
+    check_patterns("train.float32_layers", train.float32_layers, "the first and last layers")
     check_remat(train.remat, "train.remat")
 
 

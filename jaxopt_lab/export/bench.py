@@ -41,6 +41,10 @@ BASELINE = "xla float32"
 # Between forms: OpenVINO's and ONNX Runtime's worker threads spin for a while after a call, and
 # took the cores from the form timed next (ONNX Runtime's int8 form ran slower after OpenVINO).
 SETTLE_S = 0.05
+# After that pause, each form is called for this long before it is timed: its thread pool (ONNX
+# Runtime's, OpenVINO's) is still waking up for some calls after the first, and timing them made
+# ONNX Runtime's int8 wide CNN 30 % slower at batch 1 than when warm (XLA's 2 %).
+WARM_S = 0.01
 
 
 def serve_bench(workdir: str, runtimes: tuple[str, ...] = RUNTIMES, *,
@@ -69,7 +73,8 @@ def serve_bench(workdir: str, runtimes: tuple[str, ...] = RUNTIMES, *,
     per_round = time_interleaved(
         {(name, b): (lambda p=predict, x=inputs[b]: p(x))
          for name, (predict, _) in forms.items() for b in batch_sizes},
-        rounds=rounds, calls=calls, progress=progress, settle_s=SETTLE_S)
+        rounds=rounds, calls=calls, progress=progress, settle_s=SETTLE_S,
+        warm_s=WARM_S)
     result = {
         "run": os.path.abspath(workdir), "threads": threads, "rounds": rounds, "calls": calls,
         "versions": {"jax": jax.__version__, **versions}, "cpu": cpu_model(),

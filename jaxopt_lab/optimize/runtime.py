@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxopt_lab.export import export_run
-from jaxopt_lab.export.bench import SETTLE_S, examples, outputs_of
+from jaxopt_lab.export.bench import SETTLE_S, WARM_S, examples, outputs_of
 from jaxopt_lab.export.forms import deployed_form
 from jaxopt_lab.export.runtimes import load_onnx, runtime_version
 from jaxopt_lab.profile.latency import time_interleaved
@@ -60,7 +60,8 @@ def measure_in_runtime(runtime: str, baseline_dir: str, candidates, out_dir: str
     per_round = time_interleaved(
         {(name, b): (lambda p=predict, x=inputs[b]: p(x))
          for name, predict in predicts.items() for b in BATCH_SIZES},
-        rounds=rounds, calls=calls, progress=progress, settle_s=SETTLE_S)
+        rounds=rounds, calls=calls, progress=progress, settle_s=SETTLE_S,
+        warm_s=WARM_S)
     for name in predicts:
         for b in BATCH_SIZES:
             measured[name][f"latency_ms_batch{b}"] = min(per_round[name, b])

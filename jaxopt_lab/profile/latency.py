@@ -50,17 +50,21 @@ def compare_latency(
 
 def time_interleaved(calls_of: dict[Any, Callable[[], Any]], *, rounds: int = 10,
                      calls: int = 20, progress: bool = True,
-                     settle_s: float = 0.0) -> dict[Any, list[float]]:
+                     settle_s: float = 0.0, warm_s: float = 0.0) -> dict[Any, list[float]]:
     """{key: [each round's median call in ms]}: every callable timed once per round, in turn,
-    after one untimed call (warming caches after the previous one). The callable must return
-    only when its result is ready (an XLA call blocked on, a runtime's synchronous run).
-    `settle_s`: a pause before each callable's turn, for runtimes whose worker threads keep
-    spinning after a call and would take the cores from the next one's."""
+    after untimed calls (warming caches after the previous one): one, and more until `warm_s`
+    has passed. The callable must return only when its result is ready (an XLA call blocked on,
+    a runtime's synchronous run). `settle_s`: a pause before each callable's turn, for runtimes
+    whose worker threads keep spinning after a call and would take the cores from the next
+    one's; after such a pause a runtime's thread pool needs more than one call to be warm."""
     per_round = {key: [] for key in calls_of}
     for _ in tqdm(range(rounds), desc="latency rounds", disable=not progress, leave=False):
         for key, call in calls_of.items():
             time.sleep(settle_s)
+            warm_until = time.perf_counter() + warm_s
             call()
+            while time.perf_counter() < warm_until:
+                call()
             times = []
             for _ in range(calls):
                 start = time.perf_counter()

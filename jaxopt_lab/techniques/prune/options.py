@@ -10,6 +10,7 @@ import dataclasses
 import re
 from typing import Any
 
+from jaxopt_lab.core.layers import check_patterns
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.importpath import is_import_path
 
@@ -91,15 +92,7 @@ def prune_options(**options: Any) -> PruneOptions:
         raise UserError(f"prune initial_sparsity={o.initial_sparsity} is above "
                         f"sparsity={o.sparsity}")
     _check_combination(o)
-    if o.skip is not None and not (isinstance(o.skip, tuple)
-                                   and all(isinstance(p, str) for p in o.skip)):
-        raise UserError(f"prune skip={o.skip!r} must be a tuple of regular expressions")
-    for pattern in o.skip or ():
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UserError(f"prune skip pattern {pattern!r} is not a regular expression: {e}") \
-                from None
+    check_patterns("prune skip", o.skip, "the first and last layers")
     return o
 
 

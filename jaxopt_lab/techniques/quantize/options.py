@@ -15,6 +15,7 @@ from aqt.jax.v2 import aqt_quantizer
 from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2.flax import aqt_flax_calibration
 
+from jaxopt_lab.core.layers import check_patterns
 from jaxopt_lab.errors import UserError
 
 NUMERICS = ("int", "fp8_e4m3", "fp8_e5m2")
@@ -69,11 +70,8 @@ class QuantizeOptions:
                             f"{', '.join(BACKWARDS)}")
         if self.static_activations and not self.activations:
             raise UserError("quantize static_activations=True needs activations=True")
-        if self.skip is not None:
-            if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
-                raise UserError(f"quantize skip={self.skip!r} must be a tuple of regular "
-                                "expressions over parameter paths (or None for the default)")
-            object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", check_patterns("quantize skip", self.skip,
+                                                        "the first and last layers"))
 
     @property
     def forward_bits(self) -> int | str:
