@@ -48,12 +48,14 @@ def test_bad_overrides_name_the_culprit(override, culprit):
 
 
 @pytest.mark.parametrize("override, culprit", [
-    ("--config.techniques.prune.skip=('Conv_[',)", r"prune skip: 'Conv_\[' is not a regular"),
+    ("--config.techniques.prune.skip=('Conv_[',)",
+     r"techniques\.prune\.skip: 'Conv_\[' is not a regular"),
     ("--config.techniques.quantize.skip=('Conv_[',)",
-     r"quantize skip: 'Conv_\[' is not a regular"),
+     r"techniques\.quantize\.skip: 'Conv_\[' is not a regular"),
     ("--config.train.float32_layers=('Conv_[',)",
-     r"train.float32_layers: 'Conv_\[' is not a regular"),
-    ("--config.techniques.quantize.skip=(1,)", r"quantize skip=\(1,\) must be a tuple of regular"),
+     r"train\.float32_layers: 'Conv_\[' is not a regular"),
+    ("--config.techniques.quantize.skip=(1,)",
+     r"techniques\.quantize\.skip=\(1,\) must be a tuple of regular"),
 ])
 def test_a_bad_layer_pattern_is_one_line_wherever_layers_are_named(override, culprit):
     """Prune and quantize `skip` and `train.float32_layers` are checked by one function, before
