@@ -10,9 +10,9 @@ The pruned and the dense population are experiments/prune_accuracy.py's headline
 sparsity-0 members being exactly dense training); --wait polls for them while that script trains
 them, otherwise a missing one is trained here with its arguments. Each seed's member is shrunk
 in runs/prune_structured/seed{s}/shrunk (seed{s} is a view of the population: links to its config
-and checkpoints), checked against the masked model, and fine-tuned there as an ordinary run
-resumed from the shrunk checkpoint: a fresh Adam, cosine decay from --finetune-lr, the config's
-own protocol (all 4000 training examples). Validation: the 1000 fresh generator examples the
+and checkpoints), checked against the masked model, and fine-tuned in seed{s}/finetuned as a new run
+from the shrunk weights (`train.init_from`): a fresh Adam, cosine decay from --finetune-lr over
+--finetune-steps, the config's own protocol (all 4000 training examples). Validation: the 1000 fresh generator examples the
 headline runs hold out (the shrunk run's config keeps them); rows carry both splits' accuracies,
 test only where the headline runs predate the split.
 Latency: the dense 128-channel member, the shrunk one and a dense 64-channel CNN of the same
@@ -68,8 +68,7 @@ def index(members: list[dict], seed: int, sparsity: float) -> int:
 
 
 def shrink_member(view: Path, member: int) -> dict:
-    """shrink_run of one member into view/shrunk; its summary, kept in view/shrink.json since
-    fine-tuning overwrites shrunk/summary.json."""
+    """shrink_run of one member into view/shrunk; its summary, kept in view/shrink.json."""
     saved = view / "shrink.json"
     if saved.exists():
         return json.loads(saved.read_text())
@@ -82,11 +81,16 @@ def shrink_member(view: Path, member: int) -> dict:
     return summary
 
 
-def finetune(workdir: Path, steps: int, lr: float) -> dict:
-    config = load_config(str(workdir / "config.py"), [
+def finetune(shrunk: Path, steps: int, lr: float) -> dict:
+    """A new run next to `shrunk` that starts from its weights (finished ones are read back)."""
+    workdir = shrunk.parent / "finetuned"
+    finished = workdir / "summary.json"
+    if finished.exists() and json.loads(finished.read_text())["steps"] == steps:
+        return json.loads(finished.read_text())
+    config = load_config(str(shrunk / "config.py"), [
         f"--config.train.steps={steps}", f"--config.optim.lr={lr}",
-        "--config.train.progress=False", "--config.train.measure=False",
-        "--config.train.steps_per_call=100"])
+        f"--config.train.init_from={shrunk}", "--config.train.progress=False",
+        "--config.train.measure=False", "--config.train.steps_per_call=100"])
     return train_and_evaluate(config, str(workdir))
 
 

@@ -89,6 +89,9 @@ def core_config() -> ml_collections.ConfigDict:
     # Layers kept in float32 under a lower compute_dtype: regular expressions over parameter
     # paths, as `skip` reads them; None = the input-reading and the logits layer; () = none.
     c.train.float32_layers = ml_collections.config_dict.placeholder(tuple)
+    # A run directory whose newest checkpoint's model weights (params and e.g. BatchNorm
+    # statistics) this run starts from, at step 0 with a fresh optimizer: a fine-tune is a new run.
+    c.train.init_from = ml_collections.config_dict.placeholder(str)
     c.train.remat = "none"  # none | full | a jax.checkpoint_policies name (models/remat.py)
 
     # A population: config keys and one value per member, trained as one vmapped program in one

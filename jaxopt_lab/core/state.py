@@ -48,17 +48,20 @@ def create_train_state(model, sample_x: jax.Array, tx: optax.GradientTransformat
                        comm_init, num_data_devices: int, seed: int, *,
                        hparams: dict[str, float] | None = None,
                        data_seed: int | None = None,
-                       extra_params: Callable[[jax.Array], dict] | None = None) -> TrainState:
+                       extra_params: Callable[[jax.Array], dict] | None = None,
+                       variables: dict | None = None) -> TrainState:
     """Initializes the model, optimizer and communication state from one seed.
 
     `comm_init(params)` gives one device's communication state; it is stacked over the
     data-parallel devices because each device keeps its own (e.g. error-feedback residuals).
     `data_seed` (default `seed`) orders the data; `hparams` are the loss's and reducer's values;
     `extra_params(key)` gives the techniques' own params subtrees (TECHNIQUE_PARAMS). A model
-    computing in float16 gets a loss scale.
+    computing in float16 gets a loss scale. `variables` (the model's, as `model.init` returns
+    them) replace the model's initialization: the optimizer and every technique start from them.
     """
     init_key, state_key = jax.random.split(jax.random.key(seed))
-    variables = model.init(init_key, sample_x, **train_kwargs(model, False))
+    if variables is None:
+        variables = model.init(init_key, sample_x, **train_kwargs(model, False))
     params = variables["params"]
     if extra_params is not None:
         params = {**params, **extra_params(jax.random.fold_in(init_key, 1))}
@@ -85,11 +88,12 @@ def sample_input(dataset) -> np.ndarray:
 
 
 def _init_and_shardings(experiment, sample_x, mesh: Mesh, seed: int, data_seed: int | None):
-    def init():
+    """`init(variables=None)`, the state's shapes and its shardings."""
+    def init(variables=None):
         return create_train_state(experiment.model, sample_x, experiment.tx,
                                   experiment.reducer.init, mesh.size, seed,
                                   hparams=experiment.hparams, data_seed=data_seed,
-                                  extra_params=experiment.extra_params)
+                                  extra_params=experiment.extra_params, variables=variables)
 
     abstract = jax.eval_shape(init)
     return init, abstract, state_shardings(abstract, mesh,
@@ -116,17 +120,18 @@ def state_shardings(abstract: TrainState, mesh: Mesh, leading_axes: int = 0,
 
 
 def init_sharded_state(experiment, sample_x, mesh: Mesh, seed: int,
-                       data_seed: int | None = None) -> TrainState:
-    """Builds the state directly with its shardings (shapes first, then a jitted init).
+                       data_seed: int | None = None, variables: dict | None = None) -> TrainState:
+    """Builds the state directly with its shardings (shapes first, then a jitted init), from
+    the model's own initialization or from `variables` (`create_train_state`).
 
     On a CPU the init program is compiled without LLVM's optimizations: it runs once, and its
     random draws (threefry rounds for every parameter) compiled optimized took about three times
     as long, the largest fixed cost of a small run (benchmarks/default_run.py). Its values differ
     from the optimized program's by float32 rounding at most, and are the same on every run."""
     init, _, shardings = _init_and_shardings(experiment, sample_x, mesh, seed, data_seed)
-    lowered = jax.jit(init, out_shardings=shardings).lower()
+    lowered = jax.jit(init, out_shardings=shardings).lower(variables)
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return lowered.compile(compiler_options=options)()
+    return lowered.compile(compiler_options=options)(variables)
 
 
 def abstract_sharded_state(experiment, sample_x, mesh: Mesh) -> TrainState:

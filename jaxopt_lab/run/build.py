@@ -33,8 +33,10 @@ from jaxopt_lab.core.state import (
     TrainState,
     abstract_sharded_state,
     init_sharded_state,
+    model_params,
     sample_input,
 )
+from jaxopt_lab.core.tasks import train_kwargs
 from jaxopt_lab.data.sources import FROM_PYTHON, Dataset
 from jaxopt_lab.errors import UserError
 from jaxopt_lab.techniques.contract import Technique
@@ -56,6 +58,7 @@ class Run:
     carry: Any  # initialised, restored, or (before a restore) abstract
     step: int = 0  # the step `carry` is at
     workdir: str | None = None  # the run directory it was loaded from
+    initialized_from: dict | None = None  # train.init_from's run and step, where it was set
 
     @property
     def state(self) -> TrainState:
@@ -110,6 +113,9 @@ def build_run(config: ml_collections.ConfigDict, *, model=None, dataset=None, lo
     members = population_members(config, experiment)
     sample_x = sample_input(dataset)
     data_seed = configured_data_seed(config) if train else None
+    if members and train and config.train.get("init_from"):
+        raise UserError(f"train.init_from={config.train.init_from}: a population cannot start "
+                        "from one run's weights")
     if members:
         init, shardings = population_init(experiment, sample_x, mesh, members, seed=config.seed,
                                           data_seed=data_seed)
@@ -120,10 +126,41 @@ def build_run(config: ml_collections.ConfigDict, *, model=None, dataset=None, lo
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                 jax.eval_shape(init), shardings)
     elif train:
-        carry = init_sharded_state(experiment, sample_x, mesh, config.seed, data_seed)
+        variables, source = starting_weights(config, experiment, sample_x)
+        carry = init_sharded_state(experiment, sample_x, mesh, config.seed, data_seed, variables)
+        return Run(config, dataset, experiment, members, mesh, carry, initialized_from=source)
     else:
         carry = abstract_sharded_state(experiment, sample_x, mesh)
     return Run(config, dataset, experiment, members, mesh, carry)
+
+
+def starting_weights(config, experiment, sample_x) -> tuple[dict | None, dict | None]:
+    """`train.init_from`'s model variables (params and collections such as BatchNorm
+    statistics, from its newest checkpoint) and {"run", "step"}; (None, None) where it is unset.
+    Refused in one line: a population there, or variables that are not this model's."""
+    path = config.train.get("init_from")
+    if not path:
+        return None, None
+    name = f"train.init_from={path}"
+    source = load_run(path)
+    if source.members:
+        raise UserError(f"{name} holds a population of {len(source.members)}: start from one "
+                        "run (export a member, or train it alone)")
+    variables = jax.device_get({"params": model_params(source.state.params),
+                                **source.state.model_state})
+    wanted = jax.eval_shape(lambda: experiment.model.init(
+        jax.random.key(0), sample_x, **train_kwargs(experiment.model, False)))
+    have, want = _leaf_shapes(variables), _leaf_shapes(wanted)
+    for key in sorted(have.keys() | want.keys()):
+        if have.get(key) != want.get(key):
+            raise UserError(f"{name}: its weights are not this model's at {key} "
+                            f"(there {have.get(key, 'absent')}, here {want.get(key, 'absent')})")
+    return variables, {"run": os.path.abspath(path), "step": int(source.step)}
+
+
+def _leaf_shapes(tree) -> dict[str, str]:
+    return {jax.tree_util.keystr(path): f"{tuple(leaf.shape)} {leaf.dtype}"
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

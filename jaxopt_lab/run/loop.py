@@ -296,6 +296,7 @@ def _finish(t: Training, train_wall_s: float, steps_run: int) -> dict:
         "techniques": run.experiment.techniques, **precision_record(run.experiment.model),
         **sent[0],
         "step_memory": t.step_memory,
+        **({"initialized_from": run.initialized_from} if run.initialized_from else {}),
     }
     if t.stopped_at is not None:
         summary["stopped_at"] = t.stopped_at
