@@ -257,6 +257,14 @@ def test_shrink_run_writes_a_run_that_loads_evaluates_and_fine_tunes(pruned_run,
     tuned = train_and_evaluate(config, out)
     assert (tuned["resumed_from"], tuned["steps"], tuned["num_params"]) == (
         0, 4, summary["num_params"])
+    # or a new run from the shrunk weights with a learning rate of its own: the config file keeps
+    # the types of the keys it leaves unset, so they take overrides
+    config = load_config(os.path.join(out, "config.py"), [
+        "--config.train.steps=2", f"--config.train.init_from={out}", "--config.optim.lr=1e-4",
+        "--config.train.float32_layers=('Conv_0',)", "--config.train.measure=False"])
+    finetuned = train_and_evaluate(config, str(tmp_path / "finetuned"))
+    assert finetuned["initialized_from"] == {"run": out, "step": 4}
+    assert finetuned["num_params"] == summary["num_params"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@ fine-tuning is an ordinary training run resumed from that checkpoint (a fresh op
 original's recipe over `train.steps`):
 
     jaxopt-lab train --config RUN/shrunk/config.py --workdir RUN/shrunk --config.train.steps=N
+
+or, with a learning rate or anything else of its own, a new run from its weights:
+`--workdir NEW --config.train.init_from=RUN/shrunk`.
 """
 
 from __future__ import annotations
@@ -40,11 +43,18 @@ _CONFIG_PY = '''"""The config of the run {source} shrunk by `jaxopt-lab shrink`;
 
 import ml_collections
 
+from jaxopt_lab import default_config
+
 CONFIG = {literal}
 
 
 def get_config():
-    return ml_collections.ConfigDict(CONFIG)
+    # On default_config(), so that keys it leaves unset (None) keep their type and take
+    # --config overrides, e.g. --config.train.init_from=RUN.
+    config = default_config()
+    config.model = ml_collections.ConfigDict(CONFIG["model"])
+    config.update({{k: v for k, v in CONFIG.items() if k != "model"}})
+    return config
 '''
 
 
