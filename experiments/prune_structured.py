@@ -136,6 +136,9 @@ def speed(root: Path) -> dict:
                                                   variables=variables, runs=20))
     result = {}
     for form, (model, variables) in forms.items():
+        # Within-round ratios: each round timed every form back to back.
+        ratios = {b: [d / s for d, s in zip(rounds["dense_128"][b], rounds[form][b], strict=True)]
+                  for b in (1, 256)}
         result[form] = {
             "num_params": sum(int(np.size(a)) for a in jax.tree.leaves(variables["params"])),
             "flops_per_example": count_flops(inference(model), variables, sample_x),
@@ -144,9 +147,9 @@ def speed(root: Path) -> dict:
             **{f"latency_ms_batch{b}": min(rounds[form][b]) for b in (1, 256)},
             **{f"speedup_batch{b}": min(rounds["dense_128"][b]) / min(rounds[form][b])
                for b in (1, 256)},
-            # Within-round ratios: each round timed every form back to back.
-            **{f"median_round_speedup_batch{b}": statistics.median(
-                d / s for d, s in zip(rounds["dense_128"][b], rounds[form][b], strict=True))
+            **{f"latency_ms_batch{b}_rounds": rounds[form][b] for b in (1, 256)},
+            **{f"median_round_speedup_batch{b}": statistics.median(ratios[b]) for b in (1, 256)},
+            **{f"round_speedup_batch{b}_range": [min(ratios[b]), max(ratios[b])]
                for b in (1, 256)}}
     return result
 
@@ -221,7 +224,7 @@ def write(results: dict, out: Path) -> None:
              *_accuracy_lines(results),
              (f"Size and CPU inference latency (best of {ROUNDS} interleaved rounds, each the "
                "median of 20 calls; speedup = dense 128 latency / this; in brackets the median "
-               "of the per-round ratios):"), "",
+               "of the per-round ratios and their range; every round in the JSON):"), "",
               ("| model | channels | params | FLOPs / example | bytes | batch 1 ms | "
                "batch 256 ms | speedup b1 | speedup b256 |"),
               "|---|---|---|---|---|---|---|---|---|"]
@@ -230,11 +233,15 @@ def write(results: dict, out: Path) -> None:
             f"| {form} | {s['channels']} | {s['num_params']} | {s['flops_per_example']} | "
             f"{s['model_bytes']} | {s['latency_ms_batch1']:.3f} | "
             f"{s['latency_ms_batch256']:.3f} | {s['speedup_batch1']:.2f}× "
-            f"({s['median_round_speedup_batch1']:.2f}×) | {s['speedup_batch256']:.2f}× "
-            f"({s['median_round_speedup_batch256']:.2f}×) |")
+            f"({_median_range(s, 1)}) | {s['speedup_batch256']:.2f}× ({_median_range(s, 256)}) |")
     (out / "prune_structured.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "prune_structured.png")
     print("\n".join(lines))
+
+
+def _median_range(speed: dict, batch: int) -> str:
+    low, high = speed[f"round_speedup_batch{batch}_range"]
+    return f"{speed[f'median_round_speedup_batch{batch}']:.2f}×, {low:.2f}–{high:.2f}"
 
 
 def _accuracy_lines(results: dict) -> list[str]:
