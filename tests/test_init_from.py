@@ -65,6 +65,7 @@ def _without_init(source: str):
     return config
 
 
+@pytest.mark.slow
 def test_a_fine_tunes_resume_is_its_own_and_exact(source, tmp_path):
     straight = train_and_evaluate(_finetune(source, steps=6), str(tmp_path / "straight"))
     train_and_evaluate(_finetune(source, steps=3), str(tmp_path / "resumed"))
