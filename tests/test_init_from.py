@@ -80,12 +80,16 @@ def test_what_does_not_fit_is_refused_in_one_line(source, tmp_path):
     with pytest.raises(UserError, match=r"init_from=.*not this model's at \[.*"
                                         r"\(there \(4,\) float32, here \(8,\) "):
         build_run(_finetune(source, steps=3, width=8))
-    with pytest.raises(UserError, match="holds no config.json"):
+    with pytest.raises(UserError, match=r"train\.init_from=.*: .*holds no config\.json"):
         build_run(_finetune(str(tmp_path / "nowhere"), steps=3))
     population = _finetune(source, steps=3)
     population.population = (("optim.lr", (1e-3, 1e-4)),)
     with pytest.raises(UserError, match="a population cannot start from one run's weights"):
         build_run(population)
+    population.train.init_from = None
+    train_and_evaluate(population, str(tmp_path / "population"))
+    with pytest.raises(UserError, match="holds a population of 2: start from a single run"):
+        build_run(_finetune(str(tmp_path / "population"), steps=3))
     result = run_cli("train", "--config", "configs/digits_cnn.py", "--workdir",
                      str(tmp_path / "cli"), "--config.train.steps=2",
                      "--config.optim.warmup_steps=0", f"--config.train.init_from={source}")

@@ -142,10 +142,13 @@ def starting_weights(config, experiment, sample_x) -> tuple[dict | None, dict | 
     if not path:
         return None, None
     name = f"train.init_from={path}"
-    source = load_run(path)
+    try:
+        source = load_run(path)
+    except UserError as error:
+        raise UserError(f"{name}: {error}") from None
     if source.members:
-        raise UserError(f"{name} holds a population of {len(source.members)}: start from one "
-                        "run (export a member, or train it alone)")
+        raise UserError(f"{name} holds a population of {len(source.members)}: start from a "
+                        "single run's weights")
     variables = jax.device_get({"params": model_params(source.state.params),
                                 **source.state.model_state})
     wanted = jax.eval_shape(lambda: experiment.model.init(
